@@ -1,0 +1,220 @@
+//! Grouped-query self-attention with QK-norm, rotate-half RoPE and a preallocated KV cache.
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Device, Tensor};
+
+use super::linear::Linear;
+use super::rms_norm::RmsNorm;
+use super::rope::{self, RopeTables};
+use crate::weights::{WeightSink, WeightSource};
+
+/// One layer's cache, `[batch, kv_heads, max_len, head_dim]`, written in place with
+/// `slice_assign`. The `Option` lets the forward pass own the tensors while it writes, so
+/// the write does not copy the whole buffer.
+#[derive(Debug)]
+pub struct KvCache {
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl KvCache {
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        max_len: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let z = || Tensor::<4>::zeros([batch, kv_heads, max_len, head_dim], (device, dtype));
+        Self {
+            kv: Some((z(), z())),
+        }
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.kv.as_ref().map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+
+    /// Keeps only the batch rows `idx`, so finished sequences stop costing compute.
+    pub fn select_rows(&mut self, idx: &Tensor<1, burn::tensor::Int>) {
+        let (k, v) = self.kv.take().expect("cache in use");
+        self.kv = Some((k.select(0, idx.clone()), v.select(0, idx.clone())));
+    }
+}
+
+/// Shape parameters of one attention block.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// What a forward pass attends over besides its own tokens.
+pub struct AttnContext<'a> {
+    /// Cache and the position at which this call's keys are written.
+    pub cache: Option<(&'a mut KvCache, usize)>,
+    /// `[batch, keys]`, true where the key is padding and must be ignored.
+    pub key_pad: Option<Tensor<2, Bool>>,
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: AttnDims,
+        bias: bool,
+        eps: f64,
+        std: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(
+                src,
+                &format!("{prefix}.q_proj"),
+                d.hidden,
+                q,
+                bias,
+                std,
+                device,
+            )?,
+            k_proj: Linear::load(
+                src,
+                &format!("{prefix}.k_proj"),
+                d.hidden,
+                kv,
+                bias,
+                std,
+                device,
+            )?,
+            v_proj: Linear::load(
+                src,
+                &format!("{prefix}.v_proj"),
+                d.hidden,
+                kv,
+                bias,
+                std,
+                device,
+            )?,
+            o_proj: Linear::load(
+                src,
+                &format!("{prefix}.o_proj"),
+                q,
+                d.hidden,
+                bias,
+                std,
+                device,
+            )?,
+            q_norm: RmsNorm::load(
+                src,
+                &format!("{prefix}.q_norm.weight"),
+                d.head_dim,
+                eps,
+                device,
+            )?,
+            k_norm: RmsNorm::load(
+                src,
+                &format!("{prefix}.k_norm.weight"),
+                d.head_dim,
+                eps,
+                device,
+            )?,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+        })
+    }
+
+    pub fn save(&self, prefix: &str, out: &mut WeightSink) {
+        self.q_proj.save(&format!("{prefix}.q_proj"), out);
+        self.k_proj.save(&format!("{prefix}.k_proj"), out);
+        self.v_proj.save(&format!("{prefix}.v_proj"), out);
+        self.o_proj.save(&format!("{prefix}.o_proj"), out);
+        self.q_norm.save(&format!("{prefix}.q_norm.weight"), out);
+        self.k_norm.save(&format!("{prefix}.k_norm.weight"), out);
+    }
+
+    pub fn forward(&self, x: Tensor<3>, rope_t: &RopeTables, ctx: &mut AttnContext) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        // QK-norm acts per head on the last dim, before RoPE.
+        let q = self
+            .q_norm
+            .forward(self.q_proj.forward(x.clone()).reshape([b, s, h, d]));
+        let k = self
+            .k_norm
+            .forward(self.k_proj.forward(x.clone()).reshape([b, s, hkv, d]));
+        let v = self.v_proj.forward(x).reshape([b, s, hkv, d]);
+        let q = rope::apply(q.swap_dims(1, 2), rope_t);
+        let k = rope::apply(k.swap_dims(1, 2), rope_t);
+        let v = v.swap_dims(1, 2);
+
+        let (k, v) = match ctx.cache.as_mut() {
+            Some((cache, start)) => {
+                let (ck, cv) = cache.kv.take().expect("cache in use");
+                let end = *start + s;
+                let ck = ck.slice_assign([0..b, 0..hkv, *start..end, 0..d], k);
+                let cv = cv.slice_assign([0..b, 0..hkv, *start..end, 0..d], v);
+                let keys = (
+                    ck.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
+                    cv.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
+                );
+                cache.kv = Some((ck, cv));
+                keys
+            }
+            None => (k, v),
+        };
+        let t = k.dims()[2];
+        let n_rep = h / hkv;
+        let pad = ctx.key_pad.as_ref().map(|m| m.clone().slice([0..b, 0..t]));
+
+        let out = if s == 1 {
+            // One query per row: fold the query heads that share a KV head into the query
+            // length, so GQA needs no copy of the cache and no causal mask.
+            let q = q.reshape([b, hkv, n_rep, d]);
+            let mask = pad.map(|m| m.reshape([b, 1, 1, t]).expand([b, hkv, n_rep, t]));
+            attention(q, k, v, mask, None, AttentionModuleOptions::default()).reshape([b, h, 1, d])
+        } else {
+            let k = repeat_kv(k, n_rep);
+            let v = repeat_kv(v, n_rep);
+            let mask = pad.map(|m| m.reshape([b, 1, 1, t]).expand([b, h, s, t]));
+            let opts = AttentionModuleOptions {
+                is_causal: true,
+                ..Default::default()
+            };
+            attention(q, k, v, mask, None, opts)
+        };
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// `[b, kv_heads, t, d]` → `[b, kv_heads·n_rep, t, d]`, each KV head repeated for its group.
+pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, hkv, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, hkv, n_rep, t, d])
+        .reshape([b, hkv * n_rep, t, d])
+}

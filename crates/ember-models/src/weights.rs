@@ -1,0 +1,78 @@
+//! Where parameters come from and where they go.
+//!
+//! A model is built by asking a [`WeightSource`] for each tensor by its HF name and shape.
+//! The same constructor therefore serves random initialisation ([`RandomInit`]) and
+//! checkpoint loading ([`crate::hf::Checkpoint`]), and a checkpoint whose names or shapes
+//! disagree with the config fails at the tensor that disagrees. Saving walks the model and
+//! emits `(HF name, data)` pairs in the same naming.
+
+use anyhow::Result;
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::rng::Rng;
+
+/// How a freshly initialised tensor is filled.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+pub trait WeightSource {
+    /// The f32 data of tensor `name`, which must have exactly `shape`.
+    fn take(&mut self, name: &str, shape: &[usize], init: Init) -> Result<TensorData>;
+}
+
+/// Named tensors on their way out (to safetensors), in f32.
+pub type WeightSink = Vec<(String, TensorData)>;
+
+/// Seeded host-side initialisation: the same seed gives the same weights on every backend,
+/// so the same recipe can be compared across CPU, Vulkan and CUDA.
+pub struct RandomInit {
+    rng: Rng,
+}
+
+impl RandomInit {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: Rng::new(seed),
+        }
+    }
+}
+
+impl WeightSource for RandomInit {
+    fn take(&mut self, _name: &str, shape: &[usize], init: Init) -> Result<TensorData> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = match init {
+            Init::Normal(std) => (0..n).map(|_| (self.rng.normal() * std) as f32).collect(),
+            Init::Ones => vec![1.0; n],
+            Init::Zeros => vec![0.0; n],
+        };
+        Ok(TensorData::new(v, shape.to_vec()))
+    }
+}
+
+/// Builds a trainable parameter from a source.
+pub fn param<const D: usize>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: [usize; D],
+    init: Init,
+    device: &Device,
+) -> Result<Param<Tensor<D>>> {
+    let data = src.take(name, &shape, init)?;
+    Ok(Param::from_tensor(Tensor::from_data(data, device)))
+}
+
+/// Emits a parameter under its HF name, as f32.
+pub fn export<const D: usize>(out: &mut WeightSink, name: &str, p: &Param<Tensor<D>>) {
+    let t = p.val();
+    let t = if t.dtype() == burn::tensor::DType::F32 {
+        t
+    } else {
+        t.cast(burn::tensor::DType::F32)
+    };
+    out.push((name.to_string(), t.into_data()));
+}
