@@ -1,1 +1,3 @@
+//! Recipes, stages and (as the pipeline issues land) the trainer loop.
 
+pub mod recipe;

@@ -1,0 +1,53 @@
+//! Loading whichever model a directory holds, on the requested device and dtype.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use ember_models::burn::tensor::{DType, Device};
+use ember_models::hf;
+use ember_models::qwen3::Qwen3;
+
+/// Device and dtype flags shared by every command that runs a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunFlags {
+    /// auto, cpu, vulkan, wgpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (bf16 needs a device that supports it, e.g. CUDA).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl RunFlags {
+    pub fn device(&self) -> Result<Device> {
+        ember_models::device::select(&self.device)
+    }
+
+    pub fn dtype(&self, device: &Device) -> Result<DType> {
+        let d = match self.dtype.as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => bail!("--dtype: unknown dtype `{other}` (expected f32, bf16 or f16)"),
+        };
+        if !device.supports_dtype(d) {
+            bail!("--dtype {}: not supported on device {device:?}", self.dtype);
+        }
+        Ok(d)
+    }
+}
+
+/// Loads an HF model directory for inference.
+pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
+    let device = flags.device()?;
+    let dtype = flags.dtype(&device)?;
+    let config = hf::read_config(dir)?;
+    let model = match hf::model_type(&config, dir)?.as_str() {
+        "qwen3" => Qwen3::from_pretrained(dir, &device)?,
+        other => bail!(
+            "{}: field `model_type` is `{other}`, which ember cannot load yet (supported: qwen3)",
+            dir.join(hf::CONFIG).display()
+        ),
+    };
+    Ok((model.into_inference_dtype(dtype), device))
+}
