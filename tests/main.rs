@@ -1,6 +1,8 @@
 //! Ember's integration tests, one binary (Burn links slowly; one test binary keeps CI short).
 
+mod cli;
 mod common;
 mod hf_interop;
 mod qwen3_generate;
 mod qwen3_parity;
+mod tokenizer;

@@ -129,6 +129,17 @@ impl Qwen3Config {
         Ok(())
     }
 
+    /// Every config.json field this struct understands (recipes reject anything else).
+    pub fn known_fields() -> Vec<String> {
+        let full = serde_json::json!({"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1,
+            "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 1,
+            "rope_theta": 1.0, "rope_parameters": {}, "rope_scaling": {}, "eos_token_id": 0});
+        let c: Self = serde_json::from_value(full).expect("complete config parses");
+        let mut v: Vec<String> = serde_json::to_value(c).expect("serialises").as_object().expect("object").keys().cloned().collect();
+        v.push("model_type".into());
+        v
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }

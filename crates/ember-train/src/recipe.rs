@@ -87,11 +87,11 @@ impl Recipe {
         json["model_type"] = arch.clone().into();
         match arch.as_str() {
             "qwen3" => {
-                let c = Qwen3Config::from_value(&json, &origin)?;
-                if let Some(k) = c.extra.keys().find(|k| *k != "model_type") {
+                let known = Qwen3Config::known_fields();
+                if let Some(k) = table.keys().find(|k| !known.contains(k)) {
                     bail!("{origin}: unknown key `{k}` for arch qwen3");
                 }
-                Ok(ModelSpec::Qwen3(c))
+                Ok(ModelSpec::Qwen3(Qwen3Config::from_value(&json, &origin)?))
             }
             other => bail!("{origin}: unknown arch `{other}` (supported: qwen3)"),
         }
