@@ -10,7 +10,11 @@ use crate::common::*;
 fn ember(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)
-        .args(["--device", "cpu"].iter().filter(|_| !args.contains(&"--device")))
+        .args(
+            ["--device", "cpu"]
+                .iter()
+                .filter(|_| !args.contains(&"--device")),
+        )
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("ember runs")
@@ -24,7 +28,11 @@ fn stderr(o: &Output) -> String {
 fn assert_one_line_error(o: &Output, needles: &[&str]) {
     let e = stderr(o);
     assert_eq!(o.status.code(), Some(1), "expected exit 1, stderr: {e}");
-    assert_eq!(e.trim_end().lines().count(), 1, "expected one line, got: {e}");
+    assert_eq!(
+        e.trim_end().lines().count(),
+        1,
+        "expected one line, got: {e}"
+    );
     assert!(e.starts_with("error: ") && !e.contains("panicked"), "{e}");
     for n in needles {
         assert!(e.contains(n), "`{n}` not in: {e}");
@@ -40,43 +48,112 @@ fn forward_matches_transformers_logits() {
     let input = serde_json::json!({"input_ids": rows, "attention_mask": mask});
     std::fs::write(dir.join("in.json"), input.to_string()).unwrap();
     let out = dir.join("out.safetensors");
-    let o = ember(&["forward", "--model", "tests/fixtures/qwen3", "--input", dir.join("in.json").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = ember(&[
+        "forward",
+        "--model",
+        "tests/fixtures/qwen3",
+        "--input",
+        dir.join("in.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&out).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     assert_eq!(t.shape(), fx["padded.logits"].shape.as_slice());
-    let ours: Vec<f64> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    let ours: Vec<f64> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
     let v = t.shape()[2];
-    let keep: Vec<usize> = (0..mask.len() * mask[0].len()).filter(|&i| mask[i / mask[0].len()][i % mask[0].len()] == 1).collect();
-    let pick = |x: &[f64]| keep.iter().flat_map(|&i| x[i * v..(i + 1) * v].to_vec()).collect::<Vec<_>>();
-    assert_close("ember forward", &pick(&ours), &pick(&fx["padded.logits"].values), 1e-4);
+    let keep: Vec<usize> = (0..mask.len() * mask[0].len())
+        .filter(|&i| mask[i / mask[0].len()][i % mask[0].len()] == 1)
+        .collect();
+    let pick = |x: &[f64]| {
+        keep.iter()
+            .flat_map(|&i| x[i * v..(i + 1) * v].to_vec())
+            .collect::<Vec<_>>()
+    };
+    assert_close(
+        "ember forward",
+        &pick(&ours),
+        &pick(&fx["padded.logits"].values),
+        1e-4,
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn generate_greedy_matches_transformers_generate() {
-    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir("qwen3_tied").join("generate.json")).unwrap()).unwrap();
-    let prompts: Vec<&str> = g["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    let o = ember(&["generate", "--model", "tests/fixtures/qwen3_tied", "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "12", "--json"]);
+    let g: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("qwen3_tied").join("generate.json")).unwrap(),
+    )
+    .unwrap();
+    let prompts: Vec<&str> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let o = ember(&[
+        "generate",
+        "--model",
+        "tests/fixtures/qwen3_tied",
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     for (r, line) in lines.iter().enumerate() {
-        assert_eq!(line["prompt_ids"], g["prompt_ids"][r], "tokenisation of prompt {r}");
-        assert_eq!(line["tokens"], g["new_ids"][r], "greedy tokens of prompt {r}");
+        assert_eq!(
+            line["prompt_ids"], g["prompt_ids"][r],
+            "tokenisation of prompt {r}"
+        );
+        assert_eq!(
+            line["tokens"], g["new_ids"][r],
+            "greedy tokens of prompt {r}"
+        );
     }
     // Streaming a single prompt prints the decoded text.
-    let o = ember(&["generate", "--model", "tests/fixtures/qwen3_tied", "--prompt", prompts[0], "--max-new-tokens", "12"]);
+    let o = ember(&[
+        "generate",
+        "--model",
+        "tests/fixtures/qwen3_tied",
+        "--prompt",
+        prompts[0],
+        "--max-new-tokens",
+        "12",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end_matches('\n'), g["text"][0].as_str().unwrap().replace("<|endoftext|>", ""));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim_end_matches('\n'),
+        g["text"][0].as_str().unwrap().replace("<|endoftext|>", "")
+    );
 }
 
 #[test]
 fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     let dir = temp_dir("cli-quickstart");
-    let recipe = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml")).unwrap();
-    let recipe = recipe.replace("out_dir = \"runs\"", &format!("out_dir = {:?}", dir.display().to_string()));
+    let recipe = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml"),
+    )
+    .unwrap();
+    let recipe = recipe.replace(
+        "out_dir = \"runs\"",
+        &format!("out_dir = {:?}", dir.display().to_string()),
+    );
     let path = dir.join("q.toml");
     std::fs::write(&path, recipe).unwrap();
     let o = ember(&["quickstart", path.to_str().unwrap()]);
@@ -93,12 +170,26 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let dir = temp_dir("cli-errors");
-    let o = ember(&["generate", "--model", "/no/such/model", "--prompt-ids", "1,2", "--json"]);
+    let o = ember(&[
+        "generate",
+        "--model",
+        "/no/such/model",
+        "--prompt-ids",
+        "1,2",
+        "--json",
+    ]);
     assert_one_line_error(&o, &["/no/such/model"]);
 
-    let recipe = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml")).unwrap();
+    let recipe = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml"),
+    )
+    .unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, recipe.replace("hidden_size = 128", "hiden_size = 128")).unwrap();
+    std::fs::write(
+        &bad,
+        recipe.replace("hidden_size = 128", "hiden_size = 128"),
+    )
+    .unwrap();
     let o = ember(&["quickstart", bad.to_str().unwrap()]);
     assert_one_line_error(&o, &["bad.toml", "hiden_size"]);
     std::fs::write(&bad, recipe.replace("seed = 0", "sed = 0")).unwrap();
@@ -106,12 +197,31 @@ fn bad_input_is_one_clear_line() {
     assert_one_line_error(&o, &["bad.toml:", "sed"]);
 
     std::fs::write(dir.join("in.json"), r#"{"input_ids": [[1, 2], [3]]}"#).unwrap();
-    let o = ember(&["forward", "--model", "tests/fixtures/qwen3", "--input", dir.join("in.json").to_str().unwrap(), "--out", dir.join("o.st").to_str().unwrap()]);
+    let o = ember(&[
+        "forward",
+        "--model",
+        "tests/fixtures/qwen3",
+        "--input",
+        dir.join("in.json").to_str().unwrap(),
+        "--out",
+        dir.join("o.st").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, &["in.json", "input_ids", "row 1"]);
     std::fs::write(dir.join("in.json"), r#"{"input_ids": [[1, 99999]]}"#).unwrap();
-    let o = ember(&["forward", "--model", "tests/fixtures/qwen3", "--input", dir.join("in.json").to_str().unwrap(), "--out", dir.join("o.st").to_str().unwrap()]);
+    let o = ember(&[
+        "forward",
+        "--model",
+        "tests/fixtures/qwen3",
+        "--input",
+        dir.join("in.json").to_str().unwrap(),
+        "--out",
+        dir.join("o.st").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, &["99999", "vocabulary"]);
-    assert!(!dir.join("o.st").exists(), "no output may be left by a failed run");
+    assert!(
+        !dir.join("o.st").exists(),
+        "no output may be left by a failed run"
+    );
 
     // A tokenizer with more tokens than the model can embed is a mismatched pair.
     let small = dir.join("small");
@@ -119,11 +229,27 @@ fn bad_input_is_one_clear_line() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(fixture_dir("qwen3").join(f), small.join(f)).unwrap();
     }
-    let o = ember(&["generate", "--model", small.to_str().unwrap(), "--prompt", "hi", "--tokenizer", "runs/none.json"]);
+    let o = ember(&[
+        "generate",
+        "--model",
+        small.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--tokenizer",
+        "runs/none.json",
+    ]);
     assert_one_line_error(&o, &["runs/none.json", "not found"]);
 
     if !cfg!(feature = "cuda") {
-        let o = ember(&["generate", "--model", "tests/fixtures/qwen3", "--prompt", "hi", "--device", "cuda"]);
+        let o = ember(&[
+            "generate",
+            "--model",
+            "tests/fixtures/qwen3",
+            "--prompt",
+            "hi",
+            "--device",
+            "cuda",
+        ]);
         assert_one_line_error(&o, &["--device cuda", "without the `cuda` feature"]);
     }
     std::fs::remove_dir_all(dir).unwrap();

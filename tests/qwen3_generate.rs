@@ -99,8 +99,8 @@ fn per_row_budgets_eos_and_stop_hooks() {
         &prompts,
         &opts(6, &model, Sampling::default()),
         &mut Hooks {
-            on_token: &mut on_token,
-            stop: &mut stop,
+            on_token: Some(&mut on_token),
+            stop: Some(&mut stop),
         },
     )
     .unwrap();

@@ -54,13 +54,21 @@ pub fn run(c: Command) -> Result<()> {
 fn bench_generate(a: GenArgs) -> Result<()> {
     let (model, device) = match (&a.model_config, &a.model) {
         (Some(cfg), None) => {
-            let text = std::fs::read_to_string(cfg).with_context(|| format!("{}: cannot read", cfg.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg.display()))?;
+            let text = std::fs::read_to_string(cfg)
+                .with_context(|| format!("{}: cannot read", cfg.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg.display()))?;
             let config = Qwen3Config::from_value(&v, &cfg.display().to_string())?;
             let device = a.run.device()?;
             let dtype = a.run.dtype(&device)?;
-            eprintln!("building random {:.0}M-parameter model...", config.num_params() as f64 / 1e6);
-            (Qwen3::random(config, 0, &device)?.into_inference_dtype(dtype), device)
+            eprintln!(
+                "building random {:.0}M-parameter model...",
+                config.num_params() as f64 / 1e6
+            );
+            (
+                Qwen3::random(config, 0, &device)?.into_inference_dtype(dtype),
+                device,
+            )
         }
         (None, Some(dir)) => models::load(dir, &a.run)?,
         _ => bail!("give --model-config FILE or --model DIR"),
@@ -78,11 +86,23 @@ fn bench_generate(a: GenArgs) -> Result<()> {
         pad_id: 0,
         sampling: Sampling::default(),
     };
-    println!("device: {:?}  dtype: {}  params: {:.1}M", device, a.run.dtype, params as f64 / 1e6);
-    println!("{:>6} {:>8} {:>10} {:>12} {:>10}", "batch", "new_tok", "seconds", "tokens/s", "ms/step");
+    println!(
+        "device: {:?}  dtype: {}  params: {:.1}M",
+        device,
+        a.run.dtype,
+        params as f64 / 1e6
+    );
+    println!(
+        "{:>6} {:>8} {:>10} {:>12} {:>10}",
+        "batch", "new_tok", "seconds", "tokens/s", "ms/step"
+    );
     for &b in &a.batch {
         let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..a.prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect())
+            .map(|_| {
+                (0..a.prompt_len)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect()
+            })
             .collect();
         // Warm-up: compiles kernels and fills allocator pools on GPU backends.
         generate(&model, &prompts, &opts(4), &mut Hooks::default())?;
@@ -93,13 +113,19 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             let secs = t0.elapsed().as_secs_f64();
             let n: usize = out.iter().map(|s| s.tokens.len()).sum();
             if n != b * a.new_tokens {
-                bail!("benchmark produced {n} tokens, expected {}", b * a.new_tokens);
+                bail!(
+                    "benchmark produced {n} tokens, expected {}",
+                    b * a.new_tokens
+                );
             }
             best = best.min(secs);
         }
         let tps = (b * a.new_tokens) as f64 / best;
         let ms_step = best * 1e3 / a.new_tokens as f64;
-        println!("{b:>6} {:>8} {best:>10.3} {tps:>12.1} {ms_step:>10.2}", a.new_tokens);
+        println!(
+            "{b:>6} {:>8} {best:>10.3} {tps:>12.1} {ms_step:>10.2}",
+            a.new_tokens
+        );
         let mut rec = serde_json::json!({"bench": "generate", "engine": "ember", "batch": b,
             "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "seconds": best,
             "tokens_per_s": tps, "dtype": a.run.dtype, "device": format!("{device:?}"), "params": params});
@@ -112,7 +138,10 @@ fn bench_generate(a: GenArgs) -> Result<()> {
         }
         if let Some(path) = &a.out {
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
                 .with_context(|| format!("{}: cannot open", path.display()))?;
             writeln!(f, "{rec}")?;
         }

@@ -36,7 +36,8 @@ struct Input {
 
 pub fn run(a: Args) -> Result<()> {
     let origin = a.input.display().to_string();
-    let text = std::fs::read_to_string(&a.input).with_context(|| format!("{origin}: cannot read"))?;
+    let text =
+        std::fs::read_to_string(&a.input).with_context(|| format!("{origin}: cannot read"))?;
     let input: Input = serde_json::from_str(&text).map_err(|e| anyhow!("{origin}: {e}"))?;
     let b = input.input_ids.len();
     let s = input.input_ids.first().map(Vec::len).unwrap_or(0);
@@ -44,7 +45,10 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{origin}: field `input_ids` is empty");
     }
     if let Some(i) = input.input_ids.iter().position(|r| r.len() != s) {
-        bail!("{origin}: field `input_ids` row {i} has {} ids, row 0 has {s}", input.input_ids[i].len());
+        bail!(
+            "{origin}: field `input_ids` row {i} has {} ids, row 0 has {s}",
+            input.input_ids[i].len()
+        );
     }
     let mask = input.attention_mask.unwrap_or_else(|| vec![vec![1; s]; b]);
     if mask.len() != b || mask.iter().any(|r| r.len() != s) {
@@ -53,7 +57,12 @@ pub fn run(a: Args) -> Result<()> {
 
     let (model, device) = models::load(&a.model, &a.run)?;
     let vocab = model.config.vocab_size;
-    if let Some(t) = input.input_ids.iter().flatten().find(|&&t| t < 0 || t as usize >= vocab) {
+    if let Some(t) = input
+        .input_ids
+        .iter()
+        .flatten()
+        .find(|&&t| t < 0 || t as usize >= vocab)
+    {
         bail!("{origin}: field `input_ids` holds {t}, outside the model's vocabulary of {vocab}");
     }
     // Positions count real tokens, as transformers' generate() derives them from the mask.

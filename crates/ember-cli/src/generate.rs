@@ -49,7 +49,11 @@ pub struct Args {
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
-        .map(|t| t.trim().parse::<u32>().map_err(|_| anyhow!("--prompt-ids: `{t}` is not a token id")))
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| anyhow!("--prompt-ids: `{t}` is not a token id"))
+        })
         .collect()
 }
 
@@ -57,7 +61,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt.is_empty() && a.prompt_ids.is_empty() {
         bail!("give at least one --prompt or --prompt-ids");
     }
-    let tok_path = a.tokenizer.clone().unwrap_or_else(|| a.model.join("tokenizer.json"));
+    let tok_path = a
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| a.model.join("tokenizer.json"));
     let tok = if a.prompt.is_empty() && a.json && !tok_path.exists() {
         None
     } else {
@@ -69,14 +76,22 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut prompts = Vec::new();
     for p in &a.prompt {
-        prompts.push(tok.as_ref().expect("tokenizer loaded for text prompts").encode(p)?);
+        prompts.push(
+            tok.as_ref()
+                .expect("tokenizer loaded for text prompts")
+                .encode(p)?,
+        );
     }
     for p in &a.prompt_ids {
         prompts.push(parse_ids(p)?);
     }
     let mut eos = model.config.eos_ids();
     if let Some(t) = &tok {
-        eos.extend(["<|endoftext|>", "<|im_end|>"].iter().filter_map(|s| t.token_id(s)));
+        eos.extend(
+            ["<|endoftext|>", "<|im_end|>"]
+                .iter()
+                .filter_map(|s| t.token_id(s)),
+        );
     }
     eos.sort();
     eos.dedup();
@@ -126,8 +141,8 @@ pub fn run(a: Args) -> Result<()> {
         &prompts,
         &opts,
         &mut Hooks {
-            on_token: &mut on_token,
-            stop: &mut stop,
+            on_token: Some(&mut on_token),
+            stop: Some(&mut stop),
         },
     )?;
     let secs = t0.elapsed().as_secs_f64();
@@ -156,7 +171,10 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let n: usize = out.iter().map(|s| s.tokens.len()).sum();
-    eprintln!("{n} new tokens in {secs:.2} s ({:.1} tokens/s)", n as f64 / secs);
+    eprintln!(
+        "{n} new tokens in {secs:.2} s ({:.1} tokens/s)",
+        n as f64 / secs
+    );
     Ok(())
 }
 

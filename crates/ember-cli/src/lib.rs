@@ -10,7 +10,11 @@ mod quickstart;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "Train and post-train language models: one binary, any GPU")]
+#[command(
+    name = "ember",
+    version,
+    about = "Train and post-train language models: one binary, any GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

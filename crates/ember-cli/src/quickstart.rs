@@ -86,14 +86,17 @@ pub fn run(a: Args) -> Result<()> {
         &[prompt],
         &opts,
         &mut Hooks {
-            on_token: &mut on_token,
-            stop: &mut |_, _| false,
+            on_token: Some(&mut on_token),
+            stop: None,
         },
     )?;
     let secs = t1.elapsed().as_secs_f64();
     println!();
     let n = seqs[0].tokens.len();
     let mean_lp = seqs[0].logprobs.iter().sum::<f32>() / n.max(1) as f32;
-    eprintln!("generated {n} tokens in {secs:.2} s ({:.1} tokens/s), mean log-prob {mean_lp:.3}", n as f64 / secs);
+    eprintln!(
+        "generated {n} tokens in {secs:.2} s ({:.1} tokens/s), mean log-prob {mean_lp:.3}",
+        n as f64 / secs
+    );
     Ok(())
 }

@@ -75,7 +75,8 @@ impl Tokenizer {
         self.inner
             .save(&tmp, false)
             .map_err(|e| anyhow!("{}: cannot write tokenizer ({e})", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot move into place", path.display()))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -105,7 +106,8 @@ impl Tokenizer {
 /// GPT-2's reversible map from bytes to printable characters, which byte-level BPE
 /// vocabularies are written in.
 fn byte_to_unicode() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -178,12 +180,18 @@ mod tests {
 
     #[test]
     fn missing_or_corrupt_file_names_the_file() {
-        let e = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).err().unwrap().to_string();
+        let e = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json"))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
         let p = std::env::temp_dir().join(format!("ember-bad-tok-{}.json", std::process::id()));
         std::fs::write(&p, "{\"model\": 3}").unwrap();
         let e = Tokenizer::from_file(&p).err().unwrap().to_string();
-        assert!(e.contains(&p.display().to_string()) && e.contains("not a valid tokenizer.json"), "{e}");
+        assert!(
+            e.contains(&p.display().to_string()) && e.contains("not a valid tokenizer.json"),
+            "{e}"
+        );
         std::fs::remove_file(p).unwrap();
     }
 }

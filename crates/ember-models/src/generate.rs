@@ -141,18 +141,10 @@ pub struct Sequence {
 
 /// Hooks called as tokens are produced: `on_token(row, token)` streams, and `stop(row,
 /// generated)` returning true ends that row (stop strings are checked this way).
+#[derive(Default)]
 pub struct Hooks<'a> {
-    pub on_token: &'a mut dyn FnMut(usize, u32),
-    pub stop: &'a mut dyn FnMut(usize, &[u32]) -> bool,
-}
-
-impl Default for Hooks<'_> {
-    fn default() -> Self {
-        Self {
-            on_token: Box::leak(Box::new(|_, _| {})),
-            stop: Box::leak(Box::new(|_, _: &[u32]| false)),
-        }
-    }
+    pub on_token: Option<&'a mut dyn FnMut(usize, u32)>,
+    pub stop: Option<&'a mut dyn FnMut(usize, &[u32]) -> bool>,
 }
 
 /// Generates continuations for every prompt. The model is run without an autodiff graph.
@@ -242,10 +234,12 @@ pub fn generate<M: CausalLm + Module>(
             let seq = &mut out[i];
             seq.tokens.push(toks[r]);
             seq.logprobs.push(lps[r]);
-            (hooks.on_token)(i, toks[r]);
+            if let Some(f) = hooks.on_token.as_mut() {
+                f(i, toks[r]);
+            }
             if opts.eos_ids.contains(&toks[r]) {
                 seq.finish = FinishReason::Eos;
-            } else if (hooks.stop)(i, &seq.tokens) {
+            } else if hooks.stop.as_mut().is_some_and(|f| f(i, &seq.tokens)) {
                 seq.finish = FinishReason::Stop;
             } else if seq.tokens.len() < budget(i) {
                 keep.push(r);
@@ -346,20 +340,25 @@ impl Sampler {
                     cand.sort_by(|a, b| b.0.total_cmp(&a.0));
                 }
             }
-            let (tok, v) = self.pick(&cand);
+            // Without top-k the nucleus is measured against the full distribution.
+            let norm = (c.top_k == 0).then_some(lse[r]);
+            let (tok, v) = self.pick(&cand, norm);
             toks.push(tok);
             lps.push(v - lse[r]);
         }
         Ok((toks, lps))
     }
 
-    /// Samples from candidates sorted by descending logit, after the nucleus cut (computed
-    /// on the candidates' renormalised probabilities, as transformers applies top-p after
-    /// top-k).
-    fn pick(&mut self, cand: &[(f32, u32)]) -> (u32, f32) {
+    /// Samples from candidates sorted by descending logit, after the nucleus cut. With
+    /// `log_norm` (the full log-partition) the cut uses true probabilities; without it, the
+    /// candidates' renormalised ones, as transformers applies top-p after top-k.
+    fn pick(&mut self, cand: &[(f32, u32)], log_norm: Option<f32>) -> (u32, f32) {
         let top = cand[0].0;
         let w: Vec<f64> = cand.iter().map(|(v, _)| ((v - top) as f64).exp()).collect();
-        let total: f64 = w.iter().sum();
+        let total = match log_norm {
+            Some(lse) => (-((lse - top) as f64)).exp().recip(),
+            None => w.iter().sum(),
+        };
         let mut keep = w.len();
         if self.cfg.top_p < 1.0 {
             let mut acc = 0.0;
@@ -373,8 +372,8 @@ impl Sampler {
         }
         let kept: f64 = w[..keep].iter().sum();
         let mut u = self.rng.uniform() * kept;
-        for j in 0..keep {
-            u -= w[j];
+        for (j, x) in w[..keep].iter().enumerate() {
+            u -= x;
             if u < 0.0 {
                 return (cand[j].1, cand[j].0);
             }
@@ -423,7 +422,7 @@ mod tests {
         let mut s = sampler(0, 0.7, 3);
         let mut counts = [0usize; 3];
         for _ in 0..4000 {
-            counts[s.pick(&cand).0 as usize] += 1;
+            counts[s.pick(&cand, None).0 as usize] += 1;
         }
         assert_eq!(counts[2], 0, "token outside the nucleus was sampled");
         let frac = counts[0] as f64 / 4000.0;
@@ -434,15 +433,36 @@ mod tests {
     }
 
     #[test]
+    fn nucleus_without_top_k_uses_true_probabilities() {
+        // Candidates hold 0.5 and 0.3 of the mass; the other 0.2 lies outside them. With
+        // the true normaliser, top_p 0.6 needs both; renormalised (0.625, 0.375) it would
+        // keep only the first.
+        let cand: Vec<(f32, u32)> = [0.5f32, 0.3]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.ln(), i as u32))
+            .collect();
+        let lse = 0.0f32; // log of total mass 1
+        let mut s = sampler(0, 0.6, 4);
+        let seen: std::collections::HashSet<u32> =
+            (0..500).map(|_| s.pick(&cand, Some(lse)).0).collect();
+        assert_eq!(seen.len(), 2, "both candidates are in the nucleus");
+        let mut s = sampler(0, 0.6, 4);
+        let seen: std::collections::HashSet<u32> =
+            (0..500).map(|_| s.pick(&cand, None).0).collect();
+        assert_eq!(seen.len(), 1);
+    }
+
+    #[test]
     fn same_seed_same_samples() {
         let cand: Vec<(f32, u32)> = (0..10).map(|i| (-(i as f32) * 0.3, i)).collect();
         let a: Vec<u32> = {
             let mut s = sampler(10, 1.0, 9);
-            (0..50).map(|_| s.pick(&cand).0).collect()
+            (0..50).map(|_| s.pick(&cand, None).0).collect()
         };
         let b: Vec<u32> = {
             let mut s = sampler(10, 1.0, 9);
-            (0..50).map(|_| s.pick(&cand).0).collect()
+            (0..50).map(|_| s.pick(&cand, None).0).collect()
         };
         assert_eq!(a, b);
         assert!(

@@ -90,6 +90,21 @@ impl Qwen3Config {
     }
 
     fn validate(&self, origin: &str) -> Result<()> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+        ] {
+            if v == 0 {
+                bail!("{origin}: field `{field}` must be positive");
+            }
+        }
+        if self.head_dim == Some(0) {
+            bail!("{origin}: field `head_dim` must be positive");
+        }
         if self.hidden_act != "silu" {
             bail!(
                 "{origin}: field `hidden_act` is `{}`; Qwen3 uses `silu`",
@@ -113,14 +128,14 @@ impl Qwen3Config {
                 }
             }
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             bail!(
                 "{origin}: field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
                 self.kv_heads(),
                 self.num_attention_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!(
                 "{origin}: field `head_dim` ({}) must be even for RoPE",
                 self.head_dim()
@@ -135,7 +150,13 @@ impl Qwen3Config {
             "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 1,
             "rope_theta": 1.0, "rope_parameters": {}, "rope_scaling": {}, "eos_token_id": 0});
         let c: Self = serde_json::from_value(full).expect("complete config parses");
-        let mut v: Vec<String> = serde_json::to_value(c).expect("serialises").as_object().expect("object").keys().cloned().collect();
+        let mut v: Vec<String> = serde_json::to_value(c)
+            .expect("serialises")
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
         v.push("model_type".into());
         v
     }

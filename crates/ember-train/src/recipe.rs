@@ -60,7 +60,8 @@ pub enum ModelSpec {
 
 impl Recipe {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read recipe ({e})", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("{}: cannot read recipe ({e})", path.display()))?;
         Self::parse(&text, path)
     }
 
