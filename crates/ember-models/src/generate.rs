@@ -144,8 +144,11 @@ pub struct Sequence {
 #[derive(Default)]
 pub struct Hooks<'a> {
     pub on_token: Option<&'a mut dyn FnMut(usize, u32)>,
-    pub stop: Option<&'a mut dyn FnMut(usize, &[u32]) -> bool>,
+    pub stop: Option<&'a mut StopFn<'a>>,
 }
+
+/// `stop(row, generated_so_far)`: true ends the row.
+pub type StopFn<'a> = dyn FnMut(usize, &[u32]) -> bool + 'a;
 
 /// Generates continuations for every prompt. The model is run without an autodiff graph.
 pub fn generate<M: CausalLm + Module>(
