@@ -151,3 +151,20 @@ fn sampling_is_seeded_and_respects_top_k() {
         assert_eq!(greedy[r].tokens, k1[r].tokens);
     }
 }
+
+#[test]
+fn generation_on_an_autodiff_model_runs_on_a_plain_copy_and_agrees() {
+    let dev = device().autodiff();
+    let model = Qwen3::from_pretrained(&fixture_dir("qwen3"), &dev).unwrap();
+    let (prompts, expected, max_new) = fixture_generate("qwen3");
+    let out = generate(
+        &model,
+        &prompts,
+        &opts(max_new, &model, Sampling::default()),
+        &mut Hooks::default(),
+    )
+    .unwrap();
+    for (r, seq) in out.iter().enumerate() {
+        assert_eq!(seq.tokens, expected[r]);
+    }
+}

@@ -183,3 +183,26 @@ fn cached_decoding_matches_transformers_and_recompute() {
     check_cached_decode("qwen3");
     check_cached_decode("qwen3_tied");
 }
+
+/// The mixed-precision path (bf16 parameters and activations, f32 norm statistics) that
+/// CUDA runs, checked on the CPU: bf16 keeps 8 bits of mantissa, so the bound is looser.
+#[test]
+fn bf16_inference_stays_close_to_transformers_f32() {
+    let dev = device();
+    for name in ["qwen3", "qwen3_tied"] {
+        let fx = load_fixtures(name);
+        let model = Qwen3::from_pretrained(&fixture_dir(name), &dev)
+            .unwrap()
+            .into_inference_dtype(burn::tensor::DType::BF16);
+        let logits = model.forward(fx["input_ids"].ids(&dev));
+        assert_eq!(logits.dtype(), burn::tensor::DType::BF16);
+        let ours = values(logits.cast(burn::tensor::DType::F32));
+        let d = max_abs_diff(&ours, &fx["logits"].values);
+        eprintln!("{name} bf16 max abs diff {d:.3e}");
+        assert!(d < 2e-2, "{name}: bf16 logits differ by {d:.3e}");
+        assert!(
+            d > 1e-5,
+            "{name}: bf16 run looks like f32 (diff {d:.1e}); is the cast applied?"
+        );
+    }
+}
