@@ -35,6 +35,20 @@ enum Command {
 
 /// Entry point: returns the process exit code.
 pub fn main() -> i32 {
+    // A bug deep in a backend must still end as one line, not a backtrace, unless the
+    // user asked for one.
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            eprintln!("error: internal error{at}: {} (set RUST_BACKTRACE=1 for details)", msg.replace('\n', " "));
+        }));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(a) => quickstart::run(a),
