@@ -167,6 +167,21 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `ember forward` on the untied fixture with `json` as its input file; output `dir/o.st`.
+fn forward_json(dir: &Path, json: &str) -> Output {
+    std::fs::write(dir.join("in.json"), json).unwrap();
+    let (input, out) = (dir.join("in.json"), dir.join("o.st"));
+    ember(&[
+        "forward",
+        "--model",
+        "tests/fixtures/qwen3",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn bad_input_is_one_clear_line() {
     let dir = temp_dir("cli-errors");
@@ -196,27 +211,9 @@ fn bad_input_is_one_clear_line() {
     let o = ember(&["quickstart", bad.to_str().unwrap()]);
     assert_one_line_error(&o, &["bad.toml:", "sed"]);
 
-    std::fs::write(dir.join("in.json"), r#"{"input_ids": [[1, 2], [3]]}"#).unwrap();
-    let o = ember(&[
-        "forward",
-        "--model",
-        "tests/fixtures/qwen3",
-        "--input",
-        dir.join("in.json").to_str().unwrap(),
-        "--out",
-        dir.join("o.st").to_str().unwrap(),
-    ]);
+    let o = forward_json(&dir, r#"{"input_ids": [[1, 2], [3]]}"#);
     assert_one_line_error(&o, &["in.json", "input_ids", "row 1"]);
-    std::fs::write(dir.join("in.json"), r#"{"input_ids": [[1, 99999]]}"#).unwrap();
-    let o = ember(&[
-        "forward",
-        "--model",
-        "tests/fixtures/qwen3",
-        "--input",
-        dir.join("in.json").to_str().unwrap(),
-        "--out",
-        dir.join("o.st").to_str().unwrap(),
-    ]);
+    let o = forward_json(&dir, r#"{"input_ids": [[1, 99999]]}"#);
     assert_one_line_error(&o, &["99999", "vocabulary"]);
     assert!(
         !dir.join("o.st").exists(),

@@ -1,6 +1,6 @@
 //! The generation engine against transformers' greedy `generate`, plus sampling behaviour.
 
-use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling};
+use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 use ember_models::qwen3::Qwen3;
 
 use crate::common::*;
@@ -39,18 +39,22 @@ fn opts(max_new: usize, model: &Qwen3, sampling: Sampling) -> GenerateOptions {
     }
 }
 
+fn greedy(model: &Qwen3, prompts: &[Vec<u32>], max_new: usize) -> Vec<Sequence> {
+    generate(
+        model,
+        prompts,
+        &opts(max_new, model, Sampling::default()),
+        &mut Hooks::default(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn greedy_batch_matches_transformers_generate() {
     for name in ["qwen3", "qwen3_tied"] {
         let model = Qwen3::from_pretrained(&fixture_dir(name), &device()).unwrap();
         let (prompts, expected, max_new) = fixture_generate(name);
-        let out = generate(
-            &model,
-            &prompts,
-            &opts(max_new, &model, Sampling::default()),
-            &mut Hooks::default(),
-        )
-        .unwrap();
+        let out = greedy(&model, &prompts, max_new);
         for (r, seq) in out.iter().enumerate() {
             assert_eq!(
                 seq.tokens, expected[r],
@@ -157,13 +161,7 @@ fn generation_on_an_autodiff_model_runs_on_a_plain_copy_and_agrees() {
     let dev = device().autodiff();
     let model = Qwen3::from_pretrained(&fixture_dir("qwen3"), &dev).unwrap();
     let (prompts, expected, max_new) = fixture_generate("qwen3");
-    let out = generate(
-        &model,
-        &prompts,
-        &opts(max_new, &model, Sampling::default()),
-        &mut Hooks::default(),
-    )
-    .unwrap();
+    let out = greedy(&model, &prompts, max_new);
     for (r, seq) in out.iter().enumerate() {
         assert_eq!(seq.tokens, expected[r]);
     }

@@ -45,8 +45,14 @@ pub fn main() -> i32 {
                 .map(String::as_str)
                 .or_else(|| info.payload().downcast_ref::<&str>().copied())
                 .unwrap_or("unknown panic");
-            let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-            eprintln!("error: internal error{at}: {} (set RUST_BACKTRACE=1 for details)", msg.replace('\n', " "));
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            eprintln!(
+                "error: internal error{at}: {} (set RUST_BACKTRACE=1 for details)",
+                msg.replace('\n', " ")
+            );
         }));
     }
     let cli = Cli::parse();
