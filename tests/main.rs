@@ -1,5 +1,7 @@
 //! Ember's integration tests, one binary (Burn links slowly; one test binary keeps CI short).
 
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+mod backends;
 mod cli;
 mod common;
 mod hf_interop;
