@@ -1,7 +1,8 @@
 //! Parity on the GPU backends compiled into this build (`--features wgpu|vulkan|cuda`), for
 //! each one present: f32 logits within 1e-4 of transformers, bf16 (where the device has it)
 //! within 2e-2, and greedy generation equal to transformers'. Built without a GPU feature,
-//! this module is empty; CI's flex-only build does not compile it.
+//! this module is not compiled. `EMBER_REQUIRE_BACKENDS=wgpu` (as CI sets) turns a missing
+//! device from a skip into a failure.
 
 use burn::tensor::DType;
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
@@ -27,9 +28,16 @@ fn backends() -> Vec<&'static str> {
 fn gpu_backends_match_transformers() {
     let mut ran = 0;
     for name in backends() {
-        let Ok(dev) = ember_models::device::select(name) else {
-            eprintln!("{name}: compiled in but no device present; skipped");
-            continue;
+        let required = std::env::var("EMBER_REQUIRE_BACKENDS").unwrap_or_default();
+        let dev = match ember_models::device::select(name) {
+            Ok(dev) => dev,
+            Err(e) if required.split(',').any(|r| r == name) => {
+                panic!("{name} is required here: {e:#}")
+            }
+            Err(_) => {
+                eprintln!("{name}: compiled in but no device present; skipped");
+                continue;
+            }
         };
         ran += 1;
         let fx = load_fixtures("qwen3");
