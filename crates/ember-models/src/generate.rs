@@ -24,8 +24,13 @@ pub trait CausalLm {
     fn device(&self) -> Device;
     fn vocab_size(&self) -> usize;
     /// An empty cache for `batch` rows of up to `max_len` positions; `key_pad` is
-    /// `[batch, max_len]`, true on left padding.
-    fn new_cache(&self, batch: usize, max_len: usize, key_pad: Tensor<2, Bool>) -> Self::Cache;
+    /// `[batch, max_len]`, true on left padding (None when no row is padded).
+    fn new_cache(
+        &self,
+        batch: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, Bool>>,
+    ) -> Self::Cache;
     /// Appends `ids` `[batch, seq]` at `positions` and returns the last position's logits.
     fn step(
         &self,
@@ -48,9 +53,14 @@ impl CausalLm for Qwen3 {
         self.config.vocab_size
     }
 
-    fn new_cache(&self, batch: usize, max_len: usize, key_pad: Tensor<2, Bool>) -> Qwen3Cache {
-        let mut c = Qwen3::new_cache(self, batch, max_len, &key_pad.device());
-        c.key_pad = Some(key_pad);
+    fn new_cache(
+        &self,
+        batch: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, Bool>>,
+    ) -> Qwen3Cache {
+        let mut c = Qwen3::new_cache(self, batch, max_len, &CausalLm::device(self));
+        c.key_pad = key_pad;
         c
     }
 
@@ -206,7 +216,11 @@ pub fn generate<M: CausalLm + Module>(
         pos.extend((0..width).map(|j| j.saturating_sub(n_pad) as i64));
         pad.extend((0..max_len).map(|j| j < n_pad));
     }
-    let key_pad = Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, max_len]), &device);
+    // Without padding no mask is needed, which keeps attention on its fused path.
+    let key_pad = pad
+        .iter()
+        .any(|&p| p)
+        .then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, max_len]), &device));
     let mut cache = model.new_cache(b, max_len, key_pad);
     let mut logits = model.step(
         Tensor::from_data(TensorData::new(ids, [b, width]), &device),
