@@ -47,31 +47,15 @@ fn gpu_backends_match_transformers() {
         eprintln!("{name} f32: max |ours - transformers| = {d:.3e}");
         assert!(d <= 1e-4, "{name} f32 logits differ by {d:.3e}");
 
-        let g: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture_dir("qwen3").join("generate.json")).unwrap(),
-        )
-        .unwrap();
-        let rows = |k: &str| -> Vec<Vec<u32>> {
-            g[k].as_array()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_u64().unwrap() as u32)
-                        .collect()
-                })
-                .collect()
-        };
+        let (prompts, expected, max_new) = fixture_generate("qwen3");
         let opts = GenerateOptions {
-            max_new_tokens: vec![12],
+            max_new_tokens: vec![max_new],
             eos_ids: model.config.eos_ids(),
             pad_id: 0,
             sampling: Sampling::default(),
         };
-        let out = generate(&model, &rows("prompt_ids"), &opts, &mut Hooks::default()).unwrap();
-        for (r, want) in rows("new_ids").iter().enumerate() {
+        let out = generate(&model, &prompts, &opts, &mut Hooks::default()).unwrap();
+        for (r, want) in expected.iter().enumerate() {
             assert_eq!(&out[r].tokens, want, "{name} greedy row {r}");
         }
 

@@ -5,31 +5,6 @@ use ember_models::qwen3::Qwen3;
 
 use crate::common::*;
 
-fn fixture_generate(name: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir(name).join("generate.json")).unwrap(),
-    )
-    .unwrap();
-    let rows = |k: &str| -> Vec<Vec<u32>> {
-        v[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect()
-            })
-            .collect()
-    };
-    (
-        rows("prompt_ids"),
-        rows("new_ids"),
-        v["max_new_tokens"].as_u64().unwrap() as usize,
-    )
-}
-
 fn opts(max_new: usize, model: &Qwen3, sampling: Sampling) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: vec![max_new],
