@@ -10,24 +10,13 @@ use ember_models::qwen3::Qwen3;
 
 use crate::common::*;
 
-fn backends() -> Vec<&'static str> {
-    let mut v = vec![];
-    if cfg!(feature = "cuda") {
-        v.push("cuda");
-    }
-    if cfg!(feature = "vulkan") {
-        v.push("vulkan");
-    }
-    if cfg!(feature = "wgpu") {
-        v.push("wgpu");
-    }
-    v
-}
-
 #[test]
 fn gpu_backends_match_transformers() {
     let mut ran = 0;
-    for name in backends() {
+    for name in ember_models::device::compiled_backends()
+        .into_iter()
+        .filter(|b| *b != "cpu")
+    {
         let required = std::env::var("EMBER_REQUIRE_BACKENDS").unwrap_or_default();
         let dev = match ember_models::device::select(name) {
             Ok(dev) => dev,

@@ -10,7 +10,7 @@ use burn::tensor::{Device, DeviceType};
 
 /// Backends this binary was built with.
 pub fn compiled_backends() -> Vec<&'static str> {
-    let mut v = vec!["cpu (flex)"];
+    let mut v = vec!["cpu"];
     if cfg!(feature = "wgpu") {
         v.push("wgpu");
     }
