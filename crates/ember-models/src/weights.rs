@@ -68,11 +68,6 @@ pub fn param<const D: usize>(
 
 /// Emits a parameter under its HF name, as f32.
 pub fn export<const D: usize>(out: &mut WeightSink, name: &str, p: &Param<Tensor<D>>) {
-    let t = p.val();
-    let t = if t.dtype() == burn::tensor::DType::F32 {
-        t
-    } else {
-        t.cast(burn::tensor::DType::F32)
-    };
+    let t = crate::layers::to_dtype(p.val(), burn::tensor::DType::F32);
     out.push((name.to_string(), t.into_data()));
 }
