@@ -4,7 +4,9 @@
 mod backends;
 mod cli;
 mod common;
+mod data;
 mod hf_interop;
 mod qwen3_generate;
 mod qwen3_parity;
+mod tasks;
 mod tokenizer;

@@ -15,6 +15,8 @@ use crate::models::{self, RunFlags};
 pub enum Command {
     /// New tokens per second of batched generation.
     Generate(GenArgs),
+    /// Training tokens per second and MFU (forward, backward, clipping, AdamW).
+    Train(crate::bench_train::Args),
 }
 
 #[derive(clap::Args)]
@@ -48,17 +50,14 @@ pub struct GenArgs {
 pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Generate(a) => bench_generate(a),
+        Command::Train(a) => crate::bench_train::run(a),
     }
 }
 
 fn bench_generate(a: GenArgs) -> Result<()> {
     let (model, device) = match (&a.model_config, &a.model) {
         (Some(cfg), None) => {
-            let text = std::fs::read_to_string(cfg)
-                .with_context(|| format!("{}: cannot read", cfg.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", cfg.display()))?;
-            let config = Qwen3Config::from_value(&v, &cfg.display().to_string())?;
+            let config = model_config(cfg)?;
             let device = a.run.device()?;
             let dtype = a.run.dtype(&device)?;
             eprintln!(
@@ -137,14 +136,41 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             rec["bandwidth_fraction"] = frac.into();
         }
         if let Some(path) = &a.out {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("{}: cannot open", path.display()))?;
-            writeln!(f, "{rec}")?;
+            append_jsonl(path, &rec)?;
         }
     }
     Ok(())
+}
+
+/// Appends one JSON record to a results file.
+pub fn append_jsonl(path: &std::path::Path, rec: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    writeln!(f, "{rec}").with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// A model shape: a config.json path, or the name of one shipped in `benches/configs/`
+/// (built into the binary, so it runs where the source tree is not).
+pub fn model_config(spec: &std::path::Path) -> Result<Qwen3Config> {
+    const BUILTIN: [(&str, &str); 1] = [(
+        "qwen3-0.6b",
+        include_str!("../../../benches/configs/qwen3-0.6b.json"),
+    )];
+    let (text, origin) = match BUILTIN
+        .iter()
+        .find(|(n, _)| std::path::Path::new(n) == spec)
+    {
+        Some((n, t)) if !spec.exists() => (t.to_string(), format!("built-in config {n}")),
+        _ => (
+            std::fs::read_to_string(spec)
+                .with_context(|| format!("{}: cannot read", spec.display()))?,
+            spec.display().to_string(),
+        ),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{origin}: {e}"))?;
+    Qwen3Config::from_value(&v, &origin)
 }

@@ -2,10 +2,14 @@
 //! error into one line on stderr and a non-zero exit.
 
 mod bench;
+mod bench_train;
+mod eval;
 mod forward;
 mod generate;
 mod models;
 mod quickstart;
+mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -22,8 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build the quickstart recipe's model, save it in HF format, reload it and generate.
+    /// The quickstart: pretrain a tiny Qwen3 on generated arithmetic (CPU, no downloads),
+    /// then generate from the trained checkpoint.
     Quickstart(quickstart::Args),
+    /// Run a recipe's training stage.
+    Train(train::Args),
+    /// Evaluate a model (held-out LM loss and perplexity).
+    Eval(eval::Args),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::Command),
     /// Generate text from a model directory, streaming tokens as they are produced.
     Generate(generate::Args),
     /// Run a forward pass over token ids from JSON and write the logits as safetensors.
@@ -58,6 +70,9 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(a) => quickstart::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Tokenizer(c) => tokenizer::run(c),
         Command::Generate(a) => generate::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Bench(c) => bench::run(c),
@@ -66,7 +81,13 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
-            1
+            // 1: the run itself failed (it diverged); 2: the input was wrong (recipe, data,
+            // checkpoint, flags), as with clap's usage errors.
+            if e.downcast_ref::<ember_train::trainer::Diverged>().is_some() {
+                1
+            } else {
+                2
+            }
         }
     }
 }

@@ -87,6 +87,28 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encodes many texts in parallel (without special tokens).
+    pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
+        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encs = self
+            .inner
+            .encode_batch(inputs, false)
+            .map_err(|e| anyhow!("{}: cannot encode text ({e})", self.origin.display()))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    pub(crate) fn from_inner(inner: tokenizers::Tokenizer, origin: &str) -> Self {
+        Self {
+            inner,
+            origin: PathBuf::from(origin),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)

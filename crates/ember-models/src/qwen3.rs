@@ -474,6 +474,44 @@ impl Qwen3 {
         cache: Option<&mut Qwen3Cache>,
         opts: ForwardOptions,
     ) -> ForwardOutput {
+        self.forward_inner(input_ids, positions, key_pad, None, cache, opts)
+    }
+
+    /// The training forward over packed rows: `segments` (`[batch, seq]`, a document id
+    /// per token) keeps attention inside each document, as flash-attn's varlen packing does;
+    /// `positions` should then restart at each document.
+    pub fn forward_packed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        let block = segments.map(|seg| {
+            let [b, s] = seg.dims();
+            let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
+            let k = seg.reshape([b, 1, s]).expand([b, s, s]);
+            q.not_equal(k)
+        });
+        self.forward_inner(
+            input_ids,
+            positions,
+            None,
+            block,
+            None,
+            ForwardOptions::default(),
+        )
+        .logits
+    }
+
+    fn forward_inner(
+        &self,
+        input_ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        key_pad: Option<Tensor<2, Bool>>,
+        block: Option<Tensor<3, Bool>>,
+        cache: Option<&mut Qwen3Cache>,
+        opts: ForwardOptions,
+    ) -> ForwardOutput {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let c = &self.config;
@@ -498,6 +536,7 @@ impl Qwen3 {
                     let mut ctx = AttnContext {
                         cache: Some((kv, start)),
                         key_pad: key_pad.clone(),
+                        block: block.clone(),
                     };
                     x = layer.forward(x, &rope_t, &mut ctx);
                 }
@@ -507,6 +546,7 @@ impl Qwen3 {
                 let mut ctx = AttnContext {
                     cache: None,
                     key_pad,
+                    block,
                 };
                 for layer in &self.layers {
                     if opts.hidden_states {

@@ -1,3 +1,12 @@
-//! Recipes, stages and (as the pipeline issues land) the trainer loop.
+//! Recipes, stages and the trainer loop.
 
+pub mod checkpoint;
+pub mod metrics;
+pub mod objectives;
+pub mod optim;
+pub mod plot;
+pub mod pretrain;
 pub mod recipe;
+pub mod schedule;
+pub mod tensors_io;
+pub mod trainer;

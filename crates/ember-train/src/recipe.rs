@@ -4,17 +4,166 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
+use ember_data::Source;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
+
+use crate::optim::{OptimConfig, OptimizerKind};
+use crate::schedule::ScheduleKind;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub run: RunSection,
     /// The architecture table: `arch` plus the HF config.json fields of that model.
-    pub model: toml::Table,
+    /// Absent when the stage starts from a checkpoint (`train.init_from`).
+    #[serde(default)]
+    pub model: Option<toml::Table>,
+    #[serde(default)]
+    pub data: Option<DataSection>,
+    #[serde(default)]
+    pub train: Option<TrainSection>,
     #[serde(default)]
     pub generate: Option<GenerateSection>,
+}
+
+/// Where training text comes from and how it becomes batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// `"byte_level"`, or the path of an HF `tokenizer.json`. Ignored when `bpe_vocab_size`
+    /// asks for a tokenizer trained on the sources.
+    #[serde(default = "byte_level")]
+    pub tokenizer: String,
+    /// Train a byte-level BPE of this size on the sources before tokenizing.
+    #[serde(default)]
+    pub bpe_vocab_size: Option<usize>,
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    /// Documents generated on the fly by a built-in task (no download).
+    #[serde(default)]
+    pub generated: Option<GeneratedData>,
+    /// Tokens per training row (the model sees `seq_len` inputs and predicts the next).
+    pub seq_len: usize,
+    /// Fraction of documents held out for validation.
+    #[serde(default = "val_fraction")]
+    pub val_fraction: f64,
+    /// Keep attention inside each packed document.
+    #[serde(default)]
+    pub doc_masks: bool,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratedData {
+    pub task: String,
+    pub count: u64,
+    #[serde(default = "level_one")]
+    pub levels: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub steps: u64,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    pub lr: f64,
+    #[serde(default = "cosine")]
+    pub schedule: ScheduleKind,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    /// WSD only: the final fraction of steps spent decaying.
+    #[serde(default = "decay_fraction")]
+    pub decay_fraction: f64,
+    /// `adamw`, or `muon` (Muon for hidden matrices, AdamW for the rest).
+    #[serde(default)]
+    pub optimizer: Option<OptimizerKind>,
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    #[serde(default)]
+    pub beta2: Option<f64>,
+    #[serde(default)]
+    pub eps: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub muon_momentum: Option<f64>,
+    /// Global gradient-norm clipping threshold (0 disables it).
+    #[serde(default = "one_f64")]
+    pub clip_grad_norm: f64,
+    /// Compute dtype: f32 or bf16 (parameters and optimizer state stay f32).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+    /// Recompute memory-bound activations in the backward pass.
+    #[serde(default)]
+    pub grad_checkpointing: bool,
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// Validation loss every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "eval_batches")]
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Checkpoints kept under `checkpoints/`.
+    #[serde(default = "keep_last")]
+    pub keep_last: usize,
+    /// Start from this HF checkpoint directory (e.g. the previous stage) instead of `[model]`.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Dense peak of the device in TFLOP/s, for MFU (defaults: 989 for CUDA bf16).
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+}
+
+fn byte_level() -> String {
+    "byte_level".into()
+}
+fn val_fraction() -> f64 {
+    0.01
+}
+fn yes() -> bool {
+    true
+}
+fn level_one() -> Vec<u32> {
+    vec![1]
+}
+fn one_usize() -> usize {
+    1
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn cosine() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn min_lr_ratio() -> f64 {
+    0.1
+}
+fn decay_fraction() -> f64 {
+    0.2
+}
+fn f32_name() -> String {
+    "f32".into()
+}
+fn ten() -> u64 {
+    10
+}
+fn eval_batches() -> usize {
+    8
+}
+fn keep_last() -> usize {
+    2
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +202,21 @@ fn one() -> f32 {
     1.0
 }
 
+impl TrainSection {
+    pub fn optim(&self) -> OptimConfig {
+        let d = OptimConfig::default();
+        OptimConfig {
+            optimizer: self.optimizer.unwrap_or(d.optimizer),
+            beta1: self.beta1.unwrap_or(d.beta1),
+            beta2: self.beta2.unwrap_or(d.beta2),
+            eps: self.eps.unwrap_or(d.eps),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            muon_momentum: self.muon_momentum.unwrap_or(d.muon_momentum),
+            muon_ns_steps: d.muon_ns_steps,
+        }
+    }
+}
+
 /// The model a recipe describes.
 pub enum ModelSpec {
     Qwen3(Qwen3Config),
@@ -60,9 +224,31 @@ pub enum ModelSpec {
 
 impl Recipe {
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
+    }
+
+    /// Loads a recipe and applies `key.path=value` overrides (the value is read as TOML,
+    /// or as a plain string when it is not valid TOML).
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow!("{}: cannot read recipe ({e})", path.display()))?;
-        Self::parse(&text, path)
+        let recipe = Self::parse(&text, path)?;
+        if overrides.is_empty() {
+            return Ok(recipe);
+        }
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        table.try_into().map_err(|e: toml::de::Error| {
+            anyhow!(
+                "{} with --set {}: {}",
+                path.display(),
+                overrides.join(" --set "),
+                e.message().replace('\n', " ")
+            )
+        })
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
@@ -78,7 +264,9 @@ impl Recipe {
 
     pub fn model_spec(&self, path: &Path) -> Result<ModelSpec> {
         let origin = format!("{} [model]", path.display());
-        let mut table = self.model.clone();
+        let Some(mut table) = self.model.clone() else {
+            bail!("{}: section [model] is missing", path.display());
+        };
         let arch = match table.remove("arch") {
             Some(toml::Value::String(s)) => s,
             Some(_) => bail!("{origin}: key `arch` must be a string"),
@@ -101,4 +289,35 @@ impl Recipe {
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
     }
+}
+
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
+    let Some((key, raw)) = o.split_once('=') else {
+        bail!("--set {o}: expected key=value, e.g. --set train.lr=3e-4");
+    };
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().expect("split yields one part");
+    let mut cur = table;
+    for p in parents {
+        cur = match cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+        {
+            toml::Value::Table(t) => t,
+            _ => bail!("--set {o}: `{p}` is not a table"),
+        };
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// The 1-based line of the first occurrence of `needle` in a recipe, for error messages
+/// about values that parse but do not work (a path that does not exist).
+pub fn line_of(path: &Path, needle: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
 }

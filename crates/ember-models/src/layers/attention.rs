@@ -73,6 +73,9 @@ pub struct AttnContext<'a> {
     pub cache: Option<(&'a mut KvCache, usize)>,
     /// `[batch, keys]`, true where the key is padding and must be ignored.
     pub key_pad: Option<Tensor<2, Bool>>,
+    /// `[batch, queries, keys]`, true where a query must not see a key (on top of the causal
+    /// mask), e.g. across document boundaries in packed sequences.
+    pub block: Option<Tensor<3, Bool>>,
 }
 
 impl Attention {
@@ -196,7 +199,13 @@ impl Attention {
         } else {
             let k = repeat_kv(k, n_rep);
             let v = repeat_kv(v, n_rep);
-            let mask = pad.map(|m| m.reshape([b, 1, 1, t]).expand([b, h, s, t]));
+            let pad = pad.map(|m| m.reshape([b, 1, 1, t]).expand([b, 1, s, t]));
+            let block = ctx.block.as_ref().map(|m| m.clone().reshape([b, 1, s, t]));
+            let mask = match (pad, block) {
+                (Some(p), Some(k)) => Some(p.bool_or(k)),
+                (p, k) => p.or(k),
+            }
+            .map(|m| m.expand([b, h, s, t]));
             let opts = AttentionModuleOptions {
                 is_causal: true,
                 ..Default::default()

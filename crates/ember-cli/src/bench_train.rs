@@ -1,0 +1,176 @@
+//! `ember bench train`: training throughput on random tokens with a model of a given shape,
+//! through the same optimisation step the trainer uses. Also times the phases (forward,
+//! forward+backward, full step) so a shortfall can be located.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_models::qwen3::Qwen3;
+use ember_models::rng::Rng;
+use ember_train::metrics::flops_per_token;
+use ember_train::objectives::lm::cross_entropy;
+use ember_train::optim::{OptimConfig, Optimizer};
+use ember_train::pretrain::parse_dtype;
+use ember_train::schedule::{Schedule, ScheduleKind};
+use ember_train::trainer::{scalar, Trainer};
+
+use crate::bench::{append_jsonl, model_config};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A config.json, or a built-in shape name (qwen3-0.6b).
+    #[arg(long)]
+    model_config: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute dtype (parameters and optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long)]
+    grad_checkpointing: bool,
+    /// Dense peak TFLOP/s of the device for MFU (default: 989 for CUDA bf16, the H100 SXM).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Also time forward-only and forward+backward, to split the step.
+    #[arg(long)]
+    phases: bool,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn random_batch(
+    rng: &mut Rng,
+    b: usize,
+    s: usize,
+    vocab: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let v: Vec<i32> = (0..b * (s + 1))
+        .map(|_| (rng.next_u64() % vocab as u64) as i32)
+        .collect();
+    let t = Tensor::<2, Int>::from_data(TensorData::new(v, [b, s + 1]), device);
+    (t.clone().narrow(1, 0, s), t.narrow(1, 1, s))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let config = model_config(&a.model_config)?;
+    let base = ember_models::device::select(&a.device)?;
+    let dtype = parse_dtype(&a.dtype, &base, "--dtype")?;
+    let mut dev = base.clone().autodiff();
+    if a.grad_checkpointing {
+        dev = dev.gradient_checkpointing();
+    }
+    let flops = flops_per_token(&config, a.seq);
+    let params = config.num_params();
+    let vocab = config.vocab_size;
+    let model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
+    let schedule = Schedule {
+        kind: ScheduleKind::Constant,
+        lr: 3e-4,
+        warmup_steps: 0,
+        total_steps: (a.warmup + a.steps) as u64,
+        min_lr_ratio: 1.0,
+        decay_fraction: 0.0,
+    };
+    let mut trainer = Trainer::new(model, Optimizer::new(OptimConfig::default()), schedule, 1.0);
+    let mut rng = Rng::new(0);
+    let peak = a.peak_tflops.or_else(|| {
+        (format!("{base:?}").to_lowercase().contains("cuda") && a.dtype == "bf16").then_some(989.0)
+    });
+    println!(
+        "device: {base:?}  dtype: {}  params: {:.1}M  batch {} x seq {}  flops/token {:.3e}",
+        a.dtype,
+        params as f64 / 1e6,
+        a.batch,
+        a.seq,
+        flops
+    );
+    let step = |trainer: &mut Trainer<Qwen3>, rng: &mut Rng| -> Result<f64> {
+        let (x, y) = random_batch(rng, a.batch, a.seq, vocab, &dev);
+        Ok(trainer
+            .train_step(1, |m, _| {
+                Ok(cross_entropy(m.forward(x.clone()), y.clone(), None))
+            })?
+            .loss)
+    };
+    let t0 = Instant::now();
+    let mut first = f64::NAN;
+    for i in 0..a.warmup {
+        let l = step(&mut trainer, &mut rng)?;
+        if i == 0 {
+            first = l;
+            eprintln!(
+                "first step (includes compilation): {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let t = Instant::now();
+    let mut last = f64::NAN;
+    for _ in 0..a.steps {
+        last = step(&mut trainer, &mut rng)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let tokens = (a.batch * a.seq * a.steps) as f64;
+    let tps = tokens / secs;
+    let step_ms = secs * 1e3 / a.steps as f64;
+    let mfu = peak.map(|p| tps * flops / (p * 1e12));
+    println!(
+        "ember: {tps:.0} tokens/s, {step_ms:.1} ms/step{}  (loss {first:.3} -> {last:.3})",
+        mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m))
+            .unwrap_or_default()
+    );
+    let mut rec = serde_json::json!({"bench": "train", "engine": "ember", "batch": a.batch, "seq": a.seq,
+        "dtype": a.dtype, "device": format!("{base:?}"), "tokens_per_s": tps, "step_ms": step_ms,
+        "mfu": mfu, "loss_first": first, "loss_last": last, "params": params,
+        "grad_checkpointing": a.grad_checkpointing});
+    if a.phases {
+        let n = a.steps.clamp(1, 5);
+        let model = trainer.model();
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        };
+        let (x, y) = random_batch(&mut rng, a.batch, a.seq, vocab, &base);
+        let valid = burn::module::Module::valid(model);
+        let fwd = time(&mut || {
+            scalar(cross_entropy(valid.forward(x.clone()), y.clone(), None));
+        });
+        let (xa, ya) = random_batch(&mut rng, a.batch, a.seq, vocab, &dev);
+        let fwd_bwd = time(&mut || {
+            let g = cross_entropy(model.forward(xa.clone()), ya.clone(), None).backward();
+            // Reading one gradient waits for the whole backward pass.
+            let e = model.embed_tokens.val().grad(&g).map(|t| t.sum());
+            if let Some(e) = e {
+                scalar(e);
+            }
+        });
+        println!(
+            "phases (ms): forward {fwd:.1}, forward+backward {fwd_bwd:.1}, full step {step_ms:.1} -> backward ~{:.1}, optimizer+clip ~{:.1}",
+            fwd_bwd - fwd,
+            step_ms - fwd_bwd
+        );
+        rec["forward_ms"] = fwd.into();
+        rec["forward_backward_ms"] = fwd_bwd.into();
+    }
+    if let Some(p) = &a.out {
+        append_jsonl(p, &rec)?;
+    }
+    Ok(())
+}

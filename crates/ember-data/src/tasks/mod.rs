@@ -1,0 +1,242 @@
+//! Synthetic tasks with verifiable answers: a small deterministic "world" of problems with
+//! worked steps, used as pretraining text, SFT chat pairs, RL prompts with checkable answers
+//! and curriculum levels.
+//!
+//! Everything is a pure function of `(seed, index, level)`: problems come from an internal
+//! seeded PRNG (splitmix64 seeding xoshiro256**), never from the OS, so the same call gives the
+//! same problem on every machine and every run.
+
+use std::ops::RangeInclusive;
+
+mod arithmetic;
+
+pub use arithmetic::Arithmetic;
+
+/// The names [`task`] knows.
+pub const TASKS: &[&str] = &["arithmetic"];
+
+/// One problem: the question, worked steps (each ending in a checkable equation), and the
+/// exact answer as text.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Problem {
+    pub task: String,
+    pub level: u32,
+    pub question: String,
+    pub steps: Vec<String>,
+    pub answer: String,
+}
+
+/// A generator of problems, deterministic in `(seed, index, level)`.
+pub trait Task {
+    fn name(&self) -> &'static str;
+    /// The difficulty levels, easiest first.
+    fn levels(&self) -> RangeInclusive<u32>;
+    /// Problem `index` of the stream `seed` at `level` (clamped into [`Task::levels`]).
+    fn problem(&self, seed: u64, index: u64, level: u32) -> Problem;
+}
+
+/// The task called `name`.
+pub fn task(name: &str) -> anyhow::Result<Box<dyn Task>> {
+    match name {
+        "arithmetic" => Ok(Box::new(Arithmetic)),
+        _ => anyhow::bail!("unknown task {name:?}; known tasks: {}", TASKS.join(", ")),
+    }
+}
+
+impl Problem {
+    /// A natural document: the question, the worked steps, and a final line `Answer: X`.
+    pub fn pretraining_text(&self) -> String {
+        let mut s = String::with_capacity(
+            self.question.len() + self.steps.iter().map(|l| l.len() + 1).sum::<usize>() + 24,
+        );
+        s.push_str(&self.question);
+        s.push('\n');
+        for step in &self.steps {
+            s.push_str(step);
+            s.push('\n');
+        }
+        s.push_str("Answer: ");
+        s.push_str(&self.answer);
+        s.push('\n');
+        s
+    }
+
+    /// `(user prompt, assistant response)`: the response is the worked steps then `Answer: X`.
+    pub fn chat(&self) -> (String, String) {
+        let mut response = String::new();
+        for step in &self.steps {
+            response.push_str(step);
+            response.push('\n');
+        }
+        response.push_str("Answer: ");
+        response.push_str(&self.answer);
+        (self.question.clone(), response)
+    }
+
+    /// The question with an instruction to end the reply with `Answer: <value>`.
+    pub fn rl_prompt(&self) -> String {
+        format!(
+            "{}\nWork it out step by step, then end with a line \"Answer: <value>\".",
+            self.question
+        )
+    }
+}
+
+/// The value after the last `Answer:` in `text`, up to the end of that line, trimmed and without
+/// trailing full stops. `None` when there is no `Answer:` or nothing follows it.
+pub fn extract_answer(text: &str) -> Option<String> {
+    let at = text.rfind("Answer:")?;
+    let rest = &text[at + "Answer:".len()..];
+    let line = rest.lines().next().unwrap_or("");
+    let v = line.trim().trim_end_matches('.').trim_end();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// Canonical form of an answer: whitespace removed, a leading `$` dropped, and integers written
+/// plainly (`+5` -> `5`, `-0` -> `0`, `007` -> `7`, `1,234` -> `1234`).
+fn normalise(s: &str) -> String {
+    let mut v: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    if let Some(rest) = v.strip_prefix('$') {
+        v = rest.to_string();
+    }
+    let plain: String = v.chars().filter(|&c| c != ',').collect();
+    match plain.parse::<i128>() {
+        Ok(n) => n.to_string(),
+        Err(_) => v,
+    }
+}
+
+/// Whether `completion`'s final `Answer:` equals the problem's answer (after normalising both).
+pub fn verify(p: &Problem, completion: &str) -> bool {
+    extract_answer(completion).is_some_and(|a| normalise(&a) == normalise(&p.answer))
+}
+
+/// Streams `count` pretraining documents: problem `i` at level `levels[i % levels.len()]`,
+/// deterministic in `(seed, i)`. An empty `levels` cycles through all of the task's levels.
+pub fn documents<'a>(
+    task: &'a dyn Task,
+    seed: u64,
+    count: u64,
+    levels: &[u32],
+) -> impl Iterator<Item = String> + 'a {
+    let levels: Vec<u32> = if levels.is_empty() {
+        task.levels().collect()
+    } else {
+        levels.to_vec()
+    };
+    (0..count).map(move |i| {
+        let level = levels[(i % levels.len() as u64) as usize];
+        task.problem(seed, i, level).pretraining_text()
+    })
+}
+
+/// splitmix64's output function: a strong 64-bit mixer.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a, to fold a task's name into its seeds.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+/// xoshiro256** seeded through splitmix64; small, fast and fully deterministic.
+pub(crate) struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            mix64(x)
+        };
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    /// The generator for problem `(seed, index, level)` of the task `name`.
+    pub(crate) fn for_problem(name: &str, seed: u64, index: u64, level: u32) -> Self {
+        let k = mix64(seed ^ fnv1a(name));
+        let k = mix64(k ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let k = mix64(k ^ (level as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        Rng::new(k)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let out = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        out
+    }
+
+    /// Uniform in `0..n` (`n > 0`), without modulo bias.
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        assert!(n > 0);
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub(crate) fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        assert!(lo <= hi);
+        lo + self.below((hi - lo) as u64 + 1) as i64
+    }
+
+    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len() as u64) as usize]
+    }
+
+    pub(crate) fn coin(&mut self) -> bool {
+        self.next_u64() >> 63 == 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_deterministic_and_spread() {
+        let mut a = Rng::new(7);
+        let mut b = Rng::new(7);
+        let xs: Vec<u64> = (0..8).map(|_| a.next_u64()).collect();
+        let ys: Vec<u64> = (0..8).map(|_| b.next_u64()).collect();
+        assert_eq!(xs, ys);
+        let mut counts = [0u32; 10];
+        for _ in 0..10_000 {
+            counts[a.below(10) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn normalise_forms() {
+        assert_eq!(normalise(" -0 "), "0");
+        assert_eq!(normalise("+12"), "12");
+        assert_eq!(normalise("- 12"), "-12");
+        assert_eq!(normalise("1,234"), "1234");
+        assert_eq!(normalise("$40"), "40");
+        assert_eq!(normalise("abc"), "abc");
+    }
+}

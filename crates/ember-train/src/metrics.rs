@@ -1,0 +1,180 @@
+//! Run metrics: one JSON object per line in `metrics.jsonl`, a progress bar, MFU, and the
+//! loss curves drawn at the end.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ember_models::qwen3::Qwen3Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::plot::{write_svg, Series};
+
+pub const METRICS: &str = "metrics.jsonl";
+pub const CURVES: &str = "curves.svg";
+
+/// Training FLOPs per token: 6·N for the matmul parameters (every linear layer, the head
+/// counted even when tied) plus 12·L·H·d·S for attention scores and values (PaLM appendix B,
+/// as nanoGPT and torchtitan count it; no credit for causal sparsity).
+pub fn flops_per_token(c: &Qwen3Config, seq: usize) -> f64 {
+    let h = c.hidden_size as f64;
+    let (q, kv) = (
+        (c.num_attention_heads * c.head_dim()) as f64,
+        (c.kv_heads() * c.head_dim()) as f64,
+    );
+    let per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * c.intermediate_size as f64;
+    let n = c.num_hidden_layers as f64 * per_layer + h * c.vocab_size as f64;
+    let attn =
+        12.0 * (c.num_hidden_layers * c.num_attention_heads * c.head_dim()) as f64 * seq as f64;
+    6.0 * n + attn
+}
+
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `run_dir/metrics.jsonl`, dropping records after `keep_through` (a resumed run
+    /// rewrites the steps it repeats).
+    pub fn open(run_dir: &Path, keep_through: Option<u64>) -> Result<Self> {
+        let path = run_dir.join(METRICS);
+        let kept: Vec<String> = match (keep_through, fs::read_to_string(&path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s <= step)
+                })
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        ember_models::hf::write_atomic(&path, body.as_bytes())?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Self { path, file })
+    }
+
+    pub fn write(&mut self, record: Value) -> Result<()> {
+        writeln!(self.file, "{record}")
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+
+    /// Draws training and validation loss from the whole file.
+    pub fn draw(&self, run_dir: &Path, title: &str) -> Result<PathBuf> {
+        let text = fs::read_to_string(&self.path)?;
+        let mut train = Series {
+            name: "train loss".into(),
+            points: Vec::new(),
+        };
+        let mut val = Series {
+            name: "val loss".into(),
+            points: Vec::new(),
+        };
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            let Some(step) = v.get("step").and_then(Value::as_f64) else {
+                continue;
+            };
+            if let Some(l) = v.get("loss").and_then(Value::as_f64) {
+                train.points.push((step, l));
+            }
+            if let Some(l) = v.get("val_loss").and_then(Value::as_f64) {
+                val.points.push((step, l));
+            }
+        }
+        let out = run_dir.join(CURVES);
+        write_svg(
+            &out,
+            title,
+            "step",
+            "loss (nats/token)",
+            &[train, val],
+            false,
+        )?;
+        Ok(out)
+    }
+}
+
+/// The progress bar, or plain lines when stderr is not a terminal (CI logs).
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+}
+
+impl Progress {
+    pub fn new(start: u64, total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(total);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+                )
+                .expect("valid template"),
+            );
+            b.set_position(start);
+            b.enable_steady_tick(Duration::from_millis(250));
+            b
+        });
+        Self { bar, total }
+    }
+
+    pub fn update(&self, step: u64, msg: String, print_line: bool) {
+        match &self.bar {
+            Some(b) => {
+                b.set_position(step);
+                b.set_message(msg);
+            }
+            None if print_line => eprintln!("step {step}/{} {msg}", self.total),
+            None => {}
+        }
+    }
+
+    pub fn println(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Metrics record for one step.
+pub fn step_record(
+    step: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens_per_s: f64,
+    mfu: Option<f64>,
+    tokens: u64,
+) -> Value {
+    json!({
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "tokens": tokens,
+    })
+}

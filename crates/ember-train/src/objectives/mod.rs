@@ -1,0 +1,3 @@
+//! Losses. Each objective adds only its loss over a batch; the loop is shared.
+
+pub mod lm;

@@ -1,0 +1,408 @@
+//! AdamW and Muon over a module's parameters, keyed by parameter path.
+//!
+//! Burn's own optimizers key their state by random `ParamId`s and clip per tensor. This one
+//! keys state by the module path (`layers.3.mlp.up_proj.weight`), so a checkpoint's
+//! optimizer state is a plain safetensors file that survives a rebuild of the model, and it
+//! applies one global-norm clipping factor folded into the update.
+//!
+//! Parameter groups follow common practice (nanoGPT, torchtitan): no weight decay on
+//! vectors (norm weights, biases) and embeddings; with `muon`, 2-D hidden matrices get Muon
+//! and everything else (embeddings, head, vectors) AdamW.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use ember_models::layers::to_dtype;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Muon,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default = "adamw")]
+    pub optimizer: OptimizerKind,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    #[serde(default = "eps")]
+    pub eps: f64,
+    #[serde(default = "wd")]
+    pub weight_decay: f64,
+    /// Muon's momentum (Nesterov).
+    #[serde(default = "muon_momentum")]
+    pub muon_momentum: f64,
+    /// Newton–Schulz iterations for Muon's orthogonalisation.
+    #[serde(default = "ns_steps")]
+    pub muon_ns_steps: usize,
+}
+
+fn adamw() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn wd() -> f64 {
+    0.1
+}
+fn muon_momentum() -> f64 {
+    0.95
+}
+fn ns_steps() -> usize {
+    5
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: adamw(),
+            beta1: beta1(),
+            beta2: beta2(),
+            eps: eps(),
+            weight_decay: wd(),
+            muon_momentum: muon_momentum(),
+            muon_ns_steps: ns_steps(),
+        }
+    }
+}
+
+/// Per-parameter state: AdamW's two moments, or Muon's momentum buffer alone.
+#[derive(Clone, Debug)]
+struct Slot {
+    m: Tensor<2>,
+    v: Option<Tensor<2>>,
+}
+
+pub struct Optimizer {
+    pub config: OptimConfig,
+    /// Optimizer steps taken (AdamW's bias correction counts from 1).
+    pub steps: u64,
+    state: BTreeMap<String, Slot>,
+}
+
+/// How one parameter is updated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rule {
+    AdamW { decay: bool },
+    Muon,
+}
+
+fn rule(cfg: &OptimConfig, path: &str, dims: &[usize]) -> Rule {
+    let embedding = path.contains("embed");
+    let head = path.starts_with("lm_head");
+    let matrix = dims.len() == 2;
+    if cfg.optimizer == OptimizerKind::Muon && matrix && !embedding && !head {
+        Rule::Muon
+    } else {
+        Rule::AdamW {
+            decay: matrix && !embedding,
+        }
+    }
+}
+
+/// Tracks the dotted module path while a visitor or mapper walks a module.
+#[derive(Default)]
+struct PathTracker(Vec<String>);
+
+impl PathTracker {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn path(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+/// Sum of squared gradients over all parameters, as one device scalar.
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let g = to_dtype(g, DType::F32);
+            let s = (g.clone() * g).sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+/// The global L2 norm of all gradients (one host sync).
+pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    let mut v = SquaredNorm { grads, total: None };
+    model.visit(&mut v);
+    v.total
+        .map(|t| crate::trainer::scalar(t).sqrt())
+        .unwrap_or(0.0)
+}
+
+struct Step<'a> {
+    opt: &'a mut Optimizer,
+    grads: GradientsParams,
+    lr: f64,
+    /// Multiplies every gradient: global-norm clipping and accumulation scaling.
+    grad_scale: f64,
+    path: PathTracker,
+}
+
+impl ModuleMapper for Step<'_> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let require_grad = tensor.is_require_grad();
+        let strategy = tensor.gradient_checkpointing_strategy();
+        let dims = tensor.dims();
+        let p = tensor.inner();
+        let path = self.path.path();
+        let updated = self
+            .opt
+            .update(&path, &dims, p, grad, self.lr, self.grad_scale);
+        let mut t = updated.autodiff();
+        if let Some(s) = strategy {
+            t = t.with_gradient_checkpointing_strategy(s);
+        }
+        if require_grad {
+            t = t.require_grad();
+        }
+        Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+/// Newton–Schulz quintic iteration (Keller Jordan's coefficients) towards the nearest
+/// semi-orthogonal matrix of `g`.
+fn newton_schulz(g: Tensor<2>, steps: usize) -> Tensor<2> {
+    let (a, b, c) = (3.4445, -4.7750, 2.0315);
+    let [rows, cols] = g.dims();
+    let tall = rows > cols;
+    let mut x = if tall { g.transpose() } else { g };
+    let norm = x.clone().powi_scalar(2).sum().sqrt().add_scalar(1e-7);
+    x = x / norm.unsqueeze();
+    for _ in 0..steps {
+        let xxt = x.clone().matmul(x.clone().transpose());
+        let poly = xxt.clone().mul_scalar(b) + xxt.clone().matmul(xxt).mul_scalar(c);
+        x = x.clone().mul_scalar(a) + poly.matmul(x);
+    }
+    if tall {
+        x.transpose()
+    } else {
+        x
+    }
+}
+
+impl Optimizer {
+    pub fn new(config: OptimConfig) -> Self {
+        Self {
+            config,
+            steps: 0,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one update to every parameter with a gradient. `grad_scale` multiplies the
+    /// gradients first (clipping factor).
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        grads: GradientsParams,
+        lr: f64,
+        grad_scale: f64,
+    ) -> M {
+        self.steps += 1;
+        let mut s = Step {
+            opt: self,
+            grads,
+            lr,
+            grad_scale,
+            path: PathTracker::default(),
+        };
+        model.map(&mut s)
+    }
+
+    fn update<const D: usize>(
+        &mut self,
+        path: &str,
+        dims: &[usize; D],
+        p: Tensor<D>,
+        grad: Tensor<D>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Tensor<D> {
+        let cfg = self.config.clone();
+        // State is kept 2-D (vectors as one row) so one map holds every parameter.
+        let (rows, cols) = match D {
+            1 => (1, dims[0]),
+            _ => (dims[0], dims[1..].iter().product()),
+        };
+        let dtype = p.dtype();
+        let p2: Tensor<2> = to_dtype(p, DType::F32).reshape([rows, cols]);
+        let g: Tensor<2> = to_dtype(grad, DType::F32)
+            .reshape([rows, cols])
+            .mul_scalar(grad_scale);
+        let device = g.device();
+        let rule = rule(&cfg, path, dims);
+        let slot = self.state.entry(path.to_string()).or_insert_with(|| Slot {
+            m: Tensor::zeros([rows, cols], &device),
+            v: match rule {
+                Rule::Muon => None,
+                Rule::AdamW { .. } => Some(Tensor::zeros([rows, cols], &device)),
+            },
+        });
+        let decay = match rule {
+            Rule::AdamW { decay } => decay,
+            Rule::Muon => true,
+        };
+        let p2 = if decay && cfg.weight_decay > 0.0 {
+            p2.mul_scalar(1.0 - lr * cfg.weight_decay)
+        } else {
+            p2
+        };
+        let new = match rule {
+            Rule::AdamW { .. } => {
+                let t = self.steps as i32;
+                let m =
+                    slot.m.clone().mul_scalar(cfg.beta1) + g.clone().mul_scalar(1.0 - cfg.beta1);
+                let v = slot
+                    .v
+                    .take()
+                    .expect("AdamW slot has a second moment")
+                    .mul_scalar(cfg.beta2)
+                    + (g.clone() * g).mul_scalar(1.0 - cfg.beta2);
+                let bc1 = 1.0 - cfg.beta1.powi(t);
+                let bc2 = 1.0 - cfg.beta2.powi(t);
+                let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(cfg.eps);
+                let upd = m.clone().div_scalar(bc1) / denom;
+                slot.m = m;
+                slot.v = Some(v);
+                p2 - upd.mul_scalar(lr)
+            }
+            Rule::Muon => {
+                let mu = cfg.muon_momentum;
+                let m = slot.m.clone().mul_scalar(mu) + g.clone();
+                let nesterov = g + m.clone().mul_scalar(mu);
+                slot.m = m;
+                let o = newton_schulz(nesterov, cfg.muon_ns_steps);
+                // Moonlight's scaling: the update's RMS matches AdamW's (≈0.2), so the
+                // AdamW learning rate carries over.
+                let scale = 0.2 * (rows.max(cols) as f64).sqrt();
+                p2 - o.mul_scalar(lr * scale)
+            }
+        };
+        to_dtype(new.reshape(*dims), dtype)
+    }
+
+    /// Saves the state as safetensors (`<path>.m`, `<path>.v`, f32) atomically.
+    pub fn save(&self, file: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, TensorData)> = Vec::new();
+        for (k, s) in &self.state {
+            tensors.push((format!("{k}.m"), s.m.clone().into_data()));
+            if let Some(v) = &s.v {
+                tensors.push((format!("{k}.v"), v.clone().into_data()));
+            }
+        }
+        crate::tensors_io::save(file, &tensors)
+    }
+
+    /// Restores the state saved by [`Optimizer::save`], checking every shape against the
+    /// model's parameters.
+    pub fn load<M: Module>(&mut self, file: &Path, model: &M, device: &Device) -> Result<()> {
+        let shapes = param_shapes(model);
+        let mut loaded = crate::tensors_io::load(file)?;
+        let mut state = BTreeMap::new();
+        for (path, dims) in &shapes {
+            let (rows, cols) = match dims.len() {
+                1 => (1, dims[0]),
+                _ => (dims[0], dims[1..].iter().product()),
+            };
+            let mut take = |suffix: &str| -> Result<Option<Tensor<2>>> {
+                let name = format!("{path}.{suffix}");
+                match loaded.remove(&name) {
+                    None => Ok(None),
+                    Some(d) => {
+                        if d.shape().to_vec() != vec![rows, cols] {
+                            bail!(
+                                "{}: tensor `{name}` has shape {:?}, the model needs [{rows}, {cols}]",
+                                file.display(),
+                                d.shape().to_vec()
+                            );
+                        }
+                        Ok(Some(Tensor::from_data(d, device)))
+                    }
+                }
+            };
+            let m = take("m")?;
+            let v = take("v")?;
+            if let Some(m) = m {
+                state.insert(path.clone(), Slot { m, v });
+            }
+        }
+        if let Some(k) = loaded.keys().next() {
+            bail!(
+                "{}: tensor `{k}` matches no parameter of the model",
+                file.display()
+            );
+        }
+        self.state = state;
+        Ok(())
+    }
+}
+
+struct Shapes {
+    path: PathTracker,
+    out: Vec<(String, Vec<usize>)>,
+}
+
+impl ModuleVisitor for Shapes {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push((self.path.path(), param.shape().to_vec()));
+    }
+}
+
+/// Every float parameter's path and shape, in visit order.
+pub fn param_shapes<M: Module>(model: &M) -> Vec<(String, Vec<usize>)> {
+    let mut v = Shapes {
+        path: PathTracker::default(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}

@@ -1,0 +1,55 @@
+//! Learning-rate schedules as pure functions of the step, so a resumed run needs no
+//! scheduler state beyond the step count.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warmup, then cosine decay to `min_lr_ratio · lr` at the last step.
+    Cosine,
+    /// Warmup-stable-decay: linear warmup, constant, then a linear decay over the final
+    /// `decay_fraction` of the steps (MiniCPM, DeepSeek).
+    Wsd,
+    /// Linear warmup, then constant.
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    pub min_lr_ratio: f64,
+    pub decay_fraction: f64,
+}
+
+impl Schedule {
+    /// The learning rate for 0-based optimizer step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let min = self.lr * self.min_lr_ratio;
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let total = self.total_steps.max(1);
+        match self.kind {
+            ScheduleKind::Constant => self.lr,
+            ScheduleKind::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+                let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            ScheduleKind::Wsd => {
+                let decay = ((total as f64) * self.decay_fraction).round() as u64;
+                let start = total.saturating_sub(decay).max(self.warmup_steps);
+                if step < start {
+                    self.lr
+                } else {
+                    let t = ((step - start + 1) as f64 / (total - start).max(1) as f64).min(1.0);
+                    self.lr - (self.lr - min) * t
+                }
+            }
+        }
+    }
+}

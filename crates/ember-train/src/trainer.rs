@@ -1,0 +1,139 @@
+//! The optimisation step shared by every stage: micro-batch accumulation, one global-norm
+//! clip, a divergence check, and the optimizer update. A stage supplies only the loss of a
+//! micro-batch.
+
+use anyhow::{bail, Result};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Tensor;
+
+use crate::optim::{grad_norm, Optimizer};
+use crate::schedule::Schedule;
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// The mean micro-batch loss.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// A loss that is not finite: the step is not applied, and the run stops.
+#[derive(Debug)]
+pub struct Diverged {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "step {}: loss is {} (grad norm {}); the update was not applied",
+            self.step + 1,
+            self.loss,
+            self.grad_norm
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
+
+pub struct Trainer<M: Module> {
+    model: Option<M>,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub clip_grad_norm: f64,
+}
+
+impl<M: Module> Trainer<M> {
+    pub fn new(model: M, optimizer: Optimizer, schedule: Schedule, clip_grad_norm: f64) -> Self {
+        Self {
+            model: Some(model),
+            optimizer,
+            schedule,
+            step: 0,
+            clip_grad_norm,
+        }
+    }
+
+    pub fn model(&self) -> &M {
+        self.model.as_ref().expect("model present between steps")
+    }
+
+    /// One optimizer step over `micro` micro-batches; `loss_of(model, i)` returns the mean
+    /// loss of micro-batch `i`. The gradients are averaged over the micro-batches.
+    pub fn train_step(
+        &mut self,
+        micro: usize,
+        mut loss_of: impl FnMut(&M, usize) -> Result<Tensor<1>>,
+    ) -> Result<StepStats> {
+        let lr = self.schedule.lr_at(self.step);
+        let model = self.model.take().expect("model present between steps");
+        let mut acc = GradientsAccumulator::<M>::new();
+        let mut total: Option<Tensor<1>> = None;
+        let mut single = None;
+        for i in 0..micro {
+            let loss = match loss_of(&model, i) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.model = Some(model);
+                    return Err(e);
+                }
+            };
+            let value = loss.clone().inner();
+            total = Some(match total.take() {
+                Some(t) => t + value,
+                None => value,
+            });
+            let grads = loss.div_scalar(micro as f64).backward();
+            let grads = GradientsParams::from_grads(grads, &model);
+            if micro == 1 {
+                single = Some(grads);
+            } else {
+                acc.accumulate(&model, grads);
+            }
+        }
+        let grads = single.unwrap_or_else(|| acc.grads());
+        let loss = total.map(|t| scalar(t) / micro as f64).unwrap_or(f64::NAN);
+        let norm = grad_norm(&model, &grads);
+        if !loss.is_finite() || !norm.is_finite() {
+            self.model = Some(model);
+            bail!(Diverged {
+                step: self.step,
+                loss,
+                grad_norm: norm
+            });
+        }
+        let scale = if self.clip_grad_norm > 0.0 && norm > self.clip_grad_norm {
+            self.clip_grad_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        self.model = Some(self.optimizer.step(model, grads, lr, scale));
+        self.step += 1;
+        Ok(StepStats {
+            loss,
+            grad_norm: norm,
+            lr,
+        })
+    }
+
+    pub fn into_model(self) -> M {
+        self.model.expect("model present between steps")
+    }
+}
+
+/// A one-element tensor's value on the host.
+pub fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .convert::<f64>()
+        .try_to_vec::<f64>()
+        .map(|v| v[0])
+        .unwrap_or(f64::NAN)
+}
