@@ -7,7 +7,7 @@ use safetensors::SafeTensors;
 
 use crate::common::*;
 
-fn ember(args: &[&str]) -> Output {
+pub fn ember(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)
         .args(
@@ -20,14 +20,14 @@ fn ember(args: &[&str]) -> Output {
         .expect("ember runs")
 }
 
-fn stderr(o: &Output) -> String {
+pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// A failure is exactly one `error:` line and exit code 1, with no panic or backtrace.
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
+/// Bad input is exactly one `error:` line and exit code 2, with no panic or backtrace.
+pub fn assert_one_line_error(o: &Output, needles: &[&str]) {
     let e = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1, stderr: {e}");
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {e}");
     assert_eq!(
         e.trim_end().lines().count(),
         1,
@@ -156,14 +156,38 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     );
     let path = dir.join("q.toml");
     std::fs::write(&path, recipe).unwrap();
-    let o = ember(&["quickstart", path.to_str().unwrap()]);
+    // A short run: the full quickstart is CI's separate job.
+    let o = ember(&[
+        "quickstart",
+        path.to_str().unwrap(),
+        "--set",
+        "train.steps=12",
+        "--set",
+        "train.eval_every=6",
+        "--set",
+        "data.generated.count=400",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        "generate.max_new_tokens=24",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let init = dir.join("quickstart/init");
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        assert!(init.join(f).exists(), "{f} missing");
+    let run = dir.join("quickstart");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "curves.svg",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
     }
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("Once upon a time"));
-    assert!(stderr(&o).contains("generated 48 tokens"), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("What is 27 + 45?"));
+    let e = stderr(&o);
+    assert!(
+        e.contains("unigram entropy") && e.contains("generated "),
+        "{e}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -10,3 +10,4 @@ mod qwen3_generate;
 mod qwen3_parity;
 mod tasks;
 mod tokenizer;
+mod train;

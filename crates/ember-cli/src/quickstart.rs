@@ -32,6 +32,11 @@ pub fn run(a: Args) -> Result<()> {
     let Some(gen) = recipe.generate.clone() else {
         bail!("{}: section [generate] is missing", a.recipe.display());
     };
+    // Check the whole recipe before deleting the previous run.
+    if recipe.model.is_some() {
+        recipe.model_spec(&a.recipe)?;
+    }
+    pretrain::sections(&recipe, &a.recipe)?;
     let run_dir = recipe.run_dir();
     // The quickstart always starts fresh; `ember train` refuses to overwrite a run.
     if run_dir.exists() {

@@ -54,7 +54,8 @@ pub struct PreparedData {
     pub cache: TokenCache,
 }
 
-fn sections(recipe: &Recipe, path: &Path) -> Result<(DataSection, TrainSection)> {
+/// The recipe's `[data]` and `[train]`, checked.
+pub fn sections(recipe: &Recipe, path: &Path) -> Result<(DataSection, TrainSection)> {
     let data = recipe
         .data
         .clone()
@@ -70,7 +71,7 @@ fn sections(recipe: &Recipe, path: &Path) -> Result<(DataSection, TrainSection)>
     if train.batch_size == 0 || train.grad_accum == 0 {
         bail!("{} and `grad_accum` must be at least 1", at("batch_size"));
     }
-    if !(train.lr > 0.0) {
+    if train.lr.is_nan() || train.lr <= 0.0 {
         bail!("{} must be positive", at("lr"));
     }
     if data.seq_len < 2 {
@@ -288,19 +289,16 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     if tcfg.grad_checkpointing {
         train_dev = train_dev.gradient_checkpointing();
     }
-    fs::create_dir_all(&run_dir)
-        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-
     let init_dir = resume_ckpt.clone().or_else(|| tcfg.init_from.clone());
+    // The model first: a checkpoint that does not fit fails before any data work.
+    let mut model =
+        build_model(&recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
     let tok_from = init_dir
         .as_ref()
         .map(|d| d.join("tokenizer.json"))
         .filter(|p| p.is_file());
     let prepared = prepare_data(&data, path, recipe.run.seed, &run_dir, tok_from.as_deref())?;
-    let model =
-        build_model(&recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
     check_vocab(&model.config, &prepared.tokenizer, path)?;
-    let mut model = model;
     model.config.eos_token_id = Some(prepared.eos_id.into());
 
     let mut loader = PackedLoader::open(

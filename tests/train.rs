@@ -1,0 +1,471 @@
+//! `ember train` as a user runs it: exact resume after a kill, atomic checkpoints, one-line
+//! errors for bad input, and the pieces of the loop (schedules, optimizer, clipping,
+//! accumulation, document masks) against hand computations.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_models::qwen3::{Qwen3, Qwen3Config};
+use ember_train::objectives::lm::cross_entropy;
+use ember_train::optim::{grad_norm, OptimConfig, OptimizerKind};
+use ember_train::schedule::{Schedule, ScheduleKind};
+use serde_json::Value;
+
+use crate::cli::{assert_one_line_error, stderr};
+use crate::common::*;
+
+const TINY: &str = r#"
+[run]
+name = "tiny"
+seed = 3
+out_dir = "OUT"
+
+[model]
+arch = "qwen3"
+vocab_size = 259
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 16
+max_position_embeddings = 128
+tie_word_embeddings = true
+
+[data]
+tokenizer = "byte_level"
+seq_len = 32
+val_fraction = 0.05
+
+[data.generated]
+task = "arithmetic"
+count = 300
+levels = [1, 2, 3]
+
+[train]
+steps = 8
+batch_size = 4
+grad_accum = 2
+lr = 1e-2
+warmup_steps = 2
+log_every = 1
+eval_every = 4
+eval_batches = 2
+save_every = 3
+keep_last = 2
+"#;
+
+/// Writes the tiny recipe (with `extra` appended) into a fresh directory.
+fn recipe(name: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let out = dir.join("runs");
+    let text = TINY.replace("OUT", out.to_str().unwrap()) + extra;
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, out.join("tiny"))
+}
+
+fn ember_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .envs(env.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("ember runs")
+}
+
+fn train(recipe: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut args = vec!["train", recipe.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ember_env(&args, env)
+}
+
+/// (step, loss, val_loss) for every record of a run's metrics.jsonl.
+fn losses(run: &Path) -> Vec<(u64, f64, Option<f64>)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v.get("val_loss").and_then(Value::as_f64),
+            )
+        })
+        .collect()
+}
+
+fn checkpoints(run: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn kill_and_resume_reproduces_every_loss_exactly() {
+    let (full, full_run) = recipe("train-full", "");
+    let o = train(&full, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let reference = losses(&full_run);
+    assert_eq!(reference.len(), 8);
+    assert!(
+        reference[7].1 < reference[0].1,
+        "loss did not fall: {reference:?}"
+    );
+    assert!(full_run.join("curves.svg").is_file());
+    assert!(full_run.join("model.safetensors").is_file());
+    assert_eq!(checkpoints(&full_run), ["step-00000006", "step-00000008"]);
+
+    // Killed after step 5: the newest checkpoint is step 3, so steps 4 and 5 are redone.
+    let (cut, cut_run) = recipe("train-cut", "");
+    let o = train(&cut, &[], &[("EMBER_FAULT", "abort-after-step:5")]);
+    assert!(!o.status.success(), "the fault did not fire");
+    assert_eq!(checkpoints(&cut_run), ["step-00000003"]);
+    // A plain restart refuses to overwrite the run.
+    assert_one_line_error(&train(&cut, &[], &[]), &["--resume"]);
+    let o = train(&cut, &["--resume", cut_run.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+    assert_eq!(
+        losses(&cut_run),
+        reference,
+        "resumed run diverged from the uninterrupted one"
+    );
+    let a = std::fs::read(full_run.join("model.safetensors")).unwrap();
+    let b = std::fs::read(cut_run.join("model.safetensors")).unwrap();
+    assert!(a == b, "final weights differ after resume");
+}
+
+#[test]
+fn a_kill_while_checkpointing_leaves_no_partial_checkpoint() {
+    let (path, run) = recipe("train-ckpt-kill", "");
+    let o = train(&path, &[], &[("EMBER_FAULT", "abort-in-checkpoint:6")]);
+    assert!(!o.status.success());
+    // Step 6 was being written: only the complete step-3 checkpoint is visible.
+    assert_eq!(checkpoints(&run), [".tmp-step-00000006", "step-00000003"]);
+    let o = train(&path, &["--resume", run.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("step-00000003"), "{}", stderr(&o));
+    assert_eq!(checkpoints(&run), ["step-00000006", "step-00000008"]);
+    // The resumed model loads for generation.
+    let g = ember_env(
+        &[
+            "generate",
+            "--model",
+            run.to_str().unwrap(),
+            "--prompt",
+            "What is 2 + 3?",
+            "--max-new-tokens",
+            "8",
+        ],
+        &[],
+    );
+    assert!(g.status.success(), "{}", stderr(&g));
+}
+
+/// Bad input: exit 2, one line naming the file (and key), and no checkpoint written.
+fn assert_rejected(path: &Path, run: &Path, extra: &[&str], needles: &[&str]) {
+    let o = train(path, extra, &[]);
+    assert_one_line_error(&o, needles);
+    assert!(checkpoints(run).is_empty(), "a checkpoint was written");
+}
+
+#[test]
+fn malformed_recipes_fail_with_one_line_and_exit_2() {
+    let (p, run) = recipe("train-bad-key", "warmup_step = 3\n");
+    assert_rejected(&p, &run, &[], &["recipe.toml:", "warmup_step"]);
+
+    let (p, run) = recipe("train-bad-type", "");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("steps = 8", "steps = \"eight\"");
+    std::fs::write(&p, text).unwrap();
+    assert_rejected(&p, &run, &[], &["recipe.toml:", "invalid type"]);
+
+    let (p, run) = recipe("train-bad-set", "");
+    assert_rejected(
+        &p,
+        &run,
+        &["--set", "train.lr=fast"],
+        &["--set train.lr=fast", "invalid type"],
+    );
+    assert_rejected(&p, &run, &["--set", "train.nope=1"], &["nope"]);
+}
+
+#[test]
+fn missing_and_corrupt_data_fail_with_one_line_and_exit_2() {
+    let extra = "\n[[data.sources]]\nformat = \"jsonl\"\npath = \"MISSING.jsonl\"\n";
+    let (p, run) = recipe("train-missing-data", extra);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("MISSING.jsonl"))
+        .unwrap()
+        + 1;
+    let at = format!("recipe.toml:{line}: data.sources[0].path");
+    assert_rejected(&p, &run, &[], &[&at, "MISSING.jsonl"]);
+
+    // A Parquet file cut in half.
+    let dir = temp_dir("train-truncated-parquet");
+    let file = dir.join("corpus.parquet");
+    {
+        use std::sync::Arc;
+        let col: arrow_array::ArrayRef = Arc::new(arrow_array::StringArray::from(
+            (0..500)
+                .map(|i| format!("document number {i}"))
+                .collect::<Vec<_>>(),
+        ));
+        let batch = arrow_array::RecordBatch::try_from_iter([("text", col)]).unwrap();
+        let f = std::fs::File::create(&file).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+    }
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let extra = format!(
+        "\n[[data.sources]]\nformat = \"parquet\"\npath = \"{}\"\n",
+        file.display()
+    );
+    let (p, run) = recipe("train-truncated", &extra);
+    assert_rejected(
+        &p,
+        &run,
+        &[],
+        &["data.sources[0].path", "corpus.parquet", "Parquet"],
+    );
+}
+
+#[test]
+fn a_checkpoint_of_the_wrong_shape_is_rejected() {
+    // A checkpoint with hidden_size 48, offered to a recipe that says 32.
+    let dir = temp_dir("train-wrong-shape");
+    let mut v: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("qwen3").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    v["hidden_size"] = 48.into();
+    v["vocab_size"] = 259.into();
+    let config = Qwen3Config::from_value(&v, "test").unwrap();
+    let ckpt = dir.join("other");
+    Qwen3::random(config, 0, &device())
+        .unwrap()
+        .save_pretrained(&ckpt, &Default::default())
+        .unwrap();
+    let extra = format!("init_from = \"{}\"\n", ckpt.display());
+    let (p, run) = recipe("train-wrong-shape-run", &extra);
+    assert_rejected(
+        &p,
+        &run,
+        &[],
+        &["model.embed_tokens.weight", "shape", "does not match"],
+    );
+}
+
+#[test]
+fn schedules_warm_up_then_decay_to_their_floor() {
+    let s = |kind| Schedule {
+        kind,
+        lr: 1.0,
+        warmup_steps: 10,
+        total_steps: 110,
+        min_lr_ratio: 0.1,
+        decay_fraction: 0.2,
+    };
+    let cos = s(ScheduleKind::Cosine);
+    assert!((cos.lr_at(0) - 0.1).abs() < 1e-12);
+    assert!((cos.lr_at(9) - 1.0).abs() < 1e-12);
+    assert!(
+        (cos.lr_at(60) - 0.55).abs() < 1e-12,
+        "half-way is the mean of peak and floor"
+    );
+    assert!((cos.lr_at(110) - 0.1).abs() < 1e-12);
+    let wsd = s(ScheduleKind::Wsd);
+    assert_eq!(wsd.lr_at(87), 1.0, "stable until the last 20%");
+    assert!(wsd.lr_at(89) < 1.0 && wsd.lr_at(89) > 0.9);
+    assert!((wsd.lr_at(109) - 0.1).abs() < 1e-12);
+}
+
+fn tiny_model(seed: u64) -> Qwen3 {
+    let mut v: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir("qwen3").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    v["num_hidden_layers"] = 1.into();
+    let config = Qwen3Config::from_value(&v, "test").unwrap();
+    Qwen3::random(config, seed, &device().autodiff()).unwrap()
+}
+
+fn tokens(rows: &[Vec<i32>], dev: &burn::tensor::Device) -> Tensor<2, Int> {
+    let (b, s) = (rows.len(), rows[0].len());
+    Tensor::from_data(TensorData::new(rows.concat(), [b, s]), dev)
+}
+
+fn weights(m: &Qwen3) -> Vec<(String, Vec<f32>)> {
+    m.weights()
+        .into_iter()
+        .map(|(k, d)| (k, d.try_to_vec::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn adamw_step_matches_the_formula_and_skips_decay_on_norms() {
+    use ember_train::optim::Optimizer;
+    let dev = device().autodiff();
+    let model = tiny_model(1);
+    let before = weights(&model);
+    let x = tokens(&[vec![1, 5, 9, 2, 7, 3]], &dev);
+    let y = tokens(&[vec![5, 9, 2, 7, 3, 4]], &dev);
+    let g = cross_entropy(model.forward(x), y, None).backward();
+    let grads = burn::optim::GradientsParams::from_grads(g, &model);
+    let gq: Vec<f32> = grads
+        .get::<2>(model.layers[0].self_attn.q_proj.weight.id)
+        .unwrap()
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let cfg = OptimConfig::default();
+    let (lr, scale) = (1e-2, 0.5);
+    let mut opt = Optimizer::new(cfg.clone());
+    let after = weights(&opt.step(model, grads, lr, scale));
+    let find =
+        |w: &[(String, Vec<f32>)], k: &str| w.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    // First AdamW step: m̂ = g, v̂ = g², so the update is lr·g/(|g|+eps) plus decay.
+    let k = "model.layers.0.self_attn.q_proj.weight";
+    let (p0, p1) = (find(&before, k), find(&after, k));
+    for i in 0..p0.len() {
+        let g = (gq[i] * scale as f32) as f64;
+        let want = p0[i] as f64 * (1.0 - lr * cfg.weight_decay) - lr * g / (g.abs() + cfg.eps);
+        assert!(
+            (p1[i] as f64 - want).abs() < 1e-6,
+            "element {i}: {} vs {want}",
+            p1[i]
+        );
+    }
+    // Norm weights start at 1 and take no decay: |Δ| ≤ lr, and exactly lr·sign(g) here.
+    let n0 = find(&before, "model.norm.weight");
+    let n1 = find(&after, "model.norm.weight");
+    assert!(n0
+        .iter()
+        .zip(&n1)
+        .all(|(a, b)| (a - b).abs() <= 1e-2 + 1e-6));
+    assert!(n0.iter().zip(&n1).any(|(a, b)| (a - b).abs() > 5e-3));
+}
+
+#[test]
+fn global_norm_and_accumulation_match_a_single_large_batch() {
+    use ember_train::optim::Optimizer;
+    use ember_train::trainer::Trainer;
+    let dev = device().autodiff();
+    let rows = [vec![1, 5, 9, 2, 7, 3, 8], vec![4, 4, 6, 1, 2, 9, 5]];
+    let batch = |r: &[Vec<i32>]| {
+        let x: Vec<Vec<i32>> = r.iter().map(|v| v[..6].to_vec()).collect();
+        let y: Vec<Vec<i32>> = r.iter().map(|v| v[1..].to_vec()).collect();
+        (tokens(&x, &dev), tokens(&y, &dev))
+    };
+    let schedule = Schedule {
+        kind: ScheduleKind::Constant,
+        lr: 1e-2,
+        warmup_steps: 0,
+        total_steps: 1,
+        min_lr_ratio: 1.0,
+        decay_fraction: 0.0,
+    };
+    let muon = OptimConfig {
+        optimizer: OptimizerKind::Muon,
+        ..Default::default()
+    };
+    for cfg in [OptimConfig::default(), muon] {
+        // The global norm is the norm of all gradients together.
+        let m = tiny_model(2);
+        let (x, y) = batch(&rows);
+        let g = cross_entropy(m.forward(x), y, None).backward();
+        let grads = burn::optim::GradientsParams::from_grads(g, &m);
+        let norm = grad_norm(&m, &grads);
+        let mut sq = 0.0;
+        m.visit(&mut SumSquares {
+            grads: &grads,
+            total: &mut sq,
+        });
+        assert!(
+            (norm - sq.sqrt()).abs() < 1e-4 * norm,
+            "{norm} vs {}",
+            sq.sqrt()
+        );
+
+        // One batch of two rows == two accumulated micro-batches of one row.
+        let mut one = Trainer::new(tiny_model(2), Optimizer::new(cfg.clone()), schedule, 0.05);
+        let s1 = one
+            .train_step(1, |m, _| {
+                let (x, y) = batch(&rows);
+                Ok(cross_entropy(m.forward(x), y, None))
+            })
+            .unwrap();
+        let mut two = Trainer::new(tiny_model(2), Optimizer::new(cfg.clone()), schedule, 0.05);
+        let s2 = two
+            .train_step(2, |m, i| {
+                let (x, y) = batch(&rows[i..i + 1]);
+                Ok(cross_entropy(m.forward(x), y, None))
+            })
+            .unwrap();
+        assert!(
+            (s1.loss - s2.loss).abs() < 1e-5,
+            "{} vs {}",
+            s1.loss,
+            s2.loss
+        );
+        assert!((s1.grad_norm - s2.grad_norm).abs() < 1e-4 * s1.grad_norm);
+        assert!(s1.grad_norm > 0.05, "clipping must be active for this test");
+        let (a, b) = (weights(one.model()), weights(two.model()));
+        for ((k, va), (_, vb)) in a.iter().zip(&b) {
+            let d = va
+                .iter()
+                .zip(vb)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 2e-5, "{cfg:?} {k}: accumulated update differs by {d}");
+        }
+    }
+}
+
+struct SumSquares<'a> {
+    grads: &'a burn::optim::GradientsParams,
+    total: &'a mut f64,
+}
+
+impl burn::module::ModuleVisitor for SumSquares<'_> {
+    fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(p.id) {
+            let v: Vec<f32> = g.into_data().try_to_vec().unwrap();
+            *self.total += v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+        }
+    }
+}
+
+#[test]
+fn document_masks_make_packed_rows_equal_separate_documents() {
+    let dev = device();
+    let model = tiny_model(4).valid();
+    let (a, b) = (vec![3, 8, 1, 0], vec![7, 2, 9, 4, 6]);
+    let packed = tokens(&[[a.clone(), b.clone()].concat()], &dev);
+    let pos = tokens(&[vec![0, 1, 2, 3, 0, 1, 2, 3, 4]], &dev);
+    let seg = tokens(&[vec![0, 0, 0, 0, 1, 1, 1, 1, 1]], &dev);
+    let out = model.forward_packed(packed, pos, Some(seg));
+    let alone = model.forward(tokens(std::slice::from_ref(&b), &dev));
+    let diff = max_abs_diff(&values(out.clone().narrow(1, 4, 5)), &values(alone.clone()));
+    assert!(diff < 1e-5, "masked packing leaks across documents: {diff}");
+    // Without masks the second document does see the first.
+    let unmasked = model.forward(tokens(&[[a, b].concat()], &dev));
+    let leak = max_abs_diff(&values(unmasked.narrow(1, 4, 5)), &values(alone));
+    assert!(leak > 1e-3, "the test cannot tell masked from unmasked");
+}
