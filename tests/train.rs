@@ -391,7 +391,7 @@ fn global_norm_and_accumulation_match_a_single_large_batch() {
         let (x, y) = batch(&rows);
         let g = cross_entropy(m.forward(x), y, None).backward();
         let grads = burn::optim::GradientsParams::from_grads(g, &m);
-        let norm = grad_norm(&m, &grads);
+        let norm = grad_norm(&m, &grads).unwrap();
         let mut sq = 0.0;
         m.visit(&mut SumSquares {
             grads: &grads,

@@ -137,40 +137,134 @@ pub fn run(a: Args) -> Result<()> {
         "mfu": mfu, "loss_first": first, "loss_last": last, "params": params,
         "grad_checkpointing": a.grad_checkpointing});
     if a.phases {
-        let n = a.steps.clamp(1, 5);
-        let model = trainer.model();
-        let time = |f: &mut dyn FnMut()| {
-            f();
-            let t = Instant::now();
-            for _ in 0..n {
-                f();
-            }
-            t.elapsed().as_secs_f64() * 1e3 / n as f64
-        };
-        let (x, y) = random_batch(&mut rng, a.batch, a.seq, vocab, &base);
-        let valid = burn::module::Module::valid(model);
-        let fwd = time(&mut || {
-            scalar(cross_entropy(valid.forward(x.clone()), y.clone(), None));
-        });
-        let (xa, ya) = random_batch(&mut rng, a.batch, a.seq, vocab, &dev);
-        let fwd_bwd = time(&mut || {
-            let g = cross_entropy(model.forward(xa.clone()), ya.clone(), None).backward();
-            // Reading one gradient waits for the whole backward pass.
-            let e = model.embed_tokens.val().grad(&g).map(|t| t.sum());
-            if let Some(e) = e {
-                scalar(e);
-            }
-        });
-        println!(
-            "phases (ms): forward {fwd:.1}, forward+backward {fwd_bwd:.1}, full step {step_ms:.1} -> backward ~{:.1}, optimizer+clip ~{:.1}",
-            fwd_bwd - fwd,
-            step_ms - fwd_bwd
-        );
-        rec["forward_ms"] = fwd.into();
-        rec["forward_backward_ms"] = fwd_bwd.into();
+        let split = phases(&a, trainer.model(), &mut rng, &base, &dev, step_ms)?;
+        for (k, v) in split {
+            rec[k] = v.into();
+        }
     }
     if let Some(p) = &a.out {
         append_jsonl(p, &rec)?;
     }
     Ok(())
+}
+
+/// Times the step's parts: whole-model forward and forward+backward, then components in
+/// isolation: a hidden-layer-sized GEMM (the matmul rate reached), one layer's attention
+/// forward+backward (the autodiff path), and the head plus loss. Returns (name, ms or rate).
+fn phases(
+    a: &Args,
+    model: &Qwen3,
+    rng: &mut Rng,
+    base: &Device,
+    dev: &Device,
+    step_ms: f64,
+) -> Result<Vec<(&'static str, f64)>> {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::Distribution;
+    let n = 3;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let t = Instant::now();
+        for _ in 0..n {
+            f()?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+    };
+    let c = model.config.clone();
+    let dtype = model.compute_dtype;
+    let (b, s, vocab) = (a.batch, a.seq, c.vocab_size);
+    let tokens = b * s;
+    let (x, y) = random_batch(rng, b, s, vocab, base);
+    let valid = burn::module::Module::valid(model);
+    let fwd =
+        time(&mut || scalar(cross_entropy(valid.forward(x.clone()), y.clone(), None)).map(drop))?;
+    let (xa, ya) = random_batch(rng, b, s, vocab, dev);
+    let fwd_bwd = time(&mut || {
+        let g = cross_entropy(model.forward(xa.clone()), ya.clone(), None).backward();
+        // Reading one gradient waits for the whole backward pass.
+        if let Some(e) = model.embed_tokens.val().grad(&g) {
+            scalar(e.sum())?;
+        }
+        Ok(())
+    })?;
+
+    let normal = Distribution::Normal(0.0, 1.0);
+    let (h, inter) = (c.hidden_size, c.intermediate_size);
+    let xm = Tensor::<2>::random([tokens, h], normal, base).cast(dtype);
+    let wm = Tensor::<2>::random([h, inter], normal, base).cast(dtype);
+    let gemm = time(&mut || {
+        scalar(
+            xm.clone()
+                .matmul(wm.clone())
+                .sum()
+                .cast(burn::tensor::DType::F32),
+        )
+        .map(drop)
+    })?;
+    let tflops = 2.0 * (tokens * h * inter) as f64 / (gemm * 1e-3) / 1e12;
+    // Every linear layer of the blocks, forward and backward (6·N per token), at that rate;
+    // the head is timed with the loss below.
+    let linear_params = c.num_hidden_layers as f64
+        * ((h * c.num_attention_heads * c.head_dim()) as f64 * 2.0
+            + (h * c.kv_heads() * c.head_dim()) as f64 * 2.0
+            + 3.0 * (h * inter) as f64);
+    let matmul_est = 6.0 * linear_params * tokens as f64 / (tflops * 1e12) * 1e3;
+
+    let (heads, hd) = (c.num_attention_heads, c.head_dim());
+    let qkv = || {
+        Tensor::<4>::random([b, heads, s, hd], normal, dev)
+            .cast(dtype)
+            .require_grad()
+    };
+    let (q, k, v) = (qkv(), qkv(), qkv());
+    let opts = AttentionModuleOptions {
+        is_causal: true,
+        ..Default::default()
+    };
+    let attn_layer = time(&mut || {
+        let o = attention(q.clone(), k.clone(), v.clone(), None, None, opts);
+        let g = o.cast(burn::tensor::DType::F32).sum().backward();
+        if let Some(gq) = q.grad(&g) {
+            scalar(gq.cast(burn::tensor::DType::F32).sum())?;
+        }
+        Ok(())
+    })?;
+    let attn = attn_layer * c.num_hidden_layers as f64;
+
+    let hid = Tensor::<3>::random([b, s, h], normal, dev)
+        .cast(dtype)
+        .require_grad();
+    let emb = model.embed_tokens.val();
+    let head = time(&mut || {
+        let logits = ember_models::layers::linear::linear(hid.clone(), emb.clone(), None);
+        let g = cross_entropy(logits, ya.clone(), None).backward();
+        if let Some(gh) = hid.grad(&g) {
+            scalar(gh.cast(burn::tensor::DType::F32).sum())?;
+        }
+        Ok(())
+    })?;
+    let optim = step_ms - fwd_bwd;
+    println!("phases (ms per step): forward {fwd:.1}, forward+backward {fwd_bwd:.1}, optimizer+clip {optim:.1}");
+    println!(
+        "  GEMM [{tokens}x{h}]·[{h}x{inter}]: {gemm:.2} ms = {tflops:.1} TFLOP/s -> the blocks' linear layers fwd+bwd at that rate ~{matmul_est:.1}"
+    );
+    println!(
+        "  attention fwd+bwd (autodiff path): {attn_layer:.1} per layer, {attn:.1} for {} layers",
+        c.num_hidden_layers
+    );
+    println!("  head matmul + cross-entropy fwd+bwd: {head:.1}");
+    println!(
+        "  remainder of forward+backward (norms, RoPE, SwiGLU, casts, embedding): ~{:.1}",
+        fwd_bwd - matmul_est - attn - head
+    );
+    Ok(vec![
+        ("forward_ms", fwd),
+        ("forward_backward_ms", fwd_bwd),
+        ("optimizer_ms", optim),
+        ("gemm_tflops", tflops),
+        ("linear_fwd_bwd_est_ms", matmul_est),
+        ("attention_fwd_bwd_ms", attn),
+        ("head_loss_fwd_bwd_ms", head),
+    ])
 }

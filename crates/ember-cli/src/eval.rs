@@ -82,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
         eos,
     )?;
     let batches = loader.eval_batches(a.max_batches)?;
-    let loss = eval_loss(&model, &batches, &device);
+    let loss = eval_loss(&model, &batches, &device)?;
     let _ = std::fs::remove_dir_all(&dir);
     let tokens = batches.len() * a.batch * a.seq_len;
     println!(

@@ -153,12 +153,13 @@ impl ModuleVisitor for SquaredNorm<'_> {
 }
 
 /// The global L2 norm of all gradients (one host sync).
-pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> Result<f64> {
     let mut v = SquaredNorm { grads, total: None };
     model.visit(&mut v);
-    v.total
-        .map(|t| crate::trainer::scalar(t).sqrt())
-        .unwrap_or(0.0)
+    match v.total {
+        Some(t) => Ok(crate::trainer::scalar(t)?.sqrt()),
+        None => Ok(0.0),
+    }
 }
 
 struct Step<'a> {

@@ -188,13 +188,13 @@ pub fn batch_loss(model: &Qwen3, batch: &Batch, device: &Device) -> Tensor<1> {
 }
 
 /// Mean loss over fixed validation batches, without building a graph.
-pub fn eval_loss(model: &Qwen3, batches: &[Batch], device: &Device) -> f64 {
+pub fn eval_loss(model: &Qwen3, batches: &[Batch], device: &Device) -> Result<f64> {
     let model = model.valid();
-    let total: f64 = batches
-        .iter()
-        .map(|b| scalar(batch_loss(&model, b, device)))
-        .sum();
-    total / batches.len().max(1) as f64
+    let mut total = 0.0;
+    for b in batches {
+        total += scalar(batch_loss(&model, b, device))?;
+    }
+    Ok(total / batches.len().max(1) as f64)
 }
 
 pub fn parse_dtype(name: &str, device: &Device, origin: &str) -> Result<DType> {
@@ -443,7 +443,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         let eval_now = !val_batches.is_empty()
             && ((tcfg.eval_every > 0 && step % tcfg.eval_every == 0) || step == tcfg.steps);
         if eval_now {
-            let v = eval_loss(trainer.model(), &val_batches, &base);
+            let v = eval_loss(trainer.model(), &val_batches, &base)?;
             record["val_loss"] = json!(v);
             record["val_ppl"] = json!(v.exp());
             last_val = Some(v);

@@ -100,8 +100,17 @@ impl<M: Module> Trainer<M> {
             }
         }
         let grads = single.unwrap_or_else(|| acc.grads());
-        let loss = total.map(|t| scalar(t) / micro as f64).unwrap_or(f64::NAN);
-        let norm = grad_norm(&model, &grads);
+        let measured = total
+            .map(|t| scalar(t).map(|l| l / micro as f64))
+            .unwrap_or(Ok(f64::NAN))
+            .and_then(|loss| Ok((loss, grad_norm(&model, &grads)?)));
+        let (loss, norm) = match measured {
+            Ok(v) => v,
+            Err(e) => {
+                self.model = Some(model);
+                return Err(e);
+            }
+        };
         if !loss.is_finite() || !norm.is_finite() {
             self.model = Some(model);
             bail!(Diverged {
@@ -129,11 +138,14 @@ impl<M: Module> Trainer<M> {
     }
 }
 
-/// A one-element tensor's value on the host.
-pub fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data()
-        .convert::<f64>()
+/// A one-element tensor's value on the host. A failure of the device (out of memory, a
+/// kernel error) surfaces here, as an error rather than a panic.
+pub fn scalar(t: Tensor<1>) -> Result<f64> {
+    let d = t
+        .try_into_data()
+        .map_err(|e| anyhow::anyhow!("device error: {}", format!("{e:?}").replace('\n', " ")))?;
+    Ok(d.convert::<f64>()
         .try_to_vec::<f64>()
         .map(|v| v[0])
-        .unwrap_or(f64::NAN)
+        .unwrap_or(f64::NAN))
 }
