@@ -469,3 +469,19 @@ fn document_masks_make_packed_rows_equal_separate_documents() {
     let leak = max_abs_diff(&values(unmasked.narrow(1, 4, 5)), &values(alone));
     assert!(leak > 1e-3, "the test cannot tell masked from unmasked");
 }
+
+#[test]
+fn every_shipped_recipe_parses_and_validates() {
+    use ember_train::recipe::Recipe;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut files = vec![root.join("quickstart.toml")];
+    for e in std::fs::read_dir(root.join("pretrain")).unwrap() {
+        files.push(e.unwrap().path());
+    }
+    assert!(files.len() >= 3);
+    for f in files {
+        let r = Recipe::load(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        r.model_spec(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        ember_train::pretrain::sections(&r, &f).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}

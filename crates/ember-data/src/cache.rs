@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::loader::splitmix64;
+use crate::rng::splitmix64;
 use crate::sources::Source;
 use crate::tokenizer::Tokenizer;
 

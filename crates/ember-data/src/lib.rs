@@ -4,6 +4,7 @@
 pub mod bpe;
 pub mod cache;
 pub mod loader;
+mod rng;
 pub mod sources;
 pub mod tasks;
 pub mod tokenizer;

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::rng::{splitmix64, Rng};
+
 /// Where the loader is: `index` is the next position in this epoch's permutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
@@ -254,68 +256,4 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     let mut f = f.try_clone()?;
     f.seek(SeekFrom::Start(offset))?;
     f.read_exact(buf)
-}
-
-/// SplitMix64's output function: a good 64-bit mixer.
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// xoshiro256** seeded through SplitMix64.
-struct Rng([u64; 4]);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut s = [0u64; 4];
-        for v in &mut s {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            *v = splitmix64(x);
-        }
-        Self(s)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in `0..n` (Lemire's method with rejection; unbiased).
-    fn below(&mut self, n: u64) -> u64 {
-        loop {
-            let m = (self.next_u64() as u128) * (n as u128);
-            let low = m as u64;
-            if low >= n.wrapping_neg() % n {
-                return (m >> 64) as u64;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn below_stays_in_range_and_covers_it() {
-        let mut r = Rng::new(7);
-        let mut seen = [false; 5];
-        for _ in 0..200 {
-            let v = r.below(5);
-            assert!(v < 5);
-            seen[v as usize] = true;
-        }
-        assert!(seen.iter().all(|&s| s));
-    }
 }

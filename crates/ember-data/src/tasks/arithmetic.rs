@@ -28,7 +28,7 @@ impl Task for Arithmetic {
 
     fn problem(&self, seed: u64, index: u64, level: u32) -> Problem {
         let level = level.clamp(1, 5);
-        let mut r = Rng::for_problem(self.name(), seed, index, level);
+        let mut r = super::problem_rng(self.name(), seed, index, level);
         let (question, steps, answer) = match level {
             1 => level1(&mut r),
             2 => level2(&mut r),
