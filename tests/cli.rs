@@ -230,7 +230,7 @@ fn bad_input_is_one_clear_line() {
     )
     .unwrap();
     let o = ember(&["quickstart", bad.to_str().unwrap()]);
-    assert_one_line_error(&o, &["bad.toml", "hiden_size"]);
+    assert_one_line_error(&o, &["bad.toml:", "hiden_size"]);
     std::fs::write(&bad, recipe.replace("seed = 0", "sed = 0")).unwrap();
     let o = ember(&["quickstart", bad.to_str().unwrap()]);
     assert_one_line_error(&o, &["bad.toml:", "sed"]);

@@ -70,7 +70,11 @@ fn recipe(name: &str, extra: &str) -> (PathBuf, PathBuf) {
 fn ember_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)
-        .args(["--device", "cpu"])
+        .args(
+            ["--device", "cpu"]
+                .iter()
+                .filter(|_| args[0] != "tokenizer"),
+        )
         .envs(env.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -484,4 +488,98 @@ fn every_shipped_recipe_parses_and_validates() {
         r.model_spec(&f).unwrap_or_else(|e| panic!("{e:#}"));
         ember_train::pretrain::sections(&r, &f).unwrap_or_else(|e| panic!("{e:#}"));
     }
+}
+
+#[test]
+fn a_diverging_run_stops_with_exit_1_and_keeps_its_last_good_checkpoint() {
+    let (p, run) = recipe("train-nan", "");
+    // An absurd learning rate blows the weights up until the loss is no longer finite.
+    let o = train(
+        &p,
+        &["--set", "train.lr=1e30", "--set", "train.save_every=1"],
+        &[],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: training diverged") && last.contains("last good checkpoint"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    let kept = checkpoints(&run);
+    assert!(
+        !kept.is_empty() && kept.iter().all(|c| c.starts_with("step-")),
+        "{kept:?}"
+    );
+    let newest = run.join("checkpoints").join(kept.last().unwrap());
+    assert!(last.contains(newest.to_str().unwrap()), "{last}");
+    // Every kept checkpoint was written before the bad step: its weights are finite.
+    let w = std::fs::read(newest.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&w).unwrap();
+    for (name, t) in st.tensors() {
+        let finite = t
+            .data()
+            .chunks_exact(4)
+            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+        assert!(finite, "{name} holds non-finite values");
+    }
+}
+
+#[test]
+fn tokenizer_training_and_eval_work_from_the_command_line() {
+    let (p, run) = recipe("train-eval", "");
+    assert!(train(&p, &[], &[]).status.success());
+    let data = run.join("data/generated-arithmetic.jsonl");
+    let o = ember_env(
+        &[
+            "eval",
+            "--model",
+            run.to_str().unwrap(),
+            "--task",
+            "lm",
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--max-batches",
+            "4",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    let final_train = losses(&run).last().unwrap().1;
+    assert!(
+        loss.is_finite() && (loss - final_train).abs() < 0.5,
+        "eval {loss} vs train {final_train}"
+    );
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+
+    let out = run.join("bpe.json");
+    let o = ember_env(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            data.to_str().unwrap(),
+            "--vocab-size",
+            "400",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tok = ember_data::Tokenizer::from_file(&out).unwrap();
+    assert_eq!(tok.vocab_size(), 400);
+    let text = "What is 12 + 30?\nAnswer: 42";
+    assert_eq!(tok.decode(&tok.encode(text).unwrap(), false).unwrap(), text);
+    assert!(
+        tok.encode(text).unwrap().len() < text.len(),
+        "BPE merged nothing"
+    );
 }

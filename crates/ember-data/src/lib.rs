@@ -3,7 +3,9 @@
 
 pub mod bpe;
 pub mod cache;
+pub mod chat;
 pub mod loader;
+pub mod mixture;
 mod rng;
 pub mod sources;
 pub mod tasks;

@@ -36,6 +36,28 @@ pub struct Batch {
     pub segments: Option<Vec<u32>>,
 }
 
+impl Batch {
+    /// Stacks batches with the same `seq_len` row-wise (mixtures build a batch row by row).
+    pub fn concat(parts: &[Batch]) -> Batch {
+        let seq_len = parts.first().map_or(0, |b| b.seq_len);
+        let cat = |f: &dyn Fn(&Batch) -> &Vec<u32>| {
+            parts.iter().flat_map(|b| f(b).iter().copied()).collect()
+        };
+        Batch {
+            batch: parts.iter().map(|b| b.batch).sum(),
+            seq_len,
+            inputs: cat(&|b| &b.inputs),
+            targets: cat(&|b| &b.targets),
+            positions: cat(&|b| &b.positions),
+            segments: parts
+                .iter()
+                .map(|b| b.segments.clone())
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.concat()),
+        }
+    }
+}
+
 pub struct PackedLoader {
     file: File,
     path: PathBuf,
@@ -119,6 +141,11 @@ impl PackedLoader {
     /// Number of full windows in the file.
     pub fn windows(&self) -> u64 {
         self.windows
+    }
+
+    /// Rows per batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch
     }
 
     /// Full batches per epoch (the last partial batch is dropped).

@@ -278,7 +278,10 @@ impl Recipe {
             "qwen3" => {
                 let known = Qwen3Config::known_fields();
                 if let Some(k) = table.keys().find(|k| !known.contains(k)) {
-                    bail!("{origin}: unknown key `{k}` for arch qwen3");
+                    let at = line_of(path, &format!("{k} ="))
+                        .map(|l| format!("{}:{l}: [model]", path.display()))
+                        .unwrap_or(origin);
+                    bail!("{at}: unknown key `{k}` for arch qwen3");
                 }
                 Ok(ModelSpec::Qwen3(Qwen3Config::from_value(&json, &origin)?))
             }
