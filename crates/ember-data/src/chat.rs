@@ -12,7 +12,6 @@
 //! \n                                                 [0]  glue after <|im_end|>
 //! ```
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -32,6 +31,7 @@ use parquet::arrow::ProjectionMask;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::sources::{collect_files, not_parquet, one_line, open_source_file, parquet_items};
 use crate::tokenizer::Tokenizer;
 
 /// One turn of a conversation.
@@ -417,40 +417,8 @@ fn parse_message(v: &Value) -> std::result::Result<Message, String> {
     })
 }
 
-/// Error text on one line (some library errors span several).
-fn one_line(e: impl std::fmt::Display) -> String {
-    e.to_string()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let rd = std::fs::read_dir(dir)
-        .map_err(|e| anyhow!("{}: cannot list directory ({})", dir.display(), one_line(e)))?;
-    for entry in rd {
-        let entry = entry
-            .map_err(|e| anyhow!("{}: cannot list directory ({})", dir.display(), one_line(e)))?;
-        let p = entry.path();
-        match std::fs::metadata(&p) {
-            Ok(m) if m.is_dir() => collect_files(&p, out)?,
-            Ok(m) if m.is_file() => out.push(p),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 fn open_file(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!("{}: no such file (chat data source)", path.display())
-        } else {
-            anyhow!("{}: cannot open ({})", path.display(), one_line(e))
-        }
-    })
+    open_source_file(path, "chat data source")
 }
 
 fn is_parquet(path: &Path) -> Result<bool> {
@@ -576,14 +544,6 @@ fn jsonl_rows(path: &Path) -> Result<Rows> {
     })))
 }
 
-fn not_parquet(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!(
-        "{}: not a readable Parquet file ({})",
-        path.display(),
-        one_line(e)
-    )
-}
-
 /// Opens a Parquet file reading only `columns` (all must exist).
 fn open_parquet(path: &Path, columns: &[String]) -> Result<ParquetRecordBatchReader> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(open_file(path)?)
@@ -611,34 +571,14 @@ fn open_parquet(path: &Path, columns: &[String]) -> Result<ParquetRecordBatchRea
 
 /// Parquet rows, as JSON objects of the projected columns, numbered from 1.
 fn parquet_rows(path: &Path, columns: &[String]) -> Result<Rows> {
-    let mut reader = open_parquet(path, columns)?;
-    let path = path.to_path_buf();
-    let mut pending = VecDeque::<Value>::new();
+    let reader = open_parquet(path, columns)?;
     let mut n = 0usize;
-    let mut done = false;
-    Ok(Box::new(std::iter::from_fn(move || loop {
-        if let Some(v) = pending.pop_front() {
+    Ok(Box::new(
+        parquet_items(path.to_path_buf(), reader, batch_rows).map(move |v| {
             n += 1;
-            return Some(Ok(Row { n, data: Ok(v) }));
-        }
-        if done {
-            return None;
-        }
-        match reader.next() {
-            None => done = true,
-            Some(Err(e)) => {
-                done = true;
-                return Some(Err(not_parquet(&path, e)));
-            }
-            Some(Ok(batch)) => match batch_rows(&batch) {
-                Ok(rows) => pending.extend(rows),
-                Err(e) => {
-                    done = true;
-                    return Some(Err(anyhow!("{}: {e}", path.display())));
-                }
-            },
-        }
-    })))
+            v.map(|data| Row { n, data: Ok(data) })
+        }),
+    ))
 }
 
 fn batch_rows(batch: &RecordBatch) -> std::result::Result<Vec<Value>, String> {

@@ -61,7 +61,7 @@ fn text_field() -> String {
 pub type Documents = Box<dyn Iterator<Item = Result<String>> + Send>;
 
 /// Error text on one line (some library errors span several).
-fn one_line(e: impl std::fmt::Display) -> String {
+pub(crate) fn one_line(e: impl std::fmt::Display) -> String {
     e.to_string()
         .lines()
         .map(str::trim)
@@ -177,7 +177,7 @@ impl Source {
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+pub(crate) fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| anyhow!("{}: cannot list directory ({})", dir.display(), one_line(e)))?;
     for entry in rd {
@@ -244,9 +244,14 @@ impl<F: FnMut(PathBuf) -> Result<Documents>> Iterator for Flatten<F> {
 }
 
 fn open_file(path: &Path) -> Result<File> {
+    open_source_file(path, "data source")
+}
+
+/// Opens a data file; a missing one is reported as `what` (e.g. "chat data source").
+pub(crate) fn open_source_file(path: &Path, what: &str) -> Result<File> {
     File::open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!("{}: no such file (data source)", path.display())
+            anyhow!("{}: no such file ({what})", path.display())
         } else {
             anyhow!("{}: cannot open ({})", path.display(), one_line(e))
         }
@@ -394,7 +399,7 @@ fn jsonl_docs(path: PathBuf, field: String) -> Result<Documents> {
     })))
 }
 
-fn not_parquet(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
+pub(crate) fn not_parquet(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!(
         "{}: not a readable Parquet file ({})",
         path.display(),
@@ -451,10 +456,22 @@ fn batch_strings(batch: &RecordBatch) -> Option<Vec<String>> {
 }
 
 fn parquet_docs(path: PathBuf, column: &str) -> Result<Documents> {
-    let mut reader = open_parquet(&path, column)?;
-    let mut pending = std::collections::VecDeque::<String>::new();
+    let reader = open_parquet(&path, column)?;
+    Ok(Box::new(parquet_items(path, reader, |b| {
+        batch_strings(b).ok_or_else(|| "column is not a string column".to_string())
+    })))
+}
+
+/// Flattens a Parquet reader's record batches into the items `decode` makes of each, lazily;
+/// stops after the first error, which names the file.
+pub(crate) fn parquet_items<T: Send + 'static>(
+    path: PathBuf,
+    mut reader: ParquetRecordBatchReader,
+    mut decode: impl FnMut(&RecordBatch) -> std::result::Result<Vec<T>, String> + Send + 'static,
+) -> impl Iterator<Item = Result<T>> + Send {
+    let mut pending = std::collections::VecDeque::<T>::new();
     let mut done = false;
-    Ok(Box::new(std::iter::from_fn(move || loop {
+    std::iter::from_fn(move || loop {
         if let Some(d) = pending.pop_front() {
             return Some(Ok(d));
         }
@@ -467,18 +484,15 @@ fn parquet_docs(path: PathBuf, column: &str) -> Result<Documents> {
                 done = true;
                 return Some(Err(not_parquet(&path, e)));
             }
-            Some(Ok(batch)) => match batch_strings(&batch) {
-                Some(docs) => pending.extend(docs),
-                None => {
+            Some(Ok(batch)) => match decode(&batch) {
+                Ok(items) => pending.extend(items),
+                Err(e) => {
                     done = true;
-                    return Some(Err(anyhow!(
-                        "{}: column is not a string column",
-                        path.display()
-                    )));
+                    return Some(Err(anyhow!("{}: {e}", path.display())));
                 }
             },
         }
-    })))
+    })
 }
 
 #[cfg(test)]
