@@ -583,3 +583,24 @@ fn tokenizer_training_and_eval_work_from_the_command_line() {
         "BPE merged nothing"
     );
 }
+
+#[test]
+fn weighted_cross_entropy_averages_only_the_weighted_targets() {
+    use burn::tensor::Distribution;
+    let dev = device();
+    let logits = Tensor::<3>::random([1, 4, 11], Distribution::Normal(0.0, 2.0), &dev);
+    let targets = tokens(&[vec![3, 7, 1, 9]], &dev);
+    let w = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 1.0, 1.0, 0.0], [1, 4]), &dev);
+    let weighted = values(cross_entropy(logits.clone(), targets.clone(), Some(w)))[0];
+    let middle = values(cross_entropy(
+        logits.clone().narrow(1, 1, 2),
+        targets.clone().narrow(1, 1, 2),
+        None,
+    ))[0];
+    assert!((weighted - middle).abs() < 1e-6, "{weighted} vs {middle}");
+    let all = values(cross_entropy(logits, targets, None))[0];
+    assert!(
+        (all - middle).abs() > 1e-4,
+        "the test cannot tell weighted from unweighted"
+    );
+}

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod loader;
 pub mod mixture;
 mod rng;
+pub mod sft;
 pub mod sources;
 pub mod tasks;
 pub mod tokenizer;

@@ -23,7 +23,7 @@ pub struct Cursor {
 }
 
 /// One batch, row-major `[batch, seq_len]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub batch: usize,
     pub seq_len: usize,
@@ -34,6 +34,8 @@ pub struct Batch {
     pub positions: Vec<u32>,
     /// The document index within the row (incremented after each EOS) when `doc_masks`.
     pub segments: Option<Vec<u32>>,
+    /// Per-target loss weights (SFT: 0 outside assistant turns); `None` trains every target.
+    pub weights: Option<Vec<f32>>,
 }
 
 impl Batch {
@@ -52,6 +54,11 @@ impl Batch {
             segments: parts
                 .iter()
                 .map(|b| b.segments.clone())
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.concat()),
+            weights: parts
+                .iter()
+                .map(|b| b.weights.clone())
                 .collect::<Option<Vec<_>>>()
                 .map(|v| v.concat()),
         }
@@ -268,6 +275,7 @@ impl PackedLoader {
             targets,
             positions,
             segments,
+            weights: None,
         })
     }
 }

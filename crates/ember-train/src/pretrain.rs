@@ -176,7 +176,8 @@ fn ids(v: &[u32], b: usize, s: usize, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(v, [b, s]), device)
 }
 
-/// The mean next-token loss of a packed batch.
+/// The mean next-token loss of a packed batch, weighted per target when the batch says so
+/// (SFT's assistant-only mask).
 pub fn batch_loss(model: &Qwen3, batch: &Batch, device: &Device) -> Tensor<1> {
     let (b, s) = (batch.batch, batch.seq_len);
     let logits = model.forward_packed(
@@ -184,7 +185,11 @@ pub fn batch_loss(model: &Qwen3, batch: &Batch, device: &Device) -> Tensor<1> {
         ids(&batch.positions, b, s, device),
         batch.segments.as_ref().map(|g| ids(g, b, s, device)),
     );
-    cross_entropy(logits, ids(&batch.targets, b, s, device), None)
+    let weights = batch
+        .weights
+        .as_ref()
+        .map(|w| Tensor::from_data(TensorData::new(w.clone(), [b, s]), device));
+    cross_entropy(logits, ids(&batch.targets, b, s, device), weights)
 }
 
 /// Mean loss over fixed validation batches, without building a graph.
