@@ -118,7 +118,10 @@ pub fn prepare_data(
             body.push_str(&json!({ "text": doc }).to_string());
             body.push('\n');
         }
-        hf::write_atomic(&file, body.as_bytes())?;
+        // Rewriting identical bytes would change the mtime and invalidate the token cache.
+        if fs::read(&file).ok().as_deref() != Some(body.as_bytes()) {
+            hf::write_atomic(&file, body.as_bytes())?;
+        }
         sources.push(Source::Jsonl {
             path: file,
             field: "text".into(),
