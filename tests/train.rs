@@ -604,3 +604,78 @@ fn weighted_cross_entropy_averages_only_the_weighted_targets() {
         "the test cannot tell weighted from unweighted"
     );
 }
+
+/// The tiny recipe's [run] and [model], then two stages: pretraining on level 1, then on
+/// level 3 from the first stage's output.
+fn pipeline_recipe(name: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let out = dir.join("runs");
+    let head = TINY
+        .split("[data]")
+        .next()
+        .unwrap()
+        .replace("OUT", out.to_str().unwrap());
+    let stage = |name: &str, level: u32, steps: u32| {
+        format!(
+            "\n[[stage]]\nname = \"{name}\"\nkind = \"pretrain\"\n[stage.data]\nseq_len = 32\nval_fraction = 0.05\n\
+             [stage.data.generated]\ntask = \"arithmetic\"\ncount = 200\nlevels = [{level}]\n\
+             [stage.train]\nsteps = {steps}\nbatch_size = 4\nlr = 1e-2\nlog_every = 1\nsave_every = 2\n"
+        )
+    };
+    let text = head + &stage("easy", 1, 6) + &stage("hard", 3, 4);
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, out.join("tiny"))
+}
+
+#[test]
+fn a_pipeline_chains_stages_skips_finished_ones_and_resumes_partial_ones() {
+    let (p, root) = pipeline_recipe("pipeline");
+    let run = |env: &[(&str, &str)]| ember_env(&["pipeline", p.to_str().unwrap()], env);
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (easy, hard) = (losses(&root.join("easy")), losses(&root.join("hard")));
+    assert_eq!((easy.len(), hard.len()), (6, 4));
+    // The second stage starts from the first one's weights, not from scratch.
+    assert!(
+        hard[0].1 < easy[0].1 - 0.5,
+        "hard started at {} vs easy's first {}",
+        hard[0].1,
+        easy[0].1
+    );
+    let report = std::fs::read_to_string(root.join("report.md")).unwrap();
+    assert!(
+        report.contains("| easy | Pretrain | 6 |") && report.contains("| hard | Pretrain | 4 |"),
+        "{report}"
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), report);
+
+    // Run again: both stages are complete and nothing is retrained.
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("complete, skipping").count(),
+        2,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(losses(&root.join("hard")), hard);
+
+    // Kill the second stage part-way in a fresh run: the rerun resumes it and matches.
+    let (p2, root2) = pipeline_recipe("pipeline-cut");
+    let o = ember_env(
+        &["pipeline", p2.to_str().unwrap()],
+        &[("EMBER_FAULT", "abort-after-step:3")],
+    );
+    assert!(!o.status.success());
+    // The fault fires in the first stage that reaches step 3: "easy".
+    let o = ember_env(&["pipeline", p2.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("stage 1 (easy): resuming"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(losses(&root2.join("easy")), easy);
+    assert_eq!(losses(&root2.join("hard")), hard);
+}

@@ -7,6 +7,7 @@ mod eval;
 mod forward;
 mod generate;
 mod models;
+mod pipeline;
 mod quickstart;
 mod tokenizer;
 mod train;
@@ -31,6 +32,8 @@ enum Command {
     Quickstart(quickstart::Args),
     /// Run a recipe's training stage.
     Train(train::Args),
+    /// Run a recipe's [[stage]]s in order, each from the previous one's output.
+    Pipeline(pipeline::Args),
     /// Evaluate a model (held-out LM loss and perplexity).
     Eval(eval::Args),
     /// Tokenizer tools.
@@ -71,6 +74,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Quickstart(a) => quickstart::run(a),
         Command::Train(a) => train::run(a),
+        Command::Pipeline(a) => pipeline::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Tokenizer(c) => tokenizer::run(c),
         Command::Generate(a) => generate::run(a),

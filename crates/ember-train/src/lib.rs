@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod metrics;
 pub mod objectives;
 pub mod optim;
+pub mod pipeline;
 pub mod plot;
 pub mod pretrain;
 pub mod recipe;

@@ -271,12 +271,41 @@ fn default_peak_tflops(device: &Device, dtype: DType) -> Option<f64> {
     (name.contains("cuda") && dtype == DType::BF16).then_some(989.0)
 }
 
+/// `ember train`: the recipe's single training stage, written to `runs/<name>/`.
 pub fn train(args: &TrainArgs) -> Result<Summary> {
     let path = &args.recipe;
     let recipe = Recipe::load_with(path, &args.overrides)?;
-    let (data, tcfg) = sections(&recipe, path)?;
-    let run_dir = recipe.run_dir();
-    let resume_ckpt = args
+    let (data, train) = sections(&recipe, path)?;
+    run_stage(&StageRun {
+        recipe: &recipe,
+        path,
+        data,
+        train,
+        run_dir: recipe.run_dir(),
+        title: recipe.run.name.clone(),
+        device: args.device.clone(),
+        resume: args.resume.clone(),
+    })
+}
+
+/// One training stage: the recipe it belongs to (for `[model]`, the seed and error
+/// messages), its own data and trainer settings, and the directory it writes.
+pub struct StageRun<'a> {
+    pub recipe: &'a Recipe,
+    pub path: &'a Path,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub run_dir: PathBuf,
+    pub title: String,
+    pub device: String,
+    pub resume: Option<PathBuf>,
+}
+
+pub fn run_stage(stage: &StageRun) -> Result<Summary> {
+    let (recipe, path) = (stage.recipe, stage.path);
+    let (data, tcfg) = (&stage.data, &stage.train);
+    let run_dir = stage.run_dir.clone();
+    let resume_ckpt = stage
         .resume
         .as_deref()
         .map(checkpoint::resolve)
@@ -287,7 +316,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
             run_dir.display()
         );
     }
-    let base = ember_models::device::select(&args.device)?;
+    let base = ember_models::device::select(&stage.device)?;
     let dtype = parse_dtype(
         &tcfg.dtype,
         &base,
@@ -300,12 +329,12 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
     let init_dir = resume_ckpt.clone().or_else(|| tcfg.init_from.clone());
     // The model first: a checkpoint that does not fit fails before any data work.
     let mut model =
-        build_model(&recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
+        build_model(recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
     let tok_from = init_dir
         .as_ref()
         .map(|d| d.join("tokenizer.json"))
         .filter(|p| p.is_file());
-    let prepared = prepare_data(&data, path, recipe.run.seed, &run_dir, tok_from.as_deref())?;
+    let prepared = prepare_data(data, path, recipe.run.seed, &run_dir, tok_from.as_deref())?;
     check_vocab(&model.config, &prepared.tokenizer, path)?;
     model.config.eos_token_id = Some(prepared.eos_id.into());
 
@@ -481,7 +510,7 @@ pub fn train(args: &TrainArgs) -> Result<Summary> {
         None => save(&trainer, &loader, &rng, tokens_seen, elapsed_before)?,
     };
     checkpoint::publish(&run_dir, &ckpt)?;
-    let curves = metrics.draw(&run_dir, &format!("{} — loss", recipe.run.name))?;
+    let curves = metrics.draw(&run_dir, &format!("{} — loss", stage.title))?;
     let seconds = t_run.elapsed().as_secs_f64();
     eprintln!(
         "done: {} steps, final train loss {last_loss:.4}{}, {} tokens in {seconds:.1} s; model in {}, curves in {}",

@@ -25,6 +25,32 @@ pub struct Recipe {
     pub train: Option<TrainSection>,
     #[serde(default)]
     pub generate: Option<GenerateSection>,
+    /// The stages `ember pipeline` runs in order, each from the previous one's output.
+    #[serde(default)]
+    pub stage: Vec<StageSection>,
+}
+
+/// One `[[stage]]` of a pipeline recipe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSection {
+    /// The stage's directory under the run: `runs/<run.name>/<name>/`.
+    pub name: String,
+    #[serde(default = "pretrain_kind")]
+    pub kind: StageKind,
+    pub data: DataSection,
+    pub train: TrainSection,
+}
+
+/// What a stage trains on. (CPT with phased mixtures and SFT arrive with issue 4.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageKind {
+    Pretrain,
+}
+
+fn pretrain_kind() -> StageKind {
+    StageKind::Pretrain
 }
 
 /// Where training text comes from and how it becomes batches.

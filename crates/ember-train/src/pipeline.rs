@@ -1,0 +1,149 @@
+//! `ember pipeline`: a recipe's `[[stage]]`s in order, each starting from the previous
+//! stage's output directory. A finished stage is skipped and a partial one resumes, so an
+//! interrupted pipeline is continued by running the same command again.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::checkpoint;
+use crate::metrics::METRICS;
+use crate::pretrain::{run_stage, StageRun};
+use crate::recipe::{Recipe, StageKind};
+
+pub const REPORT: &str = "report.md";
+
+/// One row of the pipeline report, read back from the stage's metrics.
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub name: String,
+    pub kind: StageKind,
+    pub steps: u64,
+    pub loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub tokens: u64,
+    pub skipped: bool,
+}
+
+/// Whether a stage directory holds a finished run of `steps` steps.
+fn complete(dir: &Path, steps: u64) -> bool {
+    dir.join("config.json").is_file()
+        && checkpoint::resolve(dir)
+            .and_then(|c| checkpoint::read_state(&c))
+            .is_ok_and(|s| s.step >= steps)
+}
+
+fn report_row(dir: &Path, name: &str, kind: StageKind, skipped: bool) -> Result<StageReport> {
+    let f = dir.join(METRICS);
+    let text = fs::read_to_string(&f).with_context(|| format!("{}: cannot read", f.display()))?;
+    let mut r = StageReport {
+        name: name.to_string(),
+        kind,
+        steps: 0,
+        loss: None,
+        val_loss: None,
+        tokens: 0,
+        skipped,
+    };
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        r.steps = v["step"].as_u64().unwrap_or(r.steps);
+        r.loss = v["loss"].as_f64().or(r.loss);
+        r.val_loss = v["val_loss"].as_f64().or(r.val_loss);
+        r.tokens = v["tokens"].as_u64().unwrap_or(r.tokens);
+    }
+    Ok(r)
+}
+
+fn render(rows: &[StageReport], title: &str) -> String {
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | this run |\n|---|---|---:|---:|---:|---:|---:|---|\n"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:?} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            r.kind,
+            r.steps,
+            r.tokens,
+            f(r.loss),
+            f(r.val_loss),
+            f(r.val_loss.map(f64::exp)),
+            if r.skipped {
+                "already complete"
+            } else {
+                "trained"
+            }
+        ));
+    }
+    out
+}
+
+/// Runs every stage of the recipe; returns the report rows and writes `report.md`.
+pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageReport>> {
+    let recipe = Recipe::load_with(path, overrides)?;
+    if recipe.stage.is_empty() {
+        bail!(
+            "{}: no [[stage]] entries (ember pipeline runs stages; use ember train for a single [train])",
+            path.display()
+        );
+    }
+    if recipe.train.is_some() || recipe.data.is_some() {
+        bail!(
+            "{}: a pipeline recipe keeps [data] and [train] inside each [[stage]]",
+            path.display()
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = recipe.stage.iter().find(|s| !seen.insert(s.name.as_str())) {
+        bail!("{}: two stages are named `{}`", path.display(), dup.name);
+    }
+    let root = recipe.run_dir();
+    let mut previous: Option<PathBuf> = None;
+    let mut rows = Vec::new();
+    for (i, st) in recipe.stage.iter().enumerate() {
+        let dir = root.join(&st.name);
+        let mut train = st.train.clone();
+        if train.init_from.is_none() {
+            train.init_from = previous.clone();
+        }
+        let skipped = complete(&dir, train.steps);
+        if skipped {
+            eprintln!("stage {} ({}): complete, skipping", i + 1, st.name);
+        } else {
+            let resume = dir.join("checkpoints").exists().then(|| dir.clone());
+            eprintln!(
+                "stage {} ({}): {}",
+                i + 1,
+                st.name,
+                if resume.is_some() {
+                    "resuming"
+                } else {
+                    "starting"
+                }
+            );
+            let StageKind::Pretrain = st.kind;
+            run_stage(&StageRun {
+                recipe: &recipe,
+                path,
+                data: st.data.clone(),
+                train,
+                run_dir: dir.clone(),
+                title: format!("{} / {}", recipe.run.name, st.name),
+                device: device.to_string(),
+                resume,
+            })?;
+        }
+        rows.push(report_row(&dir, &st.name, st.kind, skipped)?);
+        previous = Some(dir);
+    }
+    let text = render(&rows, &format!("{}: pipeline report", recipe.run.name));
+    ember_models::hf::write_atomic(&root.join(REPORT), text.as_bytes())?;
+    print!("{text}");
+    Ok(rows)
+}
