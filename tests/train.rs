@@ -488,6 +488,16 @@ fn every_shipped_recipe_parses_and_validates() {
         r.model_spec(&f).unwrap_or_else(|e| panic!("{e:#}"));
         ember_train::pretrain::sections(&r, &f).unwrap_or_else(|e| panic!("{e:#}"));
     }
+    for e in std::fs::read_dir(root.join("pipeline")).unwrap() {
+        let f = e.unwrap().path();
+        let r = Recipe::load(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        r.model_spec(&f).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            r.stage.len() >= 2 && r.data.is_none() && r.train.is_none(),
+            "{}",
+            f.display()
+        );
+    }
 }
 
 #[test]
