@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use ember_data::cache::{build_or_reuse, CacheSpec};
 use ember_data::loader::PackedLoader;
-use ember_data::{Source, TextSplit, Tokenizer};
+use ember_data::{Source, Tokenizer};
 use ember_train::pretrain::{eval_loss, SPECIALS};
 
 use crate::models::{self, RunFlags};
@@ -39,20 +39,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.task != "lm" {
         bail!("--task {}: unknown task (supported: lm)", a.task);
     }
-    let source = match a.data.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") => Source::Jsonl {
-            path: a.data.clone(),
-            field: a.field.clone(),
-        },
-        Some("parquet") => Source::Parquet {
-            path: a.data.clone(),
-            column: a.field.clone(),
-        },
-        _ => Source::Text {
-            path: a.data.clone(),
-            split: TextSplit::File,
-        },
-    };
+    let source = Source::from_path(&a.data, &a.field);
     source.check()?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let Some(eos) = tok.token_id(SPECIALS[0]) else {

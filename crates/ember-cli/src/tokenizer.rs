@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use ember_data::{train_bpe, Source, TextSplit};
+use ember_data::{train_bpe, Source};
 use ember_train::pretrain::SPECIALS;
 
 #[derive(clap::Subcommand)]
@@ -35,20 +35,7 @@ pub fn run(c: Command) -> Result<()> {
     let sources: Vec<Source> = a
         .input
         .iter()
-        .map(|p| match p.extension().and_then(|e| e.to_str()) {
-            Some("jsonl") => Source::Jsonl {
-                path: p.clone(),
-                field: a.field.clone(),
-            },
-            Some("parquet") => Source::Parquet {
-                path: p.clone(),
-                column: a.field.clone(),
-            },
-            _ => Source::Text {
-                path: p.clone(),
-                split: TextSplit::File,
-            },
-        })
+        .map(|p| Source::from_path(p, &a.field))
         .collect();
     for s in &sources {
         s.check()?;

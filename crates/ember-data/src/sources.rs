@@ -147,6 +147,26 @@ impl Source {
         Ok(files)
     }
 
+    /// The source a command-line path names, by extension: `.jsonl`, `.parquet`, or else
+    /// plain text with one document per file; `field` is the JSONL field or Parquet column.
+    pub fn from_path(path: &Path, field: &str) -> Self {
+        let path = path.to_path_buf();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl") => Source::Jsonl {
+                path,
+                field: field.to_string(),
+            },
+            Some("parquet") => Source::Parquet {
+                path,
+                column: field.to_string(),
+            },
+            _ => Source::Text {
+                path,
+                split: TextSplit::File,
+            },
+        }
+    }
+
     /// Fails fast on a source that cannot be read: missing files, and for Parquet an
     /// unreadable footer or a missing / non-string column.
     pub fn check(&self) -> Result<()> {
