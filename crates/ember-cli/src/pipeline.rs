@@ -1,22 +1,17 @@
-//! `ember pipeline RECIPE`: runs a recipe's stages in order.
-
-use std::path::PathBuf;
+//! `ember pipeline RECIPE`: runs a recipe's [[stage]]s in order.
 
 use anyhow::Result;
 
+use crate::train::RecipeArgs;
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Recipe file with [[stage]] entries.
-    recipe: PathBuf,
-    /// Override a recipe key, e.g. --set run.out_dir=/tmp/runs (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-    /// auto, cpu, vulkan, wgpu or cuda.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    recipe: RecipeArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    ember_train::pipeline::run(&a.recipe, &a.overrides, &a.device)?;
+    let r = a.recipe;
+    ember_train::pipeline::run(&r.recipe, &r.overrides, &r.device)?;
     Ok(())
 }

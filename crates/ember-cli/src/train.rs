@@ -5,16 +5,23 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ember_train::pretrain::{self, TrainArgs};
 
+/// A recipe, its overrides and the device: what `train` and `pipeline` both take.
 #[derive(clap::Args)]
-pub struct Args {
+pub struct RecipeArgs {
     /// Recipe file (TOML).
-    recipe: PathBuf,
+    pub recipe: PathBuf,
     /// Override a recipe key, e.g. --set train.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
+    pub overrides: Vec<String>,
     /// auto, cpu, vulkan, wgpu or cuda.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub device: String,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    recipe: RecipeArgs,
     /// Continue a run: its directory (newest checkpoint) or one checkpoint directory.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -22,9 +29,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     pretrain::train(&TrainArgs {
-        recipe: a.recipe,
-        overrides: a.overrides,
-        device: a.device,
+        recipe: a.recipe.recipe,
+        overrides: a.recipe.overrides,
+        device: a.recipe.device,
         resume: a.resume,
     })?;
     Ok(())
