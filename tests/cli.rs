@@ -156,37 +156,69 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     );
     let path = dir.join("q.toml");
     std::fs::write(&path, recipe).unwrap();
-    // A short run: the full quickstart is CI's separate job.
-    let o = ember(&[
-        "quickstart",
-        path.to_str().unwrap(),
-        "--set",
-        "train.steps=12",
-        "--set",
-        "train.eval_every=6",
-        "--set",
-        "data.generated.count=400",
-        "--set",
-        "data.seq_len=64",
-        "--set",
+    // A short run of every stage (`stage.N.` overrides): the full quickstart is CI's job.
+    let sets = [
+        "stage.0.train.steps=6",
+        "stage.0.train.eval_every=3",
+        "stage.0.data.generated.count=300",
+        "stage.0.data.seq_len=64",
+        "stage.1.data.seq_len=64",
+        "stage.1.data.datasets.general.generated.count=200",
+        "stage.1.data.datasets.hard.generated.count=200",
+        "stage.1.phase.0.tokens=2048",
+        "stage.1.phase.1.tokens=1024",
+        "stage.2.train.steps=3",
+        "stage.2.data.generated.count=200",
+        "stage.2.data.seq_len=128",
+        "stage.2.eval.count=4",
+        "stage.2.eval.every=0",
+        "stage.2.eval.max_new_tokens=16",
         "generate.max_new_tokens=24",
-    ]);
+    ];
+    let mut args = vec!["quickstart", path.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let o = ember(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = dir.join("quickstart");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "metrics.jsonl",
-        "curves.svg",
-    ] {
-        assert!(run.join(f).exists(), "{f} missing");
+    for stage in ["pretrain", "cpt", "sft"] {
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "metrics.jsonl",
+            "curves.svg",
+        ] {
+            assert!(run.join(stage).join(f).exists(), "{stage}/{f} missing");
+        }
     }
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("What is 27 + 45?"));
+    // 16 rows of 64 tokens a step: the token budgets are 2 and 1 steps.
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains("| cpt | cpt | 3 |"), "{report}");
+    // stdout: the report, then the prompt and the fine-tuned model's answer.
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with(&report), "{out}");
+    assert!(
+        out[report.len()..].starts_with("What is 27 + 45?\n"),
+        "{out}"
+    );
     let e = stderr(&o);
     assert!(
-        e.contains("unigram entropy") && e.contains("generated "),
+        e.contains("unigram entropy")
+            && e.contains("held-out task accuracy")
+            && e.contains("generated "),
         "{e}"
+    );
+    // A list index that does not exist is a one-line error.
+    assert_one_line_error(
+        &ember(&[
+            "quickstart",
+            path.to_str().unwrap(),
+            "--set",
+            "stage.7.train.steps=1",
+        ]),
+        &["stage.7", "`7`"],
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

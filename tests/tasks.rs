@@ -1,7 +1,7 @@
 //! The synthetic verifiable tasks (`ember_data::tasks`): determinism, arithmetically correct
 //! worked steps at every level, answer extraction and verification, and document streams.
 
-use ember_data::tasks::{documents, extract_answer, task, verify, Problem, Task};
+use ember_data::tasks::{documents, extract_answer, problems, task, verify, Problem, Split, Task};
 
 /// A tiny evaluator for the step equations: integers, unary minus, `+ - * /` (exact division
 /// only) and brackets, with the usual precedence.
@@ -283,13 +283,14 @@ fn extract_answer_takes_the_last_one() {
 }
 
 #[test]
-fn documents_stream_cycles_levels() {
+fn documents_stream_cycles_levels_and_never_holds_an_evaluation_problem() {
     let t = arithmetic();
     let docs: Vec<String> = documents(t.as_ref(), 9, 10, &[2, 5]).collect();
     assert_eq!(docs.len(), 10);
-    for (i, d) in docs.iter().enumerate() {
-        let level = [2, 5][i % 2];
-        assert_eq!(*d, t.problem(9, i as u64, level).pretraining_text());
+    let train: Vec<Problem> = problems(t.as_ref(), 9, 10, &[2, 5], Split::Train).collect();
+    for (i, (d, p)) in docs.iter().zip(&train).enumerate() {
+        assert_eq!(p.level, [2, 5][i % 2]);
+        assert_eq!(*d, p.pretraining_text());
     }
     // Deterministic, and a prefix of a longer stream.
     let again: Vec<String> = documents(t.as_ref(), 9, 4, &[2, 5]).collect();
@@ -299,10 +300,29 @@ fn documents_stream_cycles_levels() {
         documents(t.as_ref(), 10, 10, &[2, 5]).collect::<Vec<_>>()
     );
     // No levels: all of the task's levels in turn.
-    let all: Vec<String> = documents(t.as_ref(), 1, 7, &[]).collect();
-    assert_eq!(all.len(), 7);
-    assert_eq!(all[6], t.problem(1, 6, 2).pretraining_text());
+    let all: Vec<Problem> = problems(t.as_ref(), 1, 7, &[], Split::Train).collect();
+    assert_eq!(
+        all.iter().map(|p| p.level).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 1, 2]
+    );
     assert_eq!(documents(t.as_ref(), 1, 0, &[1]).count(), 0);
+
+    // The split is by computation: an evaluation problem's steps never occur in training
+    // data, whatever the seed, and about a tenth of the problems are held out.
+    let key = |p: &Problem| (p.level, p.steps.clone(), p.answer.clone());
+    let held: Vec<Problem> = problems(t.as_ref(), 3, 200, &[1, 2, 3], Split::Eval).collect();
+    assert!(held.iter().all(|p| p.split() == Split::Eval));
+    let held_keys: std::collections::HashSet<_> = held.iter().map(key).collect();
+    for seed in [0, 3, 77] {
+        for p in problems(t.as_ref(), seed, 3000, &[1, 2, 3], Split::Train) {
+            assert!(!held_keys.contains(&key(&p)), "{p:?} is held out");
+        }
+    }
+    let n = 5000;
+    let eval = (0..n)
+        .filter(|&i| t.problem(5, i, 2).split() == Split::Eval)
+        .count() as f64;
+    assert!((eval / n as f64 - 0.1).abs() < 0.02, "{eval} of {n}");
 }
 
 #[test]

@@ -1,17 +1,21 @@
-//! `ember quickstart`: the newcomer's first run. It pretrains the quickstart recipe's tiny
-//! Qwen3 on generated arithmetic with worked steps (no download), compares the final loss
-//! with the unigram entropy of the data (what a model that ignores context would reach),
-//! then loads the checkpoint back from disk and generates from it.
+//! `ember quickstart`: the newcomer's first run, the quickstart recipe's pipeline on generated
+//! arithmetic with worked steps (no download): pretraining, curriculum CPT from easy to hard
+//! problems, then SFT in the chat format. It compares the pretraining loss with the unigram
+//! entropy of the data (what a model that ignores context would reach), prints the stage
+//! table with the task accuracy before and after SFT, then loads the final checkpoint back
+//! from disk and answers the recipe's prompt.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use ember_data::chat::{ChatTemplate, Conversation, Message, Role};
 use ember_data::{StreamDecoder, Tokenizer};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
-use ember_train::pretrain::{self, unigram_entropy, TrainArgs};
-use ember_train::recipe::Recipe;
+use ember_train::pipeline;
+use ember_train::pretrain::unigram_entropy;
+use ember_train::recipe::{Recipe, StageKind};
 
 use crate::models::{self, RunFlags};
 
@@ -23,11 +27,16 @@ pub struct Args {
     /// Override a recipe key, e.g. --set train.steps=100 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    #[command(flatten)]
-    run: RunFlags,
+    /// cpu (the default: a model this small runs fastest there), auto, vulkan, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let flags = RunFlags {
+        device: a.device.clone(),
+        dtype: "f32".into(),
+    };
     let recipe = Recipe::load_with(&a.recipe, &a.overrides)?;
     let Some(gen) = recipe.generate.clone() else {
         bail!("{}: section [generate] is missing", a.recipe.display());
@@ -36,9 +45,9 @@ pub fn run(a: Args) -> Result<()> {
     if recipe.model.is_some() {
         recipe.model_spec(&a.recipe)?;
     }
-    pretrain::sections(&recipe, &a.recipe)?;
+    pipeline::check(&recipe, &a.recipe)?;
     let run_dir = recipe.run_dir();
-    // The quickstart always starts fresh; `ember train` refuses to overwrite a run.
+    // The quickstart always starts fresh; `ember pipeline` continues an existing run.
     if run_dir.exists() {
         eprintln!(
             "removing the previous quickstart run in {}",
@@ -46,26 +55,49 @@ pub fn run(a: Args) -> Result<()> {
         );
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let summary = pretrain::train(&TrainArgs {
-        recipe: a.recipe.clone(),
-        overrides: a.overrides.clone(),
-        device: a.run.device.clone(),
-        resume: None,
-    })?;
-    let h = unigram_entropy(&summary.train_file)?;
-    eprintln!(
-        "final train loss {:.3} nats/token{}; unigram entropy of the training tokens {h:.3} nats/token",
-        summary.final_loss,
-        summary
-            .val_loss
-            .map(|v| format!(", validation loss {v:.3}"))
-            .unwrap_or_default()
-    );
+    let rows = pipeline::run(&a.recipe, &a.overrides, &a.device)?;
+    if let Some(pre) = rows
+        .iter()
+        .filter(|r| r.kind == StageKind::Pretrain)
+        .find_map(|r| r.summary.clone())
+    {
+        if let Some(file) = &pre.train_file {
+            let h = unigram_entropy(file)?;
+            eprintln!(
+                "pretraining: final train loss {:.3} nats/token{}; unigram entropy of the training tokens {h:.3} nats/token",
+                pre.final_loss,
+                pre.val_loss
+                    .map(|v| format!(", validation loss {v:.3}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for r in rows.iter().filter(|r| r.kind == StageKind::Sft) {
+        if let (Some(b), Some(f)) = (r.accuracy_before, r.accuracy_after) {
+            eprintln!(
+                "{}: held-out task accuracy {:.1}% before, {:.1}% after",
+                r.name,
+                100.0 * b,
+                100.0 * f
+            );
+        }
+    }
+    let last = rows.last().expect("a checked pipeline has stages");
+    let final_dir = run_dir.join(&last.name);
+    let chat = last.kind == StageKind::Sft;
 
-    let (model, _) = models::load(&summary.run_dir, &a.run)?;
-    let tok = Tokenizer::from_file(&summary.run_dir.join("tokenizer.json"))?;
-    let eos = model.config.eos_ids();
-    let prompt = tok.encode(&gen.prompt)?;
+    let (model, _) = models::load(&final_dir, &flags)?;
+    let tok = Tokenizer::from_file(&final_dir.join("tokenizer.json"))?;
+    let mut eos = model.config.eos_ids();
+    // The fine-tuned model answers a chat turn and ends it with <|im_end|>.
+    let prompt = if chat {
+        let template = ChatTemplate::new(&tok)?;
+        eos.push(template.im_end());
+        let conv = Conversation::new(vec![Message::new(Role::User, gen.prompt.trim())]);
+        template.prompt(&tok, &conv)?
+    } else {
+        tok.encode(&gen.prompt)?
+    };
     let opts = GenerateOptions {
         max_new_tokens: vec![gen.max_new_tokens],
         eos_ids: eos.clone(),
@@ -79,8 +111,8 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut stream = StreamDecoder::new(&tok, true);
     let mut out = std::io::stdout();
-    eprintln!("sampling from {}:", summary.run_dir.display());
-    print!("{}", gen.prompt);
+    eprintln!("sampling from {}:", final_dir.display());
+    println!("{}", gen.prompt.trim_end());
     let mut on_token = |_: usize, id: u32| {
         if let Ok(Some(p)) = stream.push(id) {
             let _ = write!(out, "{p}");

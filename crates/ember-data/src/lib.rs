@@ -6,7 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod loader;
 pub mod mixture;
-mod rng;
+pub mod rng;
 pub mod sft;
 pub mod sources;
 pub mod tasks;

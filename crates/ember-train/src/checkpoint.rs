@@ -9,7 +9,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ember_data::loader::Cursor;
 use ember_data::Tokenizer;
 use ember_models::hf::{write_atomic, SaveOptions};
 use ember_models::qwen3::Qwen3;
@@ -27,7 +26,9 @@ pub struct TrainState {
     /// Optimizer steps completed.
     pub step: u64,
     pub optimizer_steps: u64,
-    pub cursor: Cursor,
+    /// Where the stage's data stands (its feed's own state: a loader cursor, a mixture's
+    /// per-source cursors and counts).
+    pub cursor: serde_json::Value,
     pub rng: [u64; 4],
     pub tokens_seen: u64,
     pub elapsed_s: f64,
@@ -155,8 +156,12 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
     })
 }
 
+pub fn state_file(ckpt: &Path) -> PathBuf {
+    ckpt.join(STATE_DIR).join(STATE_FILE)
+}
+
 pub fn read_state(ckpt: &Path) -> Result<TrainState> {
-    let f = ckpt.join(STATE_DIR).join(STATE_FILE);
+    let f = state_file(ckpt);
     let text = fs::read_to_string(&f).with_context(|| format!("{}: cannot read", f.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", f.display()))
 }

@@ -1,6 +1,8 @@
 //! Recipes, stages and the trainer loop.
 
 pub mod checkpoint;
+pub mod cpt;
+pub mod evaluate;
 pub mod metrics;
 pub mod objectives;
 pub mod optim;
@@ -9,5 +11,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod recipe;
 pub mod schedule;
+pub mod sft;
+pub mod stages;
 pub mod tensors_io;
 pub mod trainer;

@@ -15,6 +15,7 @@ use crate::plot::{write_svg, Series};
 
 pub const METRICS: &str = "metrics.jsonl";
 pub const CURVES: &str = "curves.svg";
+pub const ACCURACY: &str = "accuracy.svg";
 
 /// Training FLOPs per token: 6·N for the matmul parameters (every linear layer, the head
 /// counted even when tied) plus 12·L·H·d·S for attention scores and values (PaLM appendix B,
@@ -72,16 +73,21 @@ impl MetricsLog {
             .with_context(|| format!("{}: cannot write", self.path.display()))
     }
 
-    /// Draws training and validation loss from the whole file.
+    /// Draws the loss curves (training, validation, and validation per dataset) into
+    /// `curves.svg`, and task accuracy, when there is any, into `accuracy.svg`.
     pub fn draw(&self, run_dir: &Path, title: &str) -> Result<PathBuf> {
         let text = fs::read_to_string(&self.path)?;
-        let mut train = Series {
-            name: "train loss".into(),
-            points: Vec::new(),
-        };
-        let mut val = Series {
-            name: "val loss".into(),
-            points: Vec::new(),
+        let mut losses: Vec<Series> = Vec::new();
+        let mut accuracy: Vec<Series> = Vec::new();
+        let add = |set: &mut Vec<Series>, name: String, p: (f64, f64)| match set
+            .iter_mut()
+            .find(|s| s.name == name)
+        {
+            Some(s) => s.points.push(p),
+            None => set.push(Series {
+                name,
+                points: vec![p],
+            }),
         };
         for v in text
             .lines()
@@ -90,22 +96,40 @@ impl MetricsLog {
             let Some(step) = v.get("step").and_then(Value::as_f64) else {
                 continue;
             };
-            if let Some(l) = v.get("loss").and_then(Value::as_f64) {
-                train.points.push((step, l));
-            }
-            if let Some(l) = v.get("val_loss").and_then(Value::as_f64) {
-                val.points.push((step, l));
+            for (k, x) in v.as_object().into_iter().flatten() {
+                let Some(x) = x.as_f64() else { continue };
+                let name = match k.as_str() {
+                    "loss" => "train loss".to_string(),
+                    "val_loss" => "val loss".to_string(),
+                    "accuracy" => {
+                        add(&mut accuracy, "accuracy".into(), (step, x));
+                        continue;
+                    }
+                    k => match (k.strip_prefix("val_loss/"), k.strip_prefix("accuracy/")) {
+                        (Some(src), _) => format!("val loss {src}"),
+                        (_, Some(level)) => {
+                            add(&mut accuracy, level.to_string(), (step, x));
+                            continue;
+                        }
+                        _ => continue,
+                    },
+                };
+                add(&mut losses, name, (step, x));
             }
         }
         let out = run_dir.join(CURVES);
-        write_svg(
-            &out,
-            title,
-            "step",
-            "loss (nats/token)",
-            &[train, val],
-            false,
-        )?;
+        write_svg(&out, title, "step", "loss (nats/token)", &losses, false)?;
+        if !accuracy.is_empty() {
+            let t = title.replace("— loss", "— task accuracy");
+            write_svg(
+                &run_dir.join(ACCURACY),
+                &t,
+                "step",
+                "accuracy",
+                &accuracy,
+                false,
+            )?;
+        }
         Ok(out)
     }
 }

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::checkpoint;
 use crate::metrics::METRICS;
-use crate::pretrain::{run_stage, StageRun};
-use crate::recipe::{Recipe, StageKind};
+use crate::recipe::{Recipe, StageKind, StageSection};
+use crate::stages::{run_stage, StageRun, Summary};
 
 pub const REPORT: &str = "report.md";
 
@@ -23,8 +23,23 @@ pub struct StageReport {
     pub steps: u64,
     pub loss: Option<f64>,
     pub val_loss: Option<f64>,
+    /// Task accuracy before the stage's first step and after its last.
+    pub accuracy_before: Option<f64>,
+    pub accuracy_after: Option<f64>,
+    /// The last value of every per-source validation loss (`val_loss/<name>`).
+    pub val_by_source: Vec<(String, f64)>,
     pub tokens: u64,
     pub skipped: bool,
+    /// What the stage reported when it ran in this invocation.
+    pub summary: Option<Summary>,
+}
+
+/// The optimizer steps a stage runs (a cpt stage's come from its phases).
+pub fn stage_steps(st: &StageSection, path: &Path) -> Result<u64> {
+    match st.kind {
+        StageKind::Cpt => crate::cpt::total_steps(st, path),
+        _ => Ok(st.train.steps),
+    }
 }
 
 /// Whether a stage directory holds a finished run of `steps` steps.
@@ -35,7 +50,12 @@ fn complete(dir: &Path, steps: u64) -> bool {
             .is_ok_and(|s| s.step >= steps)
 }
 
-fn report_row(dir: &Path, name: &str, kind: StageKind, skipped: bool) -> Result<StageReport> {
+fn report_row(
+    dir: &Path,
+    name: &str,
+    kind: StageKind,
+    summary: Option<Summary>,
+) -> Result<StageReport> {
     let f = dir.join(METRICS);
     let text = fs::read_to_string(&f).with_context(|| format!("{}: cannot read", f.display()))?;
     let mut r = StageReport {
@@ -44,9 +64,14 @@ fn report_row(dir: &Path, name: &str, kind: StageKind, skipped: bool) -> Result<
         steps: 0,
         loss: None,
         val_loss: None,
+        accuracy_before: None,
+        accuracy_after: None,
+        val_by_source: Vec::new(),
         tokens: 0,
-        skipped,
+        skipped: summary.is_none(),
+        summary,
     };
+    let mut by_source = std::collections::BTreeMap::new();
     for v in text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -55,25 +80,52 @@ fn report_row(dir: &Path, name: &str, kind: StageKind, skipped: bool) -> Result<
         r.loss = v["loss"].as_f64().or(r.loss);
         r.val_loss = v["val_loss"].as_f64().or(r.val_loss);
         r.tokens = v["tokens"].as_u64().unwrap_or(r.tokens);
+        if let Some(a) = v["accuracy"].as_f64() {
+            r.accuracy_before.get_or_insert(a);
+            r.accuracy_after = Some(a);
+        }
+        for (k, x) in v.as_object().into_iter().flatten() {
+            if let (Some(src), Some(x)) = (k.strip_prefix("val_loss/"), x.as_f64()) {
+                by_source.insert(src.to_string(), x);
+            }
+        }
     }
+    r.val_by_source = by_source.into_iter().collect();
     Ok(r)
 }
 
 fn render(rows: &[StageReport], title: &str) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let pct = |x: Option<f64>| {
+        x.map(|v| format!("{:.1}%", 100.0 * v))
+            .unwrap_or_else(|| "-".into())
+    };
     let mut out = format!(
-        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | this run |\n|---|---|---:|---:|---:|---:|---:|---|\n"
+        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | val loss by source | accuracy before | accuracy after | this run |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|\n"
     );
     for r in rows {
+        let sources = r
+            .val_by_source
+            .iter()
+            .map(|(n, v)| format!("{n} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         out.push_str(&format!(
-            "| {} | {:?} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
-            r.kind,
+            r.kind.name(),
             r.steps,
             r.tokens,
             f(r.loss),
             f(r.val_loss),
             f(r.val_loss.map(f64::exp)),
+            if sources.is_empty() {
+                "-".into()
+            } else {
+                sources
+            },
+            pct(r.accuracy_before),
+            pct(r.accuracy_after),
             if r.skipped {
                 "already complete"
             } else {
@@ -84,18 +136,23 @@ fn render(rows: &[StageReport], title: &str) -> String {
     out
 }
 
-/// Runs every stage of the recipe; returns the report rows and writes `report.md`.
-pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageReport>> {
-    let recipe = Recipe::load_with(path, overrides)?;
+/// Checks a pipeline recipe before anything runs: stages present and uniquely named, and each
+/// stage's settings (phases, budgets) valid.
+pub fn check(recipe: &Recipe, path: &Path) -> Result<()> {
     if recipe.stage.is_empty() {
         bail!(
             "{}: no [[stage]] entries (ember pipeline runs stages; use ember train for a single [train])",
             path.display()
         );
     }
-    if recipe.train.is_some() || recipe.data.is_some() {
+    if recipe.train.is_some()
+        || recipe.data.is_some()
+        || recipe.kind.is_some()
+        || !recipe.phase.is_empty()
+        || recipe.eval.is_some()
+    {
         bail!(
-            "{}: a pipeline recipe keeps [data] and [train] inside each [[stage]]",
+            "{}: a pipeline recipe keeps `kind`, [data], [train], [[phase]] and [eval] inside each [[stage]]",
             path.display()
         );
     }
@@ -103,6 +160,17 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
     if let Some(dup) = recipe.stage.iter().find(|s| !seen.insert(s.name.as_str())) {
         bail!("{}: two stages are named `{}`", path.display(), dup.name);
     }
+    for st in &recipe.stage {
+        crate::stages::check_common(st, path)?;
+        stage_steps(st, path)?;
+    }
+    Ok(())
+}
+
+/// Runs every stage of the recipe; returns the report rows and writes `report.md`.
+pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageReport>> {
+    let recipe = Recipe::load_with(path, overrides)?;
+    check(&recipe, path)?;
     let root = recipe.run_dir();
     let mut previous: Option<PathBuf> = None;
     let mut rows = Vec::new();
@@ -112,8 +180,11 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
         if train.init_from.is_none() {
             train.init_from = previous.clone();
         }
-        let skipped = complete(&dir, train.steps);
-        if skipped {
+        let mut stage = st.clone();
+        stage.train = train;
+        let steps = stage_steps(&stage, path)?;
+        let mut summary = None;
+        if complete(&dir, steps) {
             eprintln!("stage {} ({}): complete, skipping", i + 1, st.name);
         } else {
             let resume = dir.join("checkpoints").exists().then(|| dir.clone());
@@ -127,19 +198,17 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
                     "starting"
                 }
             );
-            let StageKind::Pretrain = st.kind;
-            run_stage(&StageRun {
+            summary = Some(run_stage(&StageRun {
                 recipe: &recipe,
                 path,
-                data: st.data.clone(),
-                train,
+                stage,
                 run_dir: dir.clone(),
                 title: format!("{} / {}", recipe.run.name, st.name),
                 device: device.to_string(),
                 resume,
-            })?;
+            })?);
         }
-        rows.push(report_row(&dir, &st.name, st.kind, skipped)?);
+        rows.push(report_row(&dir, &st.name, st.kind, summary)?);
         previous = Some(dir);
     }
     let text = render(&rows, &format!("{}: pipeline report", recipe.run.name));

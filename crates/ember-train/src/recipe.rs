@@ -1,9 +1,12 @@
 //! Recipe files (TOML). Every key is checked: a misspelt key is an error naming the file,
 //! the line and the key, never a silently ignored setting.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
+use ember_data::chat::ChatSource;
+use ember_data::sft::{Batching, LossAveraging};
 use ember_data::Source;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
@@ -14,6 +17,10 @@ use crate::schedule::ScheduleKind;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
+    /// What `ember train` runs: `pretrain` (the default), `cpt` or `sft`. A pipeline names
+    /// the kind in each `[[stage]]` instead.
+    #[serde(default)]
+    pub kind: Option<StageKind>,
     pub run: RunSection,
     /// The architecture table: `arch` plus the HF config.json fields of that model.
     /// Absent when the stage starts from a checkpoint (`train.init_from`).
@@ -25,6 +32,12 @@ pub struct Recipe {
     pub train: Option<TrainSection>,
     #[serde(default)]
     pub generate: Option<GenerateSection>,
+    /// CPT phases of a single-stage recipe.
+    #[serde(default)]
+    pub phase: Vec<PhaseSection>,
+    /// Generation-based evaluation of a single-stage recipe.
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
     /// The stages `ember pipeline` runs in order, each from the previous one's output.
     #[serde(default)]
     pub stage: Vec<StageSection>,
@@ -40,13 +53,111 @@ pub struct StageSection {
     pub kind: StageKind,
     pub data: DataSection,
     pub train: TrainSection,
+    /// CPT only: the curriculum, in order.
+    #[serde(default)]
+    pub phase: Vec<PhaseSection>,
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
 }
 
-/// What a stage trains on. (CPT with phased mixtures and SFT arrive with issue 4.)
+/// What a stage trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StageKind {
+    /// Next-token loss on packed documents.
     Pretrain,
+    /// Continued pretraining through phases of weighted dataset mixtures.
+    Cpt,
+    /// Supervised fine-tuning on chat data, loss on assistant tokens only.
+    Sft,
+}
+
+impl StageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Pretrain => "pretrain",
+            StageKind::Cpt => "cpt",
+            StageKind::Sft => "sft",
+        }
+    }
+}
+
+/// One curriculum phase of a CPT stage: a budget, a mixture and its own LR schedule
+/// (re-warmed from the phase's first step).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSection {
+    pub name: String,
+    /// Training tokens in this phase (rounded up to whole optimizer steps)...
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// ...or optimizer steps.
+    #[serde(default)]
+    pub steps: Option<u64>,
+    /// `{dataset = weight}` over `[data.datasets]`; weights are normalised.
+    pub mix: BTreeMap<String, f64>,
+    /// Peak LR of this phase (default: `train.lr`).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub schedule: Option<ScheduleKind>,
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+    #[serde(default)]
+    pub decay_fraction: Option<f64>,
+}
+
+/// A named dataset of a CPT stage: files and/or generated documents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub generated: Option<GeneratedData>,
+}
+
+/// How generation-based evaluation prompts the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptFormat {
+    /// The chat template's user turn and assistant header (SFT's default).
+    Chat,
+    /// The question as a plain document, as pretraining saw it.
+    Text,
+}
+
+/// Accuracy on held-out problems of a verifiable task, by greedy generation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub task: String,
+    /// Levels to draw problems from (default: all of the task's levels).
+    #[serde(default)]
+    pub levels: Vec<u32>,
+    #[serde(default = "eval_count")]
+    pub count: usize,
+    /// Evaluate every this many steps (0: before the first step and after the last only).
+    #[serde(default)]
+    pub every: u64,
+    #[serde(default = "eval_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "eval_batch")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub format: Option<PromptFormat>,
+}
+
+fn eval_count() -> usize {
+    64
+}
+fn eval_new_tokens() -> usize {
+    128
+}
+fn eval_batch() -> usize {
+    32
 }
 
 fn pretrain_kind() -> StageKind {
@@ -66,9 +177,22 @@ pub struct DataSection {
     pub bpe_vocab_size: Option<usize>,
     #[serde(default)]
     pub sources: Vec<Source>,
-    /// Documents generated on the fly by a built-in task (no download).
+    /// Documents generated on the fly by a built-in task (no download); for SFT, the task's
+    /// problems as prompt/response conversations.
     #[serde(default)]
     pub generated: Option<GeneratedData>,
+    /// CPT: named datasets that `[[phase]]` mixtures draw from.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, DatasetSpec>,
+    /// SFT: chat data (JSONL or Parquet, `messages` or prompt/response).
+    #[serde(default)]
+    pub chat: Vec<ChatSource>,
+    /// SFT: `pack` conversations into rows with per-conversation attention, or `pad`.
+    #[serde(default)]
+    pub batching: Batching,
+    /// SFT: `per_token` or `per_sequence` loss averaging.
+    #[serde(default)]
+    pub loss_averaging: LossAveraging,
     /// Tokens per training row (the model sees `seq_len` inputs and predicts the next).
     pub seq_len: usize,
     /// Fraction of documents held out for validation.
@@ -93,6 +217,8 @@ pub struct GeneratedData {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
+    /// Optimizer steps (CPT: the sum of its phases, so left out).
+    #[serde(default)]
     pub steps: u64,
     /// Rows per micro-batch.
     pub batch_size: usize,
@@ -315,6 +441,32 @@ impl Recipe {
         }
     }
 
+    /// The recipe's single stage, for `ember train`.
+    pub fn single_stage(&self, path: &Path) -> Result<StageSection> {
+        if !self.stage.is_empty() {
+            bail!(
+                "{}: has [[stage]] entries; run it with ember pipeline",
+                path.display()
+            );
+        }
+        let data = self
+            .data
+            .clone()
+            .ok_or_else(|| anyhow!("{}: section [data] is missing", path.display()))?;
+        let train = self
+            .train
+            .clone()
+            .ok_or_else(|| anyhow!("{}: section [train] is missing", path.display()))?;
+        Ok(StageSection {
+            name: self.run.name.clone(),
+            kind: self.kind.unwrap_or(StageKind::Pretrain),
+            data,
+            train,
+            phase: self.phase.clone(),
+            eval: self.eval.clone(),
+        })
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
     }
@@ -330,18 +482,39 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
     let (last, parents) = parts.split_last().expect("split yields one part");
-    let mut cur = table;
-    for p in parents {
-        cur = match cur
-            .entry(p.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()))
-        {
-            toml::Value::Table(t) => t,
-            _ => bail!("--set {o}: `{p}` is not a table"),
-        };
+    // Walk tables by key and arrays of tables by index (`stage.0.train.steps`).
+    let mut cur = toml::Value::Table(std::mem::take(table));
+    let result = (|| {
+        let mut node = &mut cur;
+        for p in parents {
+            node = match node {
+                toml::Value::Table(t) => t
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default())),
+                toml::Value::Array(a) => {
+                    let len = a.len();
+                    p.parse::<usize>()
+                        .ok()
+                        .and_then(|i| a.get_mut(i))
+                        .ok_or_else(|| {
+                            anyhow!("--set {o}: `{p}` is not an index of a list of {len}")
+                        })?
+                }
+                _ => bail!("--set {o}: `{p}` is not a table"),
+            };
+        }
+        match node {
+            toml::Value::Table(t) => {
+                t.insert(last.to_string(), value);
+                Ok(())
+            }
+            _ => bail!("--set {o}: the parent of `{last}` is not a table"),
+        }
+    })();
+    if let toml::Value::Table(t) = cur {
+        *table = t;
     }
-    cur.insert(last.to_string(), value);
-    Ok(())
+    result
 }
 
 /// The 1-based line of the first occurrence of `needle` in a recipe, for error messages

@@ -53,3 +53,44 @@ impl Schedule {
         }
     }
 }
+
+/// The learning rate over a whole stage: one schedule, or one per curriculum phase, each
+/// phase re-warming and decaying over its own steps (the step passed to a phase's schedule
+/// counts from the phase's start).
+#[derive(Debug, Clone)]
+pub struct LrPlan {
+    /// `(first step, schedule)`, in order of first step; the first starts at 0.
+    pieces: Vec<(u64, Schedule)>,
+}
+
+impl LrPlan {
+    /// Phases of `(steps, schedule)` run back to back.
+    pub fn phased(phases: impl IntoIterator<Item = (u64, Schedule)>) -> Self {
+        let mut start = 0;
+        let mut pieces = Vec::new();
+        for (steps, s) in phases {
+            pieces.push((start, s));
+            start += steps;
+        }
+        assert!(!pieces.is_empty(), "an LR plan needs at least one phase");
+        Self { pieces }
+    }
+
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let (start, s) = self
+            .pieces
+            .iter()
+            .rev()
+            .find(|(start, _)| *start <= step)
+            .unwrap_or(&self.pieces[0]);
+        s.lr_at(step - start)
+    }
+}
+
+impl From<Schedule> for LrPlan {
+    fn from(s: Schedule) -> Self {
+        Self {
+            pieces: vec![(0, s)],
+        }
+    }
+}

@@ -8,7 +8,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 
 use crate::optim::{grad_norm, Optimizer};
-use crate::schedule::Schedule;
+use crate::schedule::LrPlan;
 
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy)]
@@ -45,18 +45,23 @@ impl std::error::Error for Diverged {}
 pub struct Trainer<M: Module> {
     model: Option<M>,
     pub optimizer: Optimizer,
-    pub schedule: Schedule,
+    pub schedule: LrPlan,
     /// Optimizer steps completed.
     pub step: u64,
     pub clip_grad_norm: f64,
 }
 
 impl<M: Module> Trainer<M> {
-    pub fn new(model: M, optimizer: Optimizer, schedule: Schedule, clip_grad_norm: f64) -> Self {
+    pub fn new(
+        model: M,
+        optimizer: Optimizer,
+        schedule: impl Into<LrPlan>,
+        clip_grad_norm: f64,
+    ) -> Self {
         Self {
             model: Some(model),
             optimizer,
-            schedule,
+            schedule: schedule.into(),
             step: 0,
             clip_grad_norm,
         }

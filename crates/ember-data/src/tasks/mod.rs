@@ -114,23 +114,71 @@ pub fn verify(p: &Problem, completion: &str) -> bool {
     extract_answer(completion).is_some_and(|a| normalise(&a) == normalise(&p.answer))
 }
 
-/// Streams `count` pretraining documents: problem `i` at level `levels[i % levels.len()]`,
-/// deterministic in `(seed, i)`. An empty `levels` cycles through all of the task's levels.
+/// Which side of the fixed train/evaluation split a problem falls on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl Problem {
+    /// A tenth of every task's problem space is reserved for evaluation, keyed by the
+    /// computation (the worked steps and the answer, not the question's wording), so that no
+    /// generated training data, in any stage and from any seed, contains an evaluation problem
+    /// even reworded.
+    pub fn split(&self) -> Split {
+        let key = format!(
+            "{}|{}|{}|{}",
+            self.task,
+            self.level,
+            self.steps.join("\n"),
+            self.answer
+        );
+        if mix64(fnv1a(&key)).is_multiple_of(10) {
+            Split::Eval
+        } else {
+            Split::Train
+        }
+    }
+}
+
+/// Streams `count` problems of one side of the split: the `k`-th at level
+/// `levels[k % levels.len()]`, deterministic in `seed`. An empty `levels` cycles through all of
+/// the task's levels.
+pub fn problems<'a>(
+    task: &'a dyn Task,
+    seed: u64,
+    count: u64,
+    levels: &[u32],
+    split: Split,
+) -> impl Iterator<Item = Problem> + 'a {
+    let levels: Vec<u32> = if levels.is_empty() {
+        task.levels().collect()
+    } else {
+        levels.to_vec()
+    };
+    let mut index = 0u64;
+    (0..count).map(move |k| {
+        let level = levels[(k % levels.len() as u64) as usize];
+        loop {
+            let p = task.problem(seed, index, level);
+            index += 1;
+            if p.split() == split {
+                return p;
+            }
+        }
+    })
+}
+
+/// Streams `count` pretraining documents from the training side of the split (see
+/// [`problems`]).
 pub fn documents<'a>(
     task: &'a dyn Task,
     seed: u64,
     count: u64,
     levels: &[u32],
 ) -> impl Iterator<Item = String> + 'a {
-    let levels: Vec<u32> = if levels.is_empty() {
-        task.levels().collect()
-    } else {
-        levels.to_vec()
-    };
-    (0..count).map(move |i| {
-        let level = levels[(i % levels.len() as u64) as usize];
-        task.problem(seed, i, level).pretraining_text()
-    })
+    problems(task, seed, count, levels, Split::Train).map(|p| p.pretraining_text())
 }
 
 /// The generator for problem `(seed, index, level)` of the task `name`.

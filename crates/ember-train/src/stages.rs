@@ -1,0 +1,553 @@
+//! What every training stage shares: device and model setup, the optimisation loop with
+//! periodic evaluation, checkpoints that resume exactly, metrics and curves. A stage kind
+//! (pretrain, CPT, SFT) supplies only a [`Feed`] of batches and its [`Evaluator`]s.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+use burn::tensor::{DType, Device};
+use ember_data::loader::{Batch, Cursor, PackedLoader};
+use ember_data::sft::SftLoader;
+use ember_data::Tokenizer;
+use ember_models::hf::Checkpoint;
+use ember_models::qwen3::{Qwen3, Qwen3Config};
+use ember_models::rng::Rng;
+use serde_json::{json, Map, Value};
+
+use crate::checkpoint::{self, TrainState};
+use crate::metrics::{flops_per_token, step_record, MetricsLog, Progress};
+use crate::optim::Optimizer;
+use crate::pretrain::{batch_loss, parse_dtype};
+use crate::recipe::{ModelSpec, PromptFormat, Recipe, StageKind, StageSection, TrainSection};
+use crate::schedule::{LrPlan, Schedule};
+use crate::trainer::{Diverged, Trainer};
+
+/// What a finished stage reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub val_loss: Option<f64>,
+    pub tokens: u64,
+    pub seconds: f64,
+    /// The token file it trained on (packed stages).
+    pub train_file: Option<PathBuf>,
+}
+
+/// One stage to run: the recipe it belongs to (for `[model]`, the seed and error messages),
+/// its section, and the directory it writes.
+pub struct StageRun<'a> {
+    pub recipe: &'a Recipe,
+    pub path: &'a Path,
+    pub stage: StageSection,
+    pub run_dir: PathBuf,
+    pub title: String,
+    pub device: String,
+    pub resume: Option<PathBuf>,
+}
+
+/// Runs a stage of any kind.
+pub fn run_stage(s: &StageRun) -> Result<Summary> {
+    match s.stage.kind {
+        StageKind::Pretrain => crate::pretrain::run(s),
+        StageKind::Cpt => crate::cpt::run(s),
+        StageKind::Sft => crate::sft::run(s),
+    }
+}
+
+/// A stage's source of training batches.
+pub trait Feed {
+    /// The next micro-batch for 0-based optimizer step `step`.
+    fn next_batch(&mut self, step: u64) -> Result<Batch>;
+    /// Where the data stands, saved in every checkpoint.
+    fn state(&self) -> Value;
+    /// Continues from a saved state, at the start of optimizer step `step`.
+    fn restore(&mut self, state: &Value, step: u64) -> Result<()>;
+    /// Adds data-side metrics (phase, per-source token counts) to a step's record.
+    fn annotate(&self, _record: &mut Map<String, Value>) {}
+}
+
+/// A loader whose whole position is one [`Cursor`] (packed windows, SFT conversations).
+pub trait CursorLoader {
+    fn next(&mut self) -> Result<Batch>;
+    fn cursor(&self) -> Cursor;
+    fn set_cursor(&mut self, c: Cursor) -> Result<()>;
+}
+
+impl CursorLoader for PackedLoader {
+    fn next(&mut self) -> Result<Batch> {
+        self.next_batch()
+    }
+    fn cursor(&self) -> Cursor {
+        PackedLoader::cursor(self)
+    }
+    fn set_cursor(&mut self, c: Cursor) -> Result<()> {
+        PackedLoader::set_cursor(self, c)
+    }
+}
+
+impl CursorLoader for SftLoader {
+    fn next(&mut self) -> Result<Batch> {
+        Ok(self.next_batch())
+    }
+    fn cursor(&self) -> Cursor {
+        SftLoader::cursor(self)
+    }
+    fn set_cursor(&mut self, c: Cursor) -> Result<()> {
+        SftLoader::set_cursor(self, c)
+    }
+}
+
+/// The [`Feed`] of a [`CursorLoader`]: its cursor is the saved state.
+pub struct CursorFeed<L>(pub L);
+
+impl<L: CursorLoader> Feed for CursorFeed<L> {
+    fn next_batch(&mut self, _step: u64) -> Result<Batch> {
+        self.0.next()
+    }
+
+    fn state(&self) -> Value {
+        json!(self.0.cursor())
+    }
+
+    fn restore(&mut self, state: &Value, _step: u64) -> Result<()> {
+        let c: Cursor = serde_json::from_value(state.clone())
+            .map_err(|e| anyhow!("cursor: {e} (a checkpoint of another stage kind?)"))?;
+        self.0.set_cursor(c)
+    }
+}
+
+/// Periodic evaluation; its metrics go into the step's record.
+pub trait Evaluator {
+    /// Whether to evaluate after `step` optimizer steps (`step == 0`: before training).
+    fn due(&self, step: u64, last: bool) -> bool;
+    /// Metrics of `model` (named as they appear in `metrics.jsonl`) and one line for the log.
+    fn evaluate(&mut self, model: &Qwen3, step: u64) -> Result<(Map<String, Value>, String)>;
+}
+
+/// Checks shared by every stage kind.
+pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
+    let (data, train) = (&stage.data, &stage.train);
+    let at = |key: &str| format!("{} [train]: `{key}`", path.display());
+    if train.batch_size == 0 || train.grad_accum == 0 {
+        bail!("{} and `grad_accum` must be at least 1", at("batch_size"));
+    }
+    if train.lr.is_nan() || train.lr <= 0.0 {
+        bail!("{} must be positive", at("lr"));
+    }
+    if data.seq_len < 2 {
+        bail!("{} [data]: `seq_len` must be at least 2", path.display());
+    }
+    if !(0.0..1.0).contains(&data.val_fraction) {
+        bail!(
+            "{} [data]: `val_fraction` must be in [0, 1)",
+            path.display()
+        );
+    }
+    if stage.kind != StageKind::Cpt {
+        if train.steps == 0 {
+            bail!("{} must be at least 1", at("steps"));
+        }
+        if !stage.phase.is_empty() {
+            bail!(
+                "{}: [[phase]] entries belong to kind = \"cpt\" (this stage is {})",
+                path.display(),
+                stage.kind.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The one-schedule plan of `[train]`.
+pub fn train_schedule(t: &TrainSection) -> Schedule {
+    Schedule {
+        kind: t.schedule,
+        lr: t.lr,
+        warmup_steps: t.warmup_steps,
+        total_steps: t.steps,
+        min_lr_ratio: t.min_lr_ratio,
+        decay_fraction: t.decay_fraction,
+    }
+}
+
+/// The device, the model (random, from `init_from`, or from the checkpoint being resumed)
+/// and where a tokenizer shipped with that checkpoint lives.
+pub struct Setup {
+    pub base: Device,
+    pub train_dev: Device,
+    pub dtype: DType,
+    pub model: Qwen3,
+    pub resume_ckpt: Option<PathBuf>,
+    /// `tokenizer.json` of the checkpoint the model came from, if it has one.
+    pub tokenizer_from: Option<PathBuf>,
+}
+
+impl Setup {
+    pub fn new(s: &StageRun) -> Result<Self> {
+        let (recipe, path, tcfg) = (s.recipe, s.path, &s.stage.train);
+        let resume_ckpt = s.resume.as_deref().map(checkpoint::resolve).transpose()?;
+        if resume_ckpt.is_none() && s.run_dir.join("checkpoints").exists() {
+            bail!(
+                "{}: holds an earlier run; continue it with --resume {0}, or choose another run.name",
+                s.run_dir.display()
+            );
+        }
+        let base = ember_models::device::select(&s.device)?;
+        let dtype = parse_dtype(
+            &tcfg.dtype,
+            &base,
+            &format!("{} [train] dtype", path.display()),
+        )?;
+        let mut train_dev = base.clone().autodiff();
+        if tcfg.grad_checkpointing {
+            train_dev = train_dev.gradient_checkpointing();
+        }
+        let init_dir = resume_ckpt.clone().or_else(|| tcfg.init_from.clone());
+        // The model first: a checkpoint that does not fit fails before any data work.
+        let model =
+            build_model(recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
+        let tokenizer_from = init_dir
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.is_file());
+        Ok(Self {
+            base,
+            train_dev,
+            dtype,
+            model,
+            resume_ckpt,
+            tokenizer_from,
+        })
+    }
+
+    /// Checks the tokenizer against the model and records its end-of-text id.
+    pub fn adopt_tokenizer(&mut self, tok: &Tokenizer, eos_id: u32, path: &Path) -> Result<()> {
+        check_vocab(&self.model.config, tok, path)?;
+        self.model.config.eos_token_id = Some(eos_id.into());
+        Ok(())
+    }
+}
+
+/// Builds or loads the model: a checkpoint when resuming or `init_from` is set (checked
+/// against the recipe's `[model]` when it has one), otherwise random from `[model]`.
+fn build_model(
+    recipe: &Recipe,
+    path: &Path,
+    from: Option<&Path>,
+    device: &Device,
+) -> Result<Qwen3> {
+    let spec = recipe
+        .model
+        .as_ref()
+        .map(|_| recipe.model_spec(path))
+        .transpose()?;
+    match (from, spec) {
+        (Some(dir), Some(ModelSpec::Qwen3(config))) => {
+            let mut ckpt = Checkpoint::open(dir)?;
+            let m = Qwen3::load(config, &mut ckpt, device).map_err(|e| {
+                anyhow!(
+                    "{e:#} (checkpoint {} does not match {} [model])",
+                    dir.display(),
+                    path.display()
+                )
+            })?;
+            ckpt.finish(&["lm_head.weight"])?;
+            Ok(m)
+        }
+        (Some(dir), None) => Qwen3::from_pretrained(dir, device),
+        (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, recipe.run.seed, device),
+        (None, None) => bail!(
+            "{}: needs a [model] section or train.init_from",
+            path.display()
+        ),
+    }
+}
+
+fn check_vocab(config: &Qwen3Config, tok: &Tokenizer, path: &Path) -> Result<()> {
+    if tok.vocab_size() > config.vocab_size {
+        bail!(
+            "{} [model]: vocab_size {} is smaller than the tokenizer's {} tokens",
+            path.display(),
+            config.vocab_size,
+            tok.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+fn default_peak_tflops(device: &Device, dtype: DType) -> Option<f64> {
+    // H100 SXM dense bf16; other devices need train.peak_tflops.
+    let name = format!("{device:?}").to_lowercase();
+    (name.contains("cuda") && dtype == DType::BF16).then_some(989.0)
+}
+
+/// What the loop needs besides the model, the feed and the evaluators.
+pub struct LoopSpec<'a> {
+    pub run: &'a StageRun<'a>,
+    pub total_steps: u64,
+    pub schedule: LrPlan,
+    pub tokenizer: &'a Tokenizer,
+    /// A line describing the data, for the start-of-run message.
+    pub data_line: String,
+    pub train_file: Option<PathBuf>,
+}
+
+/// The training loop: steps until `total_steps`, evaluating when the evaluators are due,
+/// checkpointing every `save_every` steps and at the end, then publishing the final model at
+/// the top of the stage directory and drawing the curves.
+pub fn run_loop(
+    setup: Setup,
+    spec: LoopSpec,
+    feed: &mut dyn Feed,
+    evaluators: &mut [Box<dyn Evaluator + '_>],
+) -> Result<Summary> {
+    let s = spec.run;
+    let tcfg = &s.stage.train;
+    let run_dir = s.run_dir.clone();
+    let Setup {
+        base,
+        train_dev,
+        dtype,
+        model,
+        resume_ckpt,
+        ..
+    } = setup;
+    let mut optimizer = Optimizer::new(tcfg.optim());
+    let mut rng = Rng::new(s.recipe.run.seed);
+    let mut tokens_seen = 0u64;
+    let mut elapsed_before = 0.0;
+    let mut start_step = 0;
+    if let Some(ckpt) = &resume_ckpt {
+        let st = checkpoint::read_state(ckpt)?;
+        optimizer.load(&checkpoint::optimizer_file(ckpt), &model, &base)?;
+        optimizer.steps = st.optimizer_steps;
+        feed.restore(&st.cursor, st.step)
+            .map_err(|e| anyhow!("{}: {e:#}", checkpoint::state_file(ckpt).display()))?;
+        rng = Rng::from_state(st.rng);
+        tokens_seen = st.tokens_seen;
+        elapsed_before = st.elapsed_s;
+        start_step = st.step;
+        eprintln!("resuming from {} at step {}", ckpt.display(), st.step);
+    }
+    let total = spec.total_steps;
+    let mut trainer = Trainer::new(model, optimizer, spec.schedule, tcfg.clip_grad_norm);
+    trainer.step = start_step;
+
+    let seq = s.stage.data.seq_len;
+    let flops = flops_per_token(&trainer.model().config, seq);
+    let peak = tcfg
+        .peak_tflops
+        .or_else(|| default_peak_tflops(&base, dtype));
+    eprintln!(
+        "{} {}: {:.2}M parameters, {}, {total} steps × {} rows of {seq} tokens, on {base:?} ({dtype:?})",
+        s.stage.kind.name(),
+        run_dir.display(),
+        trainer.model().config.num_params() as f64 / 1e6,
+        spec.data_line,
+        tcfg.batch_size * tcfg.grad_accum,
+    );
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| anyhow!("{}: cannot create ({e})", run_dir.display()))?;
+    let mut metrics = MetricsLog::open(&run_dir, Some(start_step))?;
+    if start_step == 0 {
+        // Evaluations before the first step (the "before" of a fine-tuning stage).
+        let mut record = Map::new();
+        for ev in evaluators.iter_mut().filter(|e| e.due(0, false)) {
+            let (m, line) = ev.evaluate(trainer.model(), 0)?;
+            eprintln!("step 0: {line}");
+            record.extend(m);
+        }
+        if !record.is_empty() {
+            record.insert("step".into(), json!(0));
+            metrics.write(Value::Object(record))?;
+        }
+    }
+    let progress = Progress::new(start_step, total);
+    let t_run = Instant::now();
+    let mut t_window = Instant::now();
+    let mut tokens_window = 0u64;
+    let mut last_loss = f64::NAN;
+    let mut last_val = None;
+    let mut last_ckpt: Option<PathBuf> = resume_ckpt.clone();
+    let save = |trainer: &Trainer<Qwen3>, feed: &dyn Feed, rng: &Rng, tokens: u64, secs: f64| {
+        let state = TrainState {
+            step: trainer.step,
+            optimizer_steps: trainer.optimizer.steps,
+            cursor: feed.state(),
+            rng: rng.state(),
+            tokens_seen: tokens,
+            elapsed_s: secs,
+        };
+        checkpoint::save(
+            &run_dir,
+            trainer.model(),
+            spec.tokenizer,
+            &trainer.optimizer,
+            &state,
+            tcfg.keep_last,
+        )
+    };
+
+    while trainer.step < total {
+        let step0 = trainer.step;
+        let batches = (0..tcfg.grad_accum)
+            .map(|_| feed.next_batch(step0))
+            .collect::<Result<Vec<_>>>()?;
+        let step_tokens: u64 = batches.iter().map(|b| (b.batch * b.seq_len) as u64).sum();
+        let result = trainer.train_step(tcfg.grad_accum, |m, i| {
+            Ok(batch_loss(m, &batches[i], &train_dev))
+        });
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+                progress.finish();
+                let keep = match &last_ckpt {
+                    Some(c) => format!("the last good checkpoint is {}", c.display()),
+                    None => "no checkpoint was written before it".into(),
+                };
+                return Err(e.context(format!("training diverged; stopping ({keep})")));
+            }
+            Err(e) => return Err(e),
+        };
+        let step = trainer.step;
+        let last = step == total;
+        checkpoint::fault("abort-after-step", step);
+        tokens_seen += step_tokens;
+        tokens_window += step_tokens;
+        last_loss = stats.loss;
+        let log_now = step % tcfg.log_every.max(1) == 0 || last;
+        let secs = t_window.elapsed().as_secs_f64();
+        let tps = tokens_window as f64 / secs.max(1e-9);
+        let mfu = peak.map(|p| tps * flops / (p * 1e12));
+        if log_now {
+            t_window = Instant::now();
+            tokens_window = 0;
+        }
+        let mut record = step_record(
+            step,
+            stats.loss,
+            stats.lr,
+            stats.grad_norm,
+            tps,
+            mfu,
+            tokens_seen,
+        );
+        let obj = record.as_object_mut().expect("a step record is an object");
+        feed.annotate(obj);
+        for ev in evaluators.iter_mut().filter(|e| e.due(step, last)) {
+            let (m, line) = ev.evaluate(trainer.model(), step)?;
+            if let Some(v) = m.get("val_loss").and_then(Value::as_f64) {
+                last_val = Some(v);
+            }
+            obj.extend(m);
+            progress.println(format!("step {step}: {line}"));
+        }
+        metrics.write(record)?;
+        let mfu_s = mfu
+            .map(|m| format!(" mfu {:.1}%", 100.0 * m))
+            .unwrap_or_default();
+        progress.update(
+            step,
+            format!(
+                "loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s{mfu_s}",
+                stats.loss, stats.lr, stats.grad_norm, tps
+            ),
+            log_now,
+        );
+        if (tcfg.save_every > 0 && step % tcfg.save_every == 0) || last {
+            let secs = elapsed_before + t_run.elapsed().as_secs_f64();
+            last_ckpt = Some(save(&trainer, feed, &rng, tokens_seen, secs)?);
+        }
+    }
+    progress.finish();
+    let ckpt = match &last_ckpt {
+        Some(c) => c.clone(),
+        None => save(&trainer, feed, &rng, tokens_seen, elapsed_before)?,
+    };
+    checkpoint::publish(&run_dir, &ckpt)?;
+    let curves = metrics.draw(&run_dir, &format!("{} — loss", s.title))?;
+    let seconds = t_run.elapsed().as_secs_f64();
+    eprintln!(
+        "done: {} steps, final train loss {last_loss:.4}{}, {} tokens in {seconds:.1} s; model in {}, curves in {}",
+        trainer.step,
+        last_val.map(|v| format!(", val loss {v:.4} (ppl {:.2})", v.exp())).unwrap_or_default(),
+        tokens_seen,
+        run_dir.display(),
+        curves.display()
+    );
+    Ok(Summary {
+        run_dir,
+        steps: trainer.step,
+        final_loss: last_loss,
+        val_loss: last_val,
+        tokens: tokens_seen,
+        seconds,
+        train_file: spec.train_file,
+    })
+}
+
+/// A stage's evaluators: validation loss on `sets` (when there are any) every
+/// `train.eval_every` steps, and the `[eval]` task's accuracy, prompting in `format` unless
+/// the section says otherwise.
+pub fn evaluators<'a>(
+    s: &StageRun,
+    setup: &Setup,
+    sets: Vec<(String, Vec<Batch>)>,
+    tok: &'a Tokenizer,
+    format: PromptFormat,
+) -> Result<Vec<Box<dyn Evaluator + 'a>>> {
+    let mut out: Vec<Box<dyn Evaluator + 'a>> = Vec::new();
+    if !sets.is_empty() {
+        out.push(Box::new(ValLoss {
+            sets,
+            every: s.stage.train.eval_every,
+            device: setup.base.clone(),
+        }));
+    }
+    if let Some(ev) = crate::evaluate::task_evaluator(s, tok, format)? {
+        out.push(ev);
+    }
+    Ok(out)
+}
+
+/// Held-out loss on fixed batches, per named set: `val_loss/<name>` for each and `val_loss`
+/// for their mean (or `val_loss` alone for a single unnamed set).
+pub struct ValLoss {
+    pub sets: Vec<(String, Vec<Batch>)>,
+    pub every: u64,
+    pub device: Device,
+}
+
+impl Evaluator for ValLoss {
+    fn due(&self, step: u64, last: bool) -> bool {
+        step > 0 && (last || (self.every > 0 && step.is_multiple_of(self.every)))
+    }
+
+    fn evaluate(&mut self, model: &Qwen3, _step: u64) -> Result<(Map<String, Value>, String)> {
+        let mut m = Map::new();
+        let mut parts = Vec::new();
+        let mut sum = 0.0;
+        for (name, batches) in &self.sets {
+            let v = crate::pretrain::eval_loss(model, batches, &self.device)?;
+            sum += v;
+            if !name.is_empty() {
+                m.insert(format!("val_loss/{name}"), json!(v));
+                parts.push(format!("{name} {v:.4}"));
+            }
+        }
+        let mean = sum / self.sets.len().max(1) as f64;
+        m.insert("val_loss".into(), json!(mean));
+        m.insert("val_ppl".into(), json!(mean.exp()));
+        let detail = if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", parts.join(", "))
+        };
+        Ok((
+            m,
+            format!("val loss {mean:.4} (ppl {:.2}){detail}", mean.exp()),
+        ))
+    }
+}
