@@ -471,3 +471,32 @@ fn champ_sft_recipe_runs_with_the_real_qwen3_tokenizer() {
     let probe = "The answer is \\boxed{239}.";
     assert_eq!(saved.encode(probe).unwrap(), real.encode(probe).unwrap());
 }
+
+#[test]
+fn cpt_starts_from_a_checkpoint_that_transformers_wrote() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3");
+    let (p, run) = write_recipe("cpt-from-hf", |out| {
+        format!(
+            "kind = \"cpt\"\n[run]\nname = \"tiny\"\nseed = 1\nout_dir = {:?}\n\
+             [data]\nseq_len = 32\n[data.datasets.a.generated]\ntask = \"arithmetic\"\ncount = 100\n\
+             [train]\nbatch_size = 4\nlr = 1e-3\nlog_every = 1\ninit_from = {:?}\n\
+             [[phase]]\nname = \"only\"\nsteps = 3\nmix = {{ a = 1.0 }}\n",
+            out.display().to_string(),
+            fixture.display().to_string()
+        )
+    });
+    let o = train(&p, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&run).len(), 3);
+    // The checkpoint's own tokenizer (with its specials) came along, and the weights kept
+    // the checkpoint's shapes.
+    let tok = Tokenizer::from_file(&run.join("tokenizer.json")).unwrap();
+    let theirs = Tokenizer::from_file(&fixture.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.vocab_size(), theirs.vocab_size());
+    let cfg = |d: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    for k in ["vocab_size", "hidden_size", "num_hidden_layers", "head_dim"] {
+        assert_eq!(cfg(&run)[k], cfg(&fixture)[k], "{k}");
+    }
+}
