@@ -8,6 +8,7 @@ mod data;
 mod hf_interop;
 mod qwen3_generate;
 mod qwen3_parity;
+mod rl;
 mod stages;
 mod tasks;
 mod tokenizer;

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod loader;
 pub mod mixture;
+pub mod rewards;
 pub mod rng;
 pub mod sft;
 pub mod sources;
