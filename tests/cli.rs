@@ -173,6 +173,14 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
         "stage.2.eval.count=4",
         "stage.2.eval.every=0",
         "stage.2.eval.max_new_tokens=16",
+        "stage.3.train.steps=2",
+        "stage.3.train.batch_size=2",
+        "stage.3.rl.group_size=2",
+        "stage.3.rl.max_new_tokens=8",
+        "stage.3.data.generated.count=20",
+        "stage.3.eval.count=4",
+        "stage.3.eval.every=0",
+        "stage.3.eval.max_new_tokens=16",
         "generate.max_new_tokens=24",
     ];
     let mut args = vec!["quickstart", path.to_str().unwrap()];
@@ -182,7 +190,7 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     let o = ember(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = dir.join("quickstart");
-    for stage in ["pretrain", "cpt", "sft"] {
+    for stage in ["pretrain", "cpt", "sft", "rlvr"] {
         for f in [
             "config.json",
             "model.safetensors",
@@ -196,6 +204,7 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     // 16 rows of 64 tokens a step: the token budgets are 2 and 1 steps.
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains("| cpt | cpt | 3 |"), "{report}");
+    assert!(report.contains("| rlvr | rlvr | 2 |"), "{report}");
     // stdout: the report, then the prompt and the fine-tuned model's answer.
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with(&report), "{out}");

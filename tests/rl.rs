@@ -1,11 +1,19 @@
 //! The GRPO family's pieces against hand-computed numbers: advantages (grpo, dr_grpo, rloo,
 //! tempo on a tree with known branch values), aggregation weights (token, sequence,
-//! dr_grpo, balanced) and the clipped surrogate with the k3 KL.
+//! dr_grpo, balanced) and the clipped surrogate with the k3 KL; then the rlvr stage as a
+//! user runs it (the reward rises, every metric is logged, resume is exact, bad recipes
+//! are one-line errors).
+
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 use ember_train::objectives::grpo::*;
+use serde_json::Value;
 
+use crate::cli::{assert_one_line_error, stderr};
 use crate::common::*;
+use crate::stages::records;
+use crate::train::{losses, train, TINY};
 
 fn close(a: &[f64], b: &[f64], tol: f64) {
     assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
@@ -165,4 +173,189 @@ fn clipped_tokens_pass_no_gradient() {
     let g = logp.grad(&grads).expect("logp has a gradient");
     // d(-w ρ A)/d log ρ = -w A ρ where unclipped; 0 where the clip binds (ratio 1.5 > 1.28).
     close(&values(g), &[0.0, -0.25 * 0.5, 0.5 * 1.1], 1e-6);
+}
+
+// ---- The rlvr stage, run as a user runs it ----
+
+/// A prompt file: rows whose reference answer is the empty string, so that a completion
+/// scores 1 under `exact_match` when it is blank (an end token or whitespace) and 0
+/// otherwise; a random model sometimes writes one, which gives groups a learnable signal.
+/// Prompt lengths differ so rows are padded differently.
+fn blank_prompts(dir: &Path) -> PathBuf {
+    let f = dir.join("prompts.jsonl");
+    let rows: String = (0..12)
+        .map(|i| {
+            let prompt = format!("Say nothing{}.", " at all".repeat(i % 4));
+            format!("{{\"prompt\": \"{prompt}\", \"answer\": \"\", \"id\": {i}}}\n")
+        })
+        .collect();
+    std::fs::write(&f, rows).unwrap();
+    f
+}
+
+fn rl_recipe(name: &str, train: &str, rl: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let prompts = blank_prompts(&dir);
+    let head = TINY
+        .split("[data]")
+        .next()
+        .unwrap()
+        .replace("OUT", dir.join("runs").to_str().unwrap());
+    let text = format!(
+        "kind = \"rlvr\"\n{head}\n[data]\nseq_len = 64\n[[data.prompts]]\npath = \"{}\"\n\n[train]\n{train}\n[rl]\n{rl}\n[[rl.rewards]]\nkind = \"exact_match\"\nfield = \"answer\"\n",
+        prompts.display()
+    );
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, dir.join("runs/tiny"))
+}
+
+fn mean_of(recs: &[Value], key: &str) -> f64 {
+    let v: Vec<f64> = recs.iter().filter_map(|r| r[key].as_f64()).collect();
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn rlvr_stage_raises_the_reward_and_logs_every_metric() {
+    let (p, run) = rl_recipe(
+        "rlvr-learns",
+        "steps = 20\nbatch_size = 4\nlr = 1e-2\nschedule = \"constant\"\nlog_every = 1\nsave_every = 0",
+        "group_size = 8\nmax_new_tokens = 1\naggregation = \"balanced\"\nepsilon_high = 0.28\n\
+         dynamic_sampling = true\nmax_sampling_rounds = 3",
+    );
+    let o = train(&p, &[], &[]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("12 prompts × 8 samples"), "{e}");
+    let recs = records(&run);
+    assert_eq!(recs.len(), 20);
+    for r in &recs {
+        for key in [
+            "reward",
+            "reward_std",
+            "rollout_accuracy",
+            "reward/exact_match",
+            "frac_reward_zero_std",
+            "clip_ratio",
+            "entropy",
+            "completions/mean_length",
+            "completions/max_length",
+            "completions/clipped_ratio",
+            "rollout/rounds",
+            "rollout/groups",
+            "rollout_tokens_per_s",
+            "time/rollout_s",
+            "time/train_s",
+            "loss",
+            "grad_norm",
+        ] {
+            assert!(r[key].is_number(), "{key} missing from {r}");
+        }
+        // One update per rollout: the trainer recomputes exactly the sampler's log-probs.
+        let diff = r["rollout/logprob_diff"].as_f64().unwrap();
+        assert!(diff < 1e-4, "log-probs differ from the sampler's by {diff}");
+        assert_eq!(r["clip_ratio"].as_f64().unwrap(), 0.0);
+        assert!(r.get("kl").is_none(), "no reference model at beta = 0");
+        assert_eq!(r["completions/max_length"], 1);
+        assert!(r["rollout/rounds"].as_u64().unwrap() <= 3);
+    }
+    // The reward here is the fraction of blank answers; RL makes them the rule.
+    let (first, last) = (
+        mean_of(&recs[..4], "reward"),
+        mean_of(&recs[16..], "reward"),
+    );
+    assert!(
+        last > first + 0.15,
+        "reward did not rise: {first:.3} -> {last:.3}"
+    );
+    for f in ["model.safetensors", "rewards.svg", "curves.svg"] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn rlvr_resumes_exactly_with_kl_tempo_and_two_updates_per_rollout() {
+    let train_sec =
+        "steps = 6\nbatch_size = 2\ngrad_accum = 2\nlr = 5e-3\nlog_every = 1\nsave_every = 2";
+    let rl = "group_size = 4\nmax_new_tokens = 6\ntemperature = 1.3\ntop_p = 0.95\n\
+              advantage = \"tempo\"\naggregation = \"sequence\"\nbeta = 0.1\nupdates_per_rollout = 2";
+    let (full, full_run) = rl_recipe("rlvr-full", train_sec, rl);
+    let o = train(&full, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&full_run);
+    assert_eq!(recs.len(), 6);
+    for (i, r) in recs.iter().enumerate() {
+        let kl = r["kl"].as_f64().unwrap();
+        assert!(kl >= 0.0 && kl.is_finite(), "{r}");
+        // Rollouts are sampled at steps 1, 3, 5 (records of the first update of each).
+        assert_eq!(r["reward"].is_number(), i % 2 == 0, "{r}");
+        assert!(r["completions/max_length"].as_u64().is_none_or(|n| n <= 6));
+        if i % 2 == 0 {
+            assert!(r["rollout/logprob_diff"].as_f64().unwrap() < 1e-4, "{r}");
+        }
+    }
+    assert!(
+        recs[0]["kl"].as_f64().unwrap() < 1e-9,
+        "policy = reference at step 1"
+    );
+    assert!(recs[5]["kl"].as_f64().unwrap() > 0.0);
+
+    let (cut, cut_run) = rl_recipe("rlvr-cut", train_sec, rl);
+    let o = train(&cut, &[], &[("EMBER_FAULT", "abort-after-step:3")]);
+    assert!(!o.status.success(), "the fault did not fire");
+    let o = train(&cut, &["--resume", cut_run.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(losses(&cut_run), losses(&full_run));
+}
+
+#[test]
+fn rlvr_recipe_mistakes_are_one_line_errors() {
+    let ok_train = "steps = 2\nbatch_size = 2\nlr = 1e-3";
+    let ok_rl = "group_size = 4\nmax_new_tokens = 4";
+    let run = |train_sec: &str, rl: &str| {
+        let (p, _) = rl_recipe("rlvr-bad", train_sec, rl);
+        (train(&p, &[], &[]), p)
+    };
+    let (o, p) = run(ok_train, "group_size = 1\nmax_new_tokens = 4");
+    assert_one_line_error(&o, &[p.to_str().unwrap(), "[rl]", "`group_size`"]);
+    let (o, _) = run(ok_train, "group_size = 4\ntemperature = 0.0");
+    assert_one_line_error(&o, &["[rl]", "`temperature`"]);
+    let (o, _) = run(ok_train, "group_size = 4\nadvantage = \"ppo\"");
+    assert_one_line_error(&o, &["recipe.toml:", "ppo"]);
+    let (o, _) = run(
+        ok_train,
+        &format!("{ok_rl}\n[[rl.rewards]]\nkind = \"overlong\"\nfield = \"x\""),
+    );
+    assert_one_line_error(&o, &["rewards[0]", "`field`"]);
+    let (o, _) = run(
+        "steps = 2\nbatch_size = 2\ngrad_accum = 9\nlr = 1e-3",
+        ok_rl,
+    );
+    assert_one_line_error(&o, &["[train]", "`grad_accum`"]);
+
+    // No [rl] section, and an [rl] section on another kind.
+    let (p, _) = rl_recipe("rlvr-no-rl", ok_train, ok_rl);
+    let text = std::fs::read_to_string(&p).unwrap();
+    let cut = text.split("[rl]").next().unwrap().to_string();
+    std::fs::write(&p, &cut).unwrap();
+    assert_one_line_error(&train(&p, &[], &[]), &["needs an [rl] section"]);
+    std::fs::write(&p, text.replace("kind = \"rlvr\"", "kind = \"sft\"")).unwrap();
+    assert_one_line_error(
+        &train(&p, &[], &[]),
+        &["[rl] section belongs to kind = \"rlvr\""],
+    );
+
+    // A prompt row without its prompt names the file and line.
+    let (p, _) = rl_recipe("rlvr-bad-row", ok_train, ok_rl);
+    let prompts = p.with_file_name("prompts.jsonl");
+    let mut rows = std::fs::read_to_string(&prompts).unwrap();
+    rows.insert_str(
+        0,
+        "{\"question\": \"where is the prompt\", \"answer\": \"\"}\n",
+    );
+    std::fs::write(&prompts, rows).unwrap();
+    assert_one_line_error(
+        &train(&p, &[], &[]),
+        &[&format!("{}:1", prompts.display()), "missing `prompt`"],
+    );
 }

@@ -75,7 +75,7 @@ fn cpt_recipe(name: &str) -> (PathBuf, PathBuf) {
     write_recipe(name, |out| format!("kind = \"cpt\"\n{}{CPT}", head(out)))
 }
 
-fn records(run: &Path) -> Vec<Value> {
+pub(crate) fn records(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -415,6 +415,12 @@ fn packed_sft_rows_give_each_conversation_the_logits_it_has_alone() {
     }
 }
 
+/// `ember train RECIPE --set kv ...`.
+fn train_with(recipe: &Path, sets: &[String]) -> std::process::Output {
+    let args: Vec<&str> = sets.iter().flat_map(|kv| ["--set", kv.as_str()]).collect();
+    train(recipe, &args, &[])
+}
+
 #[test]
 fn champ_sft_recipe_runs_with_the_real_qwen3_tokenizer() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -430,19 +436,16 @@ fn champ_sft_recipe_runs_with_the_real_qwen3_tokenizer() {
     }
     let out = temp_dir("champ-sft");
     let recipe = root.join("recipes/sft/champ-qwen3.toml");
-    let set = |kv: &str| ["--set".to_string(), kv.to_string()];
-    let args: Vec<String> = [
-        format!("run.out_dir={}", out.display()),
-        "train.steps=2".into(),
-        "data.seq_len=256".into(),
-        "train.batch_size=1".into(),
-        "train.eval_batches=1".into(),
-    ]
-    .iter()
-    .flat_map(|kv| set(kv))
-    .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = train(&recipe, &args, &[]);
+    let o = train_with(
+        &recipe,
+        &[
+            format!("run.out_dir={}", out.display()),
+            "train.steps=2".into(),
+            "data.seq_len=256".into(),
+            "train.batch_size=1".into(),
+            "train.eval_batches=1".into(),
+        ],
+    );
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     // All 270 problems read, a tenth held out for validation.
@@ -470,6 +473,35 @@ fn champ_sft_recipe_runs_with_the_real_qwen3_tokenizer() {
     assert_eq!(saved.vocab_size(), real.vocab_size());
     let probe = "The answer is \\boxed{239}.";
     assert_eq!(saved.encode(probe).unwrap(), real.encode(probe).unwrap());
+
+    // GRPO from that checkpoint with the math verifier, for two short steps.
+    let recipe = root.join("recipes/rlvr/champ-qwen3.toml");
+    let o = train_with(
+        &recipe,
+        &[
+            format!("run.out_dir={}", out.display()),
+            format!("train.init_from={}", run.display()),
+            "train.steps=2".into(),
+            "train.batch_size=2".into(),
+            "train.grad_accum=2".into(),
+            "rl.group_size=2".into(),
+            "rl.max_new_tokens=8".into(),
+            "rl.rewards.1.max_tokens=8".into(),
+            "rl.rewards.1.buffer=4".into(),
+        ],
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("prompts × 2 samples"), "{e}");
+    let recs = records(&out.join("champ-rlvr"));
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        // Eight tokens cannot reach an answer: the verifier scores 0, the length penalty < 0.
+        assert_eq!(r["reward/math_answer"].as_f64(), Some(0.0), "{r}");
+        assert!(r["reward/overlong_penalty"].as_f64().unwrap() <= 0.0, "{r}");
+        assert_eq!(r["rollout_accuracy"].as_f64(), Some(0.0), "{r}");
+        assert!(r["completions/max_length"].as_u64().unwrap() <= 8);
+    }
 }
 
 #[test]

@@ -17,6 +17,9 @@ pub enum Command {
     Generate(GenArgs),
     /// Training tokens per second and MFU (forward, backward, clipping, AdamW).
     Train(crate::bench_train::Args),
+    /// RL rollout tokens per second (G samples per prompt), and with --train one full RL
+    /// step (rollout, then the clipped-surrogate update).
+    Rollout(crate::bench_rl::Args),
 }
 
 #[derive(clap::Args)]
@@ -51,6 +54,7 @@ pub fn run(c: Command) -> Result<()> {
     match c {
         Command::Generate(a) => bench_generate(a),
         Command::Train(a) => crate::bench_train::run(a),
+        Command::Rollout(a) => crate::bench_rl::run(a),
     }
 }
 

@@ -72,7 +72,10 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    for r in rows.iter().filter(|r| r.kind == StageKind::Sft) {
+    for r in rows
+        .iter()
+        .filter(|r| matches!(r.kind, StageKind::Sft | StageKind::Rlvr))
+    {
         if let (Some(b), Some(f)) = (r.accuracy_before, r.accuracy_after) {
             eprintln!(
                 "{}: held-out task accuracy {:.1}% before, {:.1}% after",
@@ -84,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let last = rows.last().expect("a checked pipeline has stages");
     let final_dir = run_dir.join(&last.name);
-    let chat = last.kind == StageKind::Sft;
+    let chat = matches!(last.kind, StageKind::Sft | StageKind::Rlvr);
 
     let (model, _) = models::load(&final_dir, &flags)?;
     let tok = Tokenizer::from_file(&final_dir.join("tokenizer.json"))?;

@@ -103,6 +103,12 @@ impl Conversation {
         self.check(true).map_err(|e| anyhow!("conversation: {e}"))
     }
 
+    /// Checks the shape of a generation prompt: as [`Conversation::validate`] but with no
+    /// assistant turn required, and none at the end.
+    pub fn validate_prompt(&self) -> Result<()> {
+        ChatTemplate::check_prompt(self)
+    }
+
     /// The checks; `training` also requires an assistant turn.
     fn check(&self, training: bool) -> std::result::Result<(), String> {
         if training && self.messages.is_empty() {
@@ -255,39 +261,7 @@ impl ChatSource {
 
     /// The files this source reads, in reading order.
     pub fn files(&self) -> Result<Vec<PathBuf>> {
-        let path = &self.path;
-        let meta = std::fs::metadata(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow!(
-                    "{}: no such file or directory (chat data source)",
-                    path.display()
-                )
-            } else {
-                anyhow!(
-                    "{}: cannot read (chat data source: {})",
-                    path.display(),
-                    one_line(e)
-                )
-            }
-        })?;
-        if !meta.is_dir() {
-            return Ok(vec![path.clone()]);
-        }
-        let mut files = vec![];
-        collect_files(path, &mut files)?;
-        files.retain(|f| {
-            f.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e, "jsonl" | "json" | "ndjson" | "parquet"))
-        });
-        files.sort();
-        if files.is_empty() {
-            bail!(
-                "{}: directory has no *.jsonl, *.json, *.ndjson or *.parquet files (chat data source)",
-                path.display()
-            );
-        }
-        Ok(files)
+        data_files(&self.path, "chat data source")
     }
 
     /// Streams conversations. Each item is a valid conversation or, for a malformed row with
@@ -373,7 +347,7 @@ impl ChatSource {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -384,7 +358,7 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn parse_message(v: &Value) -> std::result::Result<Message, String> {
+pub(crate) fn parse_message(v: &Value) -> std::result::Result<Message, String> {
     let Value::Object(m) = v else {
         return Err(format!("message is {}, not an object", kind(v)));
     };
@@ -421,7 +395,37 @@ fn open_file(path: &Path) -> Result<File> {
     open_source_file(path, "chat data source")
 }
 
-fn is_parquet(path: &Path) -> Result<bool> {
+/// The files of a row source (`what` names it in errors): `path` itself, or the `*.jsonl`,
+/// `*.json`, `*.ndjson` and `*.parquet` files under the directory `path`, in path order.
+pub(crate) fn data_files(path: &Path, what: &str) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow!("{}: no such file or directory ({what})", path.display())
+        } else {
+            anyhow!("{}: cannot read ({what}: {})", path.display(), one_line(e))
+        }
+    })?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = vec![];
+    collect_files(path, &mut files)?;
+    files.retain(|f| {
+        f.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "jsonl" | "json" | "ndjson" | "parquet"))
+    });
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: directory has no *.jsonl, *.json, *.ndjson or *.parquet files ({what})",
+            path.display()
+        );
+    }
+    Ok(files)
+}
+
+pub(crate) fn is_parquet(path: &Path) -> Result<bool> {
     if path.extension().is_some_and(|e| e == "parquet") {
         return Ok(true);
     }
@@ -439,13 +443,13 @@ fn is_parquet(path: &Path) -> Result<bool> {
 }
 
 /// One row of a file: its 1-based number and its fields as JSON, or what made it unreadable.
-struct Row {
-    n: usize,
-    data: std::result::Result<Value, String>,
+pub(crate) struct Row {
+    pub(crate) n: usize,
+    pub(crate) data: std::result::Result<Value, String>,
 }
 
 /// Rows of one file; an `Err` item is fatal (I/O, unreadable Parquet).
-type Rows = Box<dyn Iterator<Item = Result<Row>> + Send>;
+pub(crate) type Rows = Box<dyn Iterator<Item = Result<Row>> + Send>;
 
 struct ChatIter {
     src: ChatSource,
@@ -515,7 +519,7 @@ impl Iterator for ChatIter {
 }
 
 /// JSONL rows: one JSON object a non-blank line, numbered by line.
-fn jsonl_rows(path: &Path) -> Result<Rows> {
+pub(crate) fn jsonl_rows(path: &Path) -> Result<Rows> {
     let mut reader = BufReader::with_capacity(1 << 16, open_file(path)?);
     let path = path.to_path_buf();
     let mut line = 0usize;
@@ -561,7 +565,11 @@ fn open_parquet(path: &Path, columns: &[String]) -> Result<ParquetRecordBatchRea
         };
         idx.push(i);
     }
-    let mask = ProjectionMask::roots(builder.parquet_schema(), idx);
+    let mask = if columns.is_empty() {
+        ProjectionMask::all()
+    } else {
+        ProjectionMask::roots(builder.parquet_schema(), idx)
+    };
     builder
         .with_projection(mask)
         .with_batch_size(256)
@@ -569,8 +577,9 @@ fn open_parquet(path: &Path, columns: &[String]) -> Result<ParquetRecordBatchRea
         .map_err(|e| not_parquet(path, e))
 }
 
-/// Parquet rows, as JSON objects of the projected columns, numbered from 1.
-fn parquet_rows(path: &Path, columns: &[String]) -> Result<Rows> {
+/// Parquet rows, as JSON objects of the projected columns (every column when `columns` is
+/// empty), numbered from 1.
+pub(crate) fn parquet_rows(path: &Path, columns: &[String]) -> Result<Rows> {
     let reader = open_parquet(path, columns)?;
     let mut n = 0usize;
     Ok(Box::new(

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod chat;
 pub mod loader;
 pub mod mixture;
+pub mod prompts;
 pub mod rewards;
 pub mod rng;
 pub mod sft;

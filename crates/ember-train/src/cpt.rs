@@ -20,7 +20,9 @@ use serde_json::{json, Map, Value};
 use crate::pretrain::{resolve_sources, resolve_tokenizer, val_batches};
 use crate::recipe::{PromptFormat, StageSection, TrainSection};
 use crate::schedule::{LrPlan, Schedule};
-use crate::stages::{check_common, evaluators, run_loop, Feed, LoopSpec, Setup, StageRun, Summary};
+use crate::stages::{
+    check_common, evaluators, run_loop, Feed, LoopSpec, Setup, StageRun, Summary, Supervised,
+};
 
 /// One phase, resolved: its first step, length, weights per dataset and schedule.
 #[derive(Debug, Clone)]
@@ -294,6 +296,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     );
     let mut feed = MixtureFeed::new(mix, phases, data.seq_len)?;
     let mut evaluators = evaluators(s, &setup, sets, &tok, PromptFormat::Text)?;
+    let mut objective = Supervised::new(&mut feed, s, &setup);
     let summary = run_loop(
         setup,
         LoopSpec {
@@ -304,7 +307,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             data_line,
             train_file: None,
         },
-        &mut feed,
+        &mut objective,
         &mut evaluators,
     )?;
     eprintln!(

@@ -53,7 +53,7 @@ impl Accuracy {
 
 /// How problems are put to a model and where its answer ends.
 pub struct Prompter {
-    format: PromptFormat,
+    /// The chat template (`chat` format), or none (`text`).
     template: Option<ChatTemplate>,
     eos: Vec<u32>,
 }
@@ -76,22 +76,31 @@ impl Prompter {
                 SPECIALS[0]
             ));
         }
-        Ok(Self {
-            format,
-            template,
-            eos,
-        })
+        Ok(Self { template, eos })
     }
 
     pub fn prompt(&self, tok: &Tokenizer, p: &Problem) -> Result<Vec<u32>> {
-        match (&self.template, self.format) {
-            (Some(t), _) => t.prompt(
-                tok,
-                &Conversation::new(vec![Message::new(Role::User, p.question.clone())]),
-            ),
-            // Pretraining documents are the question, a newline, then the worked steps.
-            (None, _) => tok.encode(&format!("{}\n", p.question)),
+        self.encode(
+            tok,
+            &Conversation::new(vec![Message::new(Role::User, p.question.clone())]),
+        )
+    }
+
+    /// A conversation's prompt: the chat template's rendering with the assistant header, or
+    /// (plain text, as pretraining documents begin) its last user turn and a newline.
+    pub fn encode(&self, tok: &Tokenizer, conv: &Conversation) -> Result<Vec<u32>> {
+        match &self.template {
+            Some(t) => t.prompt(tok, conv),
+            None => {
+                let user = conv.messages.iter().rev().find(|m| m.role == Role::User);
+                tok.encode(&format!("{}\n", user.map_or("", |m| m.content.as_str())))
+            }
         }
+    }
+
+    /// The ids that end an answer.
+    pub fn eos(&self) -> &[u32] {
+        &self.eos
     }
 }
 

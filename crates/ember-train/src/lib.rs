@@ -10,6 +10,8 @@ pub mod pipeline;
 pub mod plot;
 pub mod pretrain;
 pub mod recipe;
+pub mod rlvr;
+pub mod rollout;
 pub mod schedule;
 pub mod sft;
 pub mod stages;

@@ -16,6 +16,7 @@ use crate::plot::{write_svg, Series};
 pub const METRICS: &str = "metrics.jsonl";
 pub const CURVES: &str = "curves.svg";
 pub const ACCURACY: &str = "accuracy.svg";
+pub const REWARDS: &str = "rewards.svg";
 
 /// Training FLOPs per token: 6·N for the matmul parameters (every linear layer, the head
 /// counted even when tied) plus 12·L·H·d·S for attention scores and values (PaLM appendix B,
@@ -74,11 +75,13 @@ impl MetricsLog {
     }
 
     /// Draws the loss curves (training, validation, and validation per dataset) into
-    /// `curves.svg`, and task accuracy, when there is any, into `accuracy.svg`.
+    /// `curves.svg`, task accuracy, when there is any, into `accuracy.svg`, and RL rollouts'
+    /// reward and accuracy into `rewards.svg`.
     pub fn draw(&self, run_dir: &Path, title: &str) -> Result<PathBuf> {
         let text = fs::read_to_string(&self.path)?;
         let mut losses: Vec<Series> = Vec::new();
         let mut accuracy: Vec<Series> = Vec::new();
+        let mut rewards: Vec<Series> = Vec::new();
         let add = |set: &mut Vec<Series>, name: String, p: (f64, f64)| match set
             .iter_mut()
             .find(|s| s.name == name)
@@ -105,6 +108,10 @@ impl MetricsLog {
                         add(&mut accuracy, "accuracy".into(), (step, x));
                         continue;
                     }
+                    "reward" | "rollout_accuracy" => {
+                        add(&mut rewards, k.replace('_', " "), (step, x));
+                        continue;
+                    }
                     k => match (k.strip_prefix("val_loss/"), k.strip_prefix("accuracy/")) {
                         (Some(src), _) => format!("val loss {src}"),
                         (_, Some(level)) => {
@@ -119,6 +126,10 @@ impl MetricsLog {
         }
         let out = run_dir.join(CURVES);
         write_svg(&out, title, "step", "loss (nats/token)", &losses, false)?;
+        if !rewards.is_empty() {
+            let t = title.replace("— loss", "— rollouts");
+            write_svg(&run_dir.join(REWARDS), &t, "step", "mean", &rewards, false)?;
+        }
         if !accuracy.is_empty() {
             let t = title.replace("— loss", "— task accuracy");
             write_svg(

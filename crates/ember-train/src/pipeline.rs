@@ -150,9 +150,10 @@ pub fn check(recipe: &Recipe, path: &Path) -> Result<()> {
         || recipe.kind.is_some()
         || !recipe.phase.is_empty()
         || recipe.eval.is_some()
+        || recipe.rl.is_some()
     {
         bail!(
-            "{}: a pipeline recipe keeps `kind`, [data], [train], [[phase]] and [eval] inside each [[stage]]",
+            "{}: a pipeline recipe keeps `kind`, [data], [train], [[phase]], [eval] and [rl] inside each [[stage]]",
             path.display()
         );
     }

@@ -18,8 +18,8 @@ use serde_json::json;
 use crate::objectives::lm::cross_entropy;
 use crate::recipe::{line_of, DataSection, GeneratedData, PromptFormat, Recipe, TrainSection};
 use crate::stages::{
-    check_common, evaluators, run_loop, run_stage, train_schedule, CursorFeed, LoopSpec, Setup,
-    StageRun, Summary,
+    check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Setup, StageRun, Summary,
+    Supervised,
 };
 use crate::trainer::scalar;
 
@@ -304,17 +304,15 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         "{} train tokens ({} val)",
         prepared.cache.train_tokens, prepared.cache.val_tokens
     );
+    let mut feed = CursorFeed(loader);
+    let mut objective = Supervised::new(&mut feed, s, &setup);
     run_loop(
         setup,
         LoopSpec {
-            run: s,
-            total_steps: tcfg.steps,
-            schedule: train_schedule(tcfg).into(),
-            tokenizer: &prepared.tokenizer,
-            data_line,
             train_file: Some(prepared.cache.train_file()),
+            ..LoopSpec::single(s, &prepared.tokenizer, data_line)
         },
-        &mut CursorFeed(loader),
+        &mut objective,
         &mut evaluators,
     )
 }

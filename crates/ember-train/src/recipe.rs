@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use ember_data::chat::ChatSource;
+use ember_data::prompts::PromptSource;
 use ember_data::sft::{Batching, LossAveraging};
 use ember_data::Source;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
 
+use crate::objectives::grpo::{AdvantageKind, Aggregation};
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::schedule::ScheduleKind;
 
@@ -38,6 +40,9 @@ pub struct Recipe {
     /// Generation-based evaluation of a single-stage recipe.
     #[serde(default)]
     pub eval: Option<EvalSection>,
+    /// RL settings of a single-stage `kind = "rlvr"` recipe.
+    #[serde(default)]
+    pub rl: Option<RlSection>,
     /// The stages `ember pipeline` runs in order, each from the previous one's output.
     #[serde(default)]
     pub stage: Vec<StageSection>,
@@ -58,6 +63,9 @@ pub struct StageSection {
     pub phase: Vec<PhaseSection>,
     #[serde(default)]
     pub eval: Option<EvalSection>,
+    /// RLVR only: rollouts, rewards and the objective.
+    #[serde(default)]
+    pub rl: Option<RlSection>,
 }
 
 /// What a stage trains on.
@@ -70,6 +78,8 @@ pub enum StageKind {
     Cpt,
     /// Supervised fine-tuning on chat data, loss on assistant tokens only.
     Sft,
+    /// RL with verifiable rewards: sampled groups, scored, trained with the GRPO family.
+    Rlvr,
 }
 
 impl StageKind {
@@ -78,6 +88,7 @@ impl StageKind {
             StageKind::Pretrain => "pretrain",
             StageKind::Cpt => "cpt",
             StageKind::Sft => "sft",
+            StageKind::Rlvr => "rlvr",
         }
     }
 }
@@ -150,6 +161,110 @@ pub struct EvalSection {
     pub format: Option<PromptFormat>,
 }
 
+/// An RLVR stage's rollouts, rewards and objective. Each optimizer step trains on
+/// `train.batch_size` prompts with `group_size` sampled completions each, split into
+/// `train.grad_accum` micro-batches for the backward pass.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlSection {
+    /// Completions sampled per prompt (G).
+    #[serde(default = "group_size")]
+    pub group_size: usize,
+    /// Optimizer steps per rollout batch: the batch of `updates_per_rollout × batch_size`
+    /// prompts is split into that many updates; after the first they are off-policy, which
+    /// the importance ratio and clipping correct.
+    #[serde(default = "one_usize")]
+    pub updates_per_rollout: usize,
+    #[serde(default = "rl_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one")]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    /// `grpo`, `dr_grpo`, `rloo` or `tempo`.
+    #[serde(default = "grpo_kind")]
+    pub advantage: AdvantageKind,
+    /// `token` (DAPO), `sequence` (GRPO), `dr_grpo` or `balanced`.
+    #[serde(default = "token_aggregation")]
+    pub aggregation: Aggregation,
+    /// Lower clip range of the importance ratio: 1 − ε_low.
+    #[serde(default = "epsilon")]
+    pub epsilon_low: f64,
+    /// Upper clip range, 1 + ε_high (default: `epsilon_low`; DAPO's clip-higher uses 0.28).
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    /// Weight of the k3 KL to the frozen starting model (0: no reference model is run).
+    #[serde(default)]
+    pub beta: f64,
+    /// Drop groups whose rewards are all equal and sample more prompts to refill the batch.
+    #[serde(default)]
+    pub dynamic_sampling: bool,
+    /// Rollout rounds at most per batch with `dynamic_sampling`.
+    #[serde(default = "sampling_rounds")]
+    pub max_sampling_rounds: usize,
+    /// Completions generated at once (0: the whole batch).
+    #[serde(default)]
+    pub rollout_batch: usize,
+    /// `chat` (the chat template) or `text` prompts.
+    #[serde(default = "chat_format")]
+    pub format: PromptFormat,
+    /// The reward: a weighted sum of these (default: `math_answer` on the field `answer`).
+    #[serde(default)]
+    pub rewards: Vec<RewardSpec>,
+}
+
+/// One part of an RLVR reward.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// `math_answer`, `exact_match`, `think_format` or `overlong`.
+    pub kind: RewardKind,
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+    /// The row field holding the reference answer (`math_answer`, `exact_match`).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// `overlong`: the length at which the penalty reaches −1 (default: `max_new_tokens`).
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// `overlong`: the soft buffer before `max_tokens` over which it falls from 0 to −1.
+    #[serde(default)]
+    pub buffer: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    MathAnswer,
+    ExactMatch,
+    ThinkFormat,
+    Overlong,
+}
+
+fn group_size() -> usize {
+    8
+}
+fn rl_new_tokens() -> usize {
+    256
+}
+fn grpo_kind() -> AdvantageKind {
+    AdvantageKind::Grpo
+}
+fn token_aggregation() -> Aggregation {
+    Aggregation::Token
+}
+fn epsilon() -> f64 {
+    0.2
+}
+fn sampling_rounds() -> usize {
+    3
+}
+fn chat_format() -> PromptFormat {
+    PromptFormat::Chat
+}
+
 fn eval_count() -> usize {
     64
 }
@@ -187,6 +302,9 @@ pub struct DataSection {
     /// SFT: chat data (JSONL or Parquet, `messages` or prompt/response).
     #[serde(default)]
     pub chat: Vec<ChatSource>,
+    /// RLVR: prompt rows (JSONL or Parquet) with the fields the rewards check.
+    #[serde(default)]
+    pub prompts: Vec<PromptSource>,
     /// SFT: `pack` conversations into rows with per-conversation attention, or `pad`.
     #[serde(default)]
     pub batching: Batching,
@@ -464,6 +582,7 @@ impl Recipe {
             train,
             phase: self.phase.clone(),
             eval: self.eval.clone(),
+            rl: self.rl.clone(),
         })
     }
 

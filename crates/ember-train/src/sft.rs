@@ -15,8 +15,7 @@ use serde_json::json;
 use crate::pretrain::{resolve_tokenizer, write_if_changed};
 use crate::recipe::{DataSection, PromptFormat};
 use crate::stages::{
-    check_common, evaluators, run_loop, train_schedule, CursorFeed, LoopSpec, Setup, StageRun,
-    Summary,
+    check_common, evaluators, run_loop, CursorFeed, LoopSpec, Setup, StageRun, Summary, Supervised,
 };
 
 /// The stage's chat sources: `[[data.chat]]` plus, with `[data.generated]`, the task's
@@ -172,17 +171,12 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         sets.push((String::new(), batches));
     }
     let mut evaluators = evaluators(s, &setup, sets, &tok, PromptFormat::Chat)?;
+    let mut feed = CursorFeed(feed_loader);
+    let mut objective = Supervised::new(&mut feed, s, &setup);
     run_loop(
         setup,
-        LoopSpec {
-            run: s,
-            total_steps: tcfg.steps,
-            schedule: train_schedule(tcfg).into(),
-            tokenizer: &tok,
-            data_line,
-            train_file: None,
-        },
-        &mut CursorFeed(feed_loader),
+        LoopSpec::single(s, &tok, data_line),
+        &mut objective,
         &mut evaluators,
     )
 }

@@ -1,12 +1,14 @@
 //! What every training stage shares: device and model setup, the optimisation loop with
 //! periodic evaluation, checkpoints that resume exactly, metrics and curves. A stage kind
-//! (pretrain, CPT, SFT) supplies only a [`Feed`] of batches and its [`Evaluator`]s.
+//! supplies only its [`Objective`] (for the supervised kinds, pretrain, CPT and SFT, a
+//! [`Feed`] of batches under next-token loss: [`Supervised`]) and its [`Evaluator`]s.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use burn::tensor::{DType, Device};
+use burn::module::Module;
+use burn::tensor::{DType, Device, Tensor};
 use ember_data::loader::{Batch, Cursor, PackedLoader};
 use ember_data::sft::SftLoader;
 use ember_data::Tokenizer;
@@ -54,6 +56,76 @@ pub fn run_stage(s: &StageRun) -> Result<Summary> {
         StageKind::Pretrain => crate::pretrain::run(s),
         StageKind::Cpt => crate::cpt::run(s),
         StageKind::Sft => crate::sft::run(s),
+        StageKind::Rlvr => crate::rlvr::run(s),
+    }
+}
+
+/// What a stage trains on, one optimizer step at a time.
+pub trait Objective {
+    /// Gets optimizer step `step` (0-based) ready, seeing the model as it now is (RL samples
+    /// from it); returns the number of micro-batches and the tokens they hold.
+    fn prepare(&mut self, model: &Qwen3, step: u64) -> Result<(usize, u64)>;
+    /// The loss of micro-batch `i` of the prepared step, with a graph on the model's device.
+    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>>;
+    /// Adds the step's own metrics to its record after the update; returns what the
+    /// progress line should show besides loss, LR and throughput.
+    fn annotate(&mut self, _record: &mut Map<String, Value>) -> String {
+        String::new()
+    }
+    /// Where the data stands, saved in every checkpoint.
+    fn state(&self) -> Value;
+    /// Continues from a saved state, at the start of optimizer step `step`.
+    fn restore(&mut self, state: &Value, step: u64) -> Result<()>;
+    /// Whether tokens/s measures training work, so that MFU means something (not for RL,
+    /// where sampling dominates a step).
+    fn counts_flops(&self) -> bool {
+        true
+    }
+}
+
+/// Next-token loss on a [`Feed`]'s batches, `accum` micro-batches a step.
+pub struct Supervised<'f> {
+    feed: &'f mut dyn Feed,
+    accum: usize,
+    device: Device,
+    batches: Vec<Batch>,
+}
+
+impl<'f> Supervised<'f> {
+    pub fn new(feed: &'f mut dyn Feed, s: &StageRun, setup: &Setup) -> Self {
+        Self {
+            feed,
+            accum: s.stage.train.grad_accum,
+            device: setup.train_dev.clone(),
+            batches: Vec::new(),
+        }
+    }
+}
+
+impl Objective for Supervised<'_> {
+    fn prepare(&mut self, _model: &Qwen3, step: u64) -> Result<(usize, u64)> {
+        self.batches = (0..self.accum)
+            .map(|_| self.feed.next_batch(step))
+            .collect::<Result<Vec<_>>>()?;
+        let tokens = self.batches.iter().map(|b| (b.batch * b.seq_len) as u64);
+        Ok((self.accum, tokens.sum()))
+    }
+
+    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>> {
+        Ok(batch_loss(model, &self.batches[i], &self.device))
+    }
+
+    fn annotate(&mut self, record: &mut Map<String, Value>) -> String {
+        self.feed.annotate(record);
+        String::new()
+    }
+
+    fn state(&self) -> Value {
+        self.feed.state()
+    }
+
+    fn restore(&mut self, state: &Value, step: u64) -> Result<()> {
+        self.feed.restore(state, step)
     }
 }
 
@@ -146,6 +218,18 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
             path.display()
         );
     }
+    match (stage.kind, &stage.rl) {
+        (StageKind::Rlvr, None) => bail!(
+            "{}: a rlvr stage needs an [rl] section (group_size, max_new_tokens, rewards, ...)",
+            path.display()
+        ),
+        (k, Some(_)) if k != StageKind::Rlvr => bail!(
+            "{}: an [rl] section belongs to kind = \"rlvr\" (this stage is {})",
+            path.display(),
+            k.name()
+        ),
+        _ => {}
+    }
     if stage.kind != StageKind::Cpt {
         if train.steps == 0 {
             bail!("{} must be at least 1", at("steps"));
@@ -230,6 +314,17 @@ impl Setup {
     }
 }
 
+/// The frozen model a stage started from (`init_from`, or `[model]` drawn with the run's
+/// seed), without autodiff: the reference of a KL penalty. A resumed run rebuilds it rather
+/// than taking the checkpoint it resumes.
+pub fn reference_model(s: &StageRun, setup: &Setup) -> Result<Qwen3> {
+    if setup.resume_ckpt.is_none() {
+        return Ok(setup.model.valid());
+    }
+    let from = s.stage.train.init_from.as_deref();
+    Ok(build_model(s.recipe, s.path, from, &setup.base)?.with_compute_dtype(setup.dtype))
+}
+
 /// Builds or loads the model: a checkpoint when resuming or `init_from` is set (checked
 /// against the recipe's `[model]` when it has one), otherwise random from `[model]`.
 fn build_model(
@@ -294,13 +389,28 @@ pub struct LoopSpec<'a> {
     pub train_file: Option<PathBuf>,
 }
 
+impl<'a> LoopSpec<'a> {
+    /// A stage trained for `train.steps` on `train`'s one schedule.
+    pub fn single(run: &'a StageRun<'a>, tokenizer: &'a Tokenizer, data_line: String) -> Self {
+        let t = &run.stage.train;
+        Self {
+            run,
+            total_steps: t.steps,
+            schedule: train_schedule(t).into(),
+            tokenizer,
+            data_line,
+            train_file: None,
+        }
+    }
+}
+
 /// The training loop: steps until `total_steps`, evaluating when the evaluators are due,
 /// checkpointing every `save_every` steps and at the end, then publishing the final model at
 /// the top of the stage directory and drawing the curves.
 pub fn run_loop(
     setup: Setup,
     spec: LoopSpec,
-    feed: &mut dyn Feed,
+    objective: &mut dyn Objective,
     evaluators: &mut [Box<dyn Evaluator + '_>],
 ) -> Result<Summary> {
     let s = spec.run;
@@ -308,7 +418,6 @@ pub fn run_loop(
     let run_dir = s.run_dir.clone();
     let Setup {
         base,
-        train_dev,
         dtype,
         model,
         resume_ckpt,
@@ -323,7 +432,8 @@ pub fn run_loop(
         let st = checkpoint::read_state(ckpt)?;
         optimizer.load(&checkpoint::optimizer_file(ckpt), &model, &base)?;
         optimizer.steps = st.optimizer_steps;
-        feed.restore(&st.cursor, st.step)
+        objective
+            .restore(&st.cursor, st.step)
             .map_err(|e| anyhow!("{}: {e:#}", checkpoint::state_file(ckpt).display()))?;
         rng = Rng::from_state(st.rng);
         tokens_seen = st.tokens_seen;
@@ -339,7 +449,8 @@ pub fn run_loop(
     let flops = flops_per_token(&trainer.model().config, seq);
     let peak = tcfg
         .peak_tflops
-        .or_else(|| default_peak_tflops(&base, dtype));
+        .or_else(|| default_peak_tflops(&base, dtype))
+        .filter(|_| objective.counts_flops());
     eprintln!(
         "{} {}: {:.2}M parameters, {}, {total} steps × {} rows of {seq} tokens, on {base:?} ({dtype:?})",
         s.stage.kind.name(),
@@ -371,11 +482,11 @@ pub fn run_loop(
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     let mut last_ckpt: Option<PathBuf> = resume_ckpt.clone();
-    let save = |trainer: &Trainer<Qwen3>, feed: &dyn Feed, rng: &Rng, tokens: u64, secs: f64| {
+    let save = |trainer: &Trainer<Qwen3>, cursor: Value, rng: &Rng, tokens: u64, secs: f64| {
         let state = TrainState {
             step: trainer.step,
             optimizer_steps: trainer.optimizer.steps,
-            cursor: feed.state(),
+            cursor,
             rng: rng.state(),
             tokens_seen: tokens,
             elapsed_s: secs,
@@ -391,14 +502,8 @@ pub fn run_loop(
     };
 
     while trainer.step < total {
-        let step0 = trainer.step;
-        let batches = (0..tcfg.grad_accum)
-            .map(|_| feed.next_batch(step0))
-            .collect::<Result<Vec<_>>>()?;
-        let step_tokens: u64 = batches.iter().map(|b| (b.batch * b.seq_len) as u64).sum();
-        let result = trainer.train_step(tcfg.grad_accum, |m, i| {
-            Ok(batch_loss(m, &batches[i], &train_dev))
-        });
+        let (micro, step_tokens) = objective.prepare(trainer.model(), trainer.step)?;
+        let result = trainer.train_step(micro, |m, i| objective.loss(m, i));
         let stats = match result {
             Ok(s) => s,
             Err(e) if e.downcast_ref::<Diverged>().is_some() => {
@@ -435,7 +540,7 @@ pub fn run_loop(
             tokens_seen,
         );
         let obj = record.as_object_mut().expect("a step record is an object");
-        feed.annotate(obj);
+        let shown = objective.annotate(obj);
         for ev in evaluators.iter_mut().filter(|e| e.due(step, last)) {
             let (m, line) = ev.evaluate(trainer.model(), step)?;
             if let Some(v) = m.get("val_loss").and_then(Value::as_f64) {
@@ -451,20 +556,26 @@ pub fn run_loop(
         progress.update(
             step,
             format!(
-                "loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s{mfu_s}",
+                "{shown}loss {:.4} lr {:.2e} gnorm {:.2} {:.0} tok/s{mfu_s}",
                 stats.loss, stats.lr, stats.grad_norm, tps
             ),
             log_now,
         );
         if (tcfg.save_every > 0 && step % tcfg.save_every == 0) || last {
             let secs = elapsed_before + t_run.elapsed().as_secs_f64();
-            last_ckpt = Some(save(&trainer, feed, &rng, tokens_seen, secs)?);
+            last_ckpt = Some(save(&trainer, objective.state(), &rng, tokens_seen, secs)?);
         }
     }
     progress.finish();
     let ckpt = match &last_ckpt {
         Some(c) => c.clone(),
-        None => save(&trainer, feed, &rng, tokens_seen, elapsed_before)?,
+        None => save(
+            &trainer,
+            objective.state(),
+            &rng,
+            tokens_seen,
+            elapsed_before,
+        )?,
     };
     checkpoint::publish(&run_dir, &ckpt)?;
     let curves = metrics.draw(&run_dir, &format!("{} — loss", s.title))?;

@@ -10,8 +10,13 @@
 
 use std::collections::HashMap;
 
-use burn::tensor::Tensor;
+use anyhow::Result;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_models::qwen3::Qwen3;
 use serde::{Deserialize, Serialize};
+
+use crate::objectives::lm::token_logprobs;
+use crate::trainer::scalar;
 
 /// Added to the group's standard deviation so a group with equal rewards gets zero
 /// advantages rather than a division by zero (verl's value).
@@ -228,4 +233,193 @@ pub fn clipped_surrogate(
     let loss = (per_token * s.weights.clone()).sum();
     let clip_fraction = (was_clipped * s.weights).sum() / wsum;
     (loss, SurrogateStats { clip_fraction, kl })
+}
+
+/// One sampled completion as the loss sees it.
+#[derive(Debug, Clone)]
+pub struct PolicyRow {
+    /// The prompt, then the completion.
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+    /// The sampler's log-prob of each completion token.
+    pub rollout_logp: Vec<f32>,
+    /// The reference model's, when there is a KL term.
+    pub ref_logp: Option<Vec<f32>>,
+    /// The advantage of each completion token.
+    pub adv: Vec<f32>,
+    /// Each completion token's weight in the step's loss (from the aggregation).
+    pub weight: f32,
+}
+
+impl PolicyRow {
+    fn completion_len(&self) -> usize {
+        self.ids.len() - self.prompt_len
+    }
+}
+
+/// The surrogate's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SurrogateConfig {
+    /// The sampling temperature: log-probs are recomputed under softmax(logits / T).
+    pub temperature: f64,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub beta: f64,
+}
+
+/// What a loss evaluation measured, as sums over completion tokens (`clip` and `kl`
+/// weighted by the aggregation weights, summed in `weight`), to be combined over
+/// micro-batches.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LossSums {
+    pub clip: f64,
+    pub kl: f64,
+    pub weight: f64,
+    pub entropy: f64,
+    /// Σ |log π_θ − log π_rollout|.
+    pub logp_diff: f64,
+    pub tokens: f64,
+}
+
+impl LossSums {
+    pub fn add(&mut self, o: &LossSums) {
+        self.clip += o.clip;
+        self.kl += o.kl;
+        self.weight += o.weight;
+        self.entropy += o.entropy;
+        self.logp_diff += o.logp_diff;
+        self.tokens += o.tokens;
+    }
+}
+
+/// Rows as tensors `[rows, L − 1]` (L the longest row): inputs and targets shifted by one,
+/// right-padded; the rollout log-probs, advantages, weights and reference log-probs at the
+/// positions that predict completion tokens, 0 elsewhere.
+struct RowTensors {
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    rollout: Tensor<2>,
+    reference: Option<Tensor<2>>,
+    adv: Tensor<2>,
+    weight: Tensor<2>,
+    /// 1 on completion positions.
+    completion: Vec<f32>,
+}
+
+impl RowTensors {
+    fn new(rows: &[PolicyRow], device: &Device) -> Self {
+        let b = rows.len();
+        let l = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2) - 1;
+        let mut inputs = vec![0i64; b * l];
+        let mut targets = vec![0i64; b * l];
+        let mut rollout = vec![0f32; b * l];
+        let mut reference = vec![0f32; b * l];
+        let mut adv = vec![0f32; b * l];
+        let mut weight = vec![0f32; b * l];
+        let mut completion = vec![0f32; b * l];
+        for (r, row) in rows.iter().enumerate() {
+            let o = r * l;
+            for (j, w) in row.ids.windows(2).enumerate() {
+                inputs[o + j] = w[0] as i64;
+                targets[o + j] = w[1] as i64;
+            }
+            // Completion token j is predicted at position prompt_len − 1 + j.
+            let start = o + row.prompt_len - 1;
+            for j in 0..row.completion_len() {
+                rollout[start + j] = row.rollout_logp[j];
+                adv[start + j] = row.adv[j];
+                weight[start + j] = row.weight;
+                completion[start + j] = 1.0;
+                if let Some(rl) = &row.ref_logp {
+                    reference[start + j] = rl[j];
+                }
+            }
+        }
+        let f = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, l]), device);
+        let i = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, l]), device);
+        Self {
+            inputs: i(inputs),
+            targets: i(targets),
+            rollout: f(rollout),
+            reference: rows
+                .iter()
+                .all(|r| r.ref_logp.is_some())
+                .then(|| f(reference)),
+            adv: f(adv),
+            weight: f(weight),
+            completion,
+        }
+    }
+
+    /// Σ over completion positions of `v` `[rows, L − 1]`.
+    fn completion_sum(&self, v: Tensor<2>) -> f64 {
+        v.into_data()
+            .iter::<f32>()
+            .zip(&self.completion)
+            .map(|(x, m)| (x * m) as f64)
+            .sum()
+    }
+}
+
+/// The clipped surrogate of `rows` under `model` (with a graph), Σ w ℓ over their
+/// completion tokens, and what it measured.
+pub fn policy_loss(
+    model: &Qwen3,
+    rows: &[PolicyRow],
+    cfg: &SurrogateConfig,
+) -> Result<(Tensor<1>, LossSums)> {
+    let device = model.embed_tokens.val().device();
+    let t = RowTensors::new(rows, &device);
+    let (logp, entropy) = token_logprobs(
+        model.forward(t.inputs.clone()),
+        t.targets.clone(),
+        cfg.temperature,
+    );
+    let weight: f64 = rows
+        .iter()
+        .map(|r| r.weight as f64 * r.completion_len() as f64)
+        .sum();
+    let diff = (logp.clone().detach() - t.rollout.clone()).abs();
+    let (loss, st) = clipped_surrogate(
+        Surrogate {
+            logp,
+            rollout_logp: t.rollout.clone(),
+            ref_logp: t.reference.clone(),
+            advantages: t.adv.clone(),
+            weights: t.weight.clone(),
+        },
+        cfg.eps_low,
+        cfg.eps_high,
+        cfg.beta,
+    );
+    let sums = LossSums {
+        clip: scalar(st.clip_fraction)? * weight,
+        kl: scalar(st.kl)? * weight,
+        weight,
+        entropy: t.completion_sum(entropy),
+        logp_diff: t.completion_sum(diff),
+        tokens: t.completion.iter().map(|&m| m as f64).sum(),
+    };
+    Ok((loss, sums))
+}
+
+/// Each row's completion log-probs under `model` at `temperature`, without a graph (the
+/// reference model's pass).
+pub fn completion_logprobs(
+    model: &Qwen3,
+    rows: &[PolicyRow],
+    temperature: f64,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    let t = RowTensors::new(rows, device);
+    let (logp, _) = token_logprobs(model.forward(t.inputs), t.targets, temperature);
+    let [_, l] = logp.dims();
+    let v: Vec<f32> = logp.into_data().iter::<f32>().collect();
+    rows.iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let start = r * l + row.prompt_len - 1;
+            v[start..start + row.completion_len()].to_vec()
+        })
+        .collect()
 }

@@ -27,3 +27,26 @@ pub fn cross_entropy(
         }
     }
 }
+
+/// The log-prob of each target token under softmax(logits / `temperature`), `[batch, seq]`
+/// with a graph, and the entropy of that distribution at each position, without one. In f32
+/// whatever the compute dtype. RL recomputes sampled tokens' log-probs this way, at the
+/// temperature they were sampled with, so the ratio to the sampler's log-probs starts at 1.
+pub fn token_logprobs(
+    logits: Tensor<3>,
+    targets: Tensor<2, Int>,
+    temperature: f64,
+) -> (Tensor<2>, Tensor<2>) {
+    let [b, s, v] = logits.dims();
+    let z = to_dtype(logits, DType::F32).reshape([b * s, v]);
+    let z = if temperature > 0.0 && temperature != 1.0 {
+        z / temperature
+    } else {
+        z
+    };
+    let logp = log_softmax(z, 1);
+    let lp = logp.clone().detach();
+    let entropy = (lp.clone().exp() * lp).sum_dim(1).neg().reshape([b, s]);
+    let picked = logp.gather(1, targets.reshape([b * s, 1])).reshape([b, s]);
+    (picked, entropy)
+}
