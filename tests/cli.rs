@@ -204,7 +204,11 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     // 16 rows of 64 tokens a step: the token budgets are 2 and 1 steps.
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains("| cpt | cpt | 3 |"), "{report}");
-    assert!(report.contains("| rlvr | rlvr | 2 |"), "{report}");
+    let rl_row = report
+        .lines()
+        .find(|l| l.starts_with("| rlvr | rlvr | 2 |"))
+        .unwrap_or_else(|| panic!("no rlvr row in {report}"));
+    assert!(rl_row.contains(" → "), "no reward first → last: {rl_row}");
     // stdout: the report, then the prompt and the fine-tuned model's answer.
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with(&report), "{out}");

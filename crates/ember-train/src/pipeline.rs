@@ -28,6 +28,8 @@ pub struct StageReport {
     pub accuracy_after: Option<f64>,
     /// The last value of every per-source validation loss (`val_loss/<name>`).
     pub val_by_source: Vec<(String, f64)>,
+    /// RL: the mean rollout reward over the first and over the last tenth of the steps.
+    pub reward: Option<(f64, f64)>,
     pub tokens: u64,
     pub skipped: bool,
     /// What the stage reported when it ran in this invocation.
@@ -67,11 +69,13 @@ fn report_row(
         accuracy_before: None,
         accuracy_after: None,
         val_by_source: Vec::new(),
+        reward: None,
         tokens: 0,
         skipped: summary.is_none(),
         summary,
     };
     let mut by_source = std::collections::BTreeMap::new();
+    let mut rewards = Vec::new();
     for v in text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -80,6 +84,7 @@ fn report_row(
         r.loss = v["loss"].as_f64().or(r.loss);
         r.val_loss = v["val_loss"].as_f64().or(r.val_loss);
         r.tokens = v["tokens"].as_u64().unwrap_or(r.tokens);
+        rewards.extend(v["reward"].as_f64());
         if let Some(a) = v["accuracy"].as_f64() {
             r.accuracy_before.get_or_insert(a);
             r.accuracy_after = Some(a);
@@ -91,6 +96,11 @@ fn report_row(
         }
     }
     r.val_by_source = by_source.into_iter().collect();
+    if !rewards.is_empty() {
+        let k = rewards.len().div_ceil(10);
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+        r.reward = Some((mean(&rewards[..k]), mean(&rewards[rewards.len() - k..])));
+    }
     Ok(r)
 }
 
@@ -101,7 +111,7 @@ fn render(rows: &[StageReport], title: &str) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | val loss by source | accuracy before | accuracy after | this run |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|\n"
+        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | val loss by source | reward first → last | accuracy before | accuracy after | this run |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n"
     );
     for r in rows {
         let sources = r
@@ -111,7 +121,7 @@ fn render(rows: &[StageReport], title: &str) -> String {
             .collect::<Vec<_>>()
             .join(", ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.kind.name(),
             r.steps,
@@ -124,6 +134,9 @@ fn render(rows: &[StageReport], title: &str) -> String {
             } else {
                 sources
             },
+            r.reward
+                .map(|(a, b)| format!("{a:.3} → {b:.3}"))
+                .unwrap_or_else(|| "-".into()),
             pct(r.accuracy_before),
             pct(r.accuracy_after),
             if r.skipped {
