@@ -198,10 +198,9 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         .then(|| reference_model(s, &setup))
         .transpose()?;
     let data_line = format!(
-        "{} prompts × {} samples, {} prompts a step, rewards {}",
+        "{} prompts × {} samples, rewards {}",
         prompts.len(),
         rl.group_size,
-        tcfg.batch_size,
         rewarder.names().join(" + ")
     );
     let mut evaluators = evaluators(s, &setup, vec![], &tok, rl.format)?;
@@ -539,6 +538,13 @@ impl Objective for Rlvr<'_> {
 
     fn counts_flops(&self) -> bool {
         false
+    }
+
+    fn step_shape(&self) -> Option<String> {
+        Some(format!(
+            "{} prompts × {} completions of up to {} tokens",
+            self.prompts_per_step, self.spec.group_size, self.spec.max_new_tokens
+        ))
     }
 }
 

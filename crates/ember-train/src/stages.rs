@@ -76,6 +76,10 @@ pub trait Objective {
     fn state(&self) -> Value;
     /// Continues from a saved state, at the start of optimizer step `step`.
     fn restore(&mut self, state: &Value, step: u64) -> Result<()>;
+    /// What one step trains on, for the start-of-run line (default: rows of `seq_len`).
+    fn step_shape(&self) -> Option<String> {
+        None
+    }
     /// Whether tokens/s measures training work, so that MFU means something (not for RL,
     /// where sampling dominates a step).
     fn counts_flops(&self) -> bool {
@@ -451,13 +455,15 @@ pub fn run_loop(
         .peak_tflops
         .or_else(|| default_peak_tflops(&base, dtype))
         .filter(|_| objective.counts_flops());
+    let shape = objective
+        .step_shape()
+        .unwrap_or_else(|| format!("{} rows of {seq} tokens", tcfg.batch_size * tcfg.grad_accum));
     eprintln!(
-        "{} {}: {:.2}M parameters, {}, {total} steps × {} rows of {seq} tokens, on {base:?} ({dtype:?})",
+        "{} {}: {:.2}M parameters, {}, {total} steps × {shape}, on {base:?} ({dtype:?})",
         s.stage.kind.name(),
         run_dir.display(),
         trainer.model().config.num_params() as f64 / 1e6,
         spec.data_line,
-        tcfg.batch_size * tcfg.grad_accum,
     );
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| anyhow!("{}: cannot create ({e})", run_dir.display()))?;
