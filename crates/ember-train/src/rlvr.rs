@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use ember_data::loader::Cursor;
 use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
@@ -241,7 +241,6 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         shown: String::new(),
         stats: LossSums::default(),
         t_train: Instant::now(),
-        ref_device: setup.base.clone(),
         rl,
     };
     run_loop(
@@ -314,7 +313,6 @@ struct Rlvr<'a> {
     rewarder: Rewarder,
     spec: RolloutSpec,
     reference: Option<Qwen3>,
-    ref_device: Device,
     prompts_per_step: usize,
     accum: usize,
     seed: u64,
@@ -456,7 +454,6 @@ impl Rlvr<'_> {
                 reference,
                 &self.current[range.clone()],
                 self.rl.temperature as f64,
-                &self.ref_device,
             );
             for (row, lp) in self.current[range].iter_mut().zip(lp) {
                 row.ref_logp = Some(lp);

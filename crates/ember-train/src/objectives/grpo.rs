@@ -405,13 +405,8 @@ pub fn policy_loss(
 
 /// Each row's completion log-probs under `model` at `temperature`, without a graph (the
 /// reference model's pass).
-pub fn completion_logprobs(
-    model: &Qwen3,
-    rows: &[PolicyRow],
-    temperature: f64,
-    device: &Device,
-) -> Vec<Vec<f32>> {
-    let t = RowTensors::new(rows, device);
+pub fn completion_logprobs(model: &Qwen3, rows: &[PolicyRow], temperature: f64) -> Vec<Vec<f32>> {
+    let t = RowTensors::new(rows, &model.embed_tokens.val().device());
     let (logp, _) = token_logprobs(model.forward(t.inputs), t.targets, temperature);
     let [_, l] = logp.dims();
     let v: Vec<f32> = logp.into_data().iter::<f32>().collect();
