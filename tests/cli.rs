@@ -181,6 +181,23 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
         "stage.3.eval.count=4",
         "stage.3.eval.every=0",
         "stage.3.eval.max_new_tokens=16",
+        "stage.4.train.steps=4",
+        "stage.4.data.generated.count=300",
+        "stage.4.data.seq_len=64",
+        "stage.5.train.steps=2",
+        "stage.5.train.batch_size=2",
+        "stage.5.data.generated.count=100",
+        "stage.5.data.seq_len=64",
+        "stage.5.rlp.group_size=2",
+        "stage.5.rlp.thought_tokens=8",
+        "stage.6.train.steps=2",
+        "stage.6.train.batch_size=2",
+        "stage.6.data.generated.count=20",
+        "stage.6.distill.bridge_steps=1",
+        "stage.6.distill.max_new_tokens=8",
+        "stage.6.eval.count=4",
+        "stage.6.eval.every=0",
+        "stage.6.eval.max_new_tokens=16",
         "generate.max_new_tokens=24",
     ];
     let mut args = vec!["quickstart", path.to_str().unwrap()];
@@ -190,7 +207,15 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     let o = ember(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let run = dir.join("quickstart");
-    for stage in ["pretrain", "cpt", "sft", "rlvr"] {
+    for stage in [
+        "pretrain",
+        "cpt",
+        "sft",
+        "rlvr",
+        "student",
+        "student-rlp",
+        "opd",
+    ] {
         for f in [
             "config.json",
             "model.safetensors",
@@ -209,6 +234,17 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
         .find(|l| l.starts_with("| rlvr | rlvr | 2 |"))
         .unwrap_or_else(|| panic!("no rlvr row in {report}"));
     assert!(rl_row.contains(" → "), "no reward first → last: {rl_row}");
+    let rlp_row = report
+        .lines()
+        .find(|l| l.starts_with("| student-rlp | pretrain | 2 |"))
+        .unwrap_or_else(|| panic!("no student-rlp row in {report}"));
+    assert!(rlp_row.contains(" → "), "no information gain: {rlp_row}");
+    let opd_row = report
+        .lines()
+        .find(|l| l.starts_with("| opd | opd | 2 |"))
+        .unwrap_or_else(|| panic!("no opd row in {report}"));
+    // Accuracy before, after, and the teacher's: three percentages.
+    assert_eq!(opd_row.matches('%').count(), 3, "{opd_row}");
     // stdout: the report, then the prompt and the fine-tuned model's answer.
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with(&report), "{out}");
@@ -220,6 +256,8 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
     assert!(
         e.contains("unigram entropy")
             && e.contains("held-out task accuracy")
+            && e.contains("(teacher ")
+            && e.contains("mean information gain")
             && e.contains("generated "),
         "{e}"
     );
@@ -229,9 +267,9 @@ fn quickstart_recipe_runs_and_writes_an_hf_checkpoint() {
             "quickstart",
             path.to_str().unwrap(),
             "--set",
-            "stage.7.train.steps=1",
+            "stage.9.train.steps=1",
         ]),
-        &["stage.7", "`7`"],
+        &["stage.9", "`9`"],
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -5,6 +5,7 @@ mod backends;
 mod cli;
 mod common;
 mod data;
+mod distill;
 mod hf_interop;
 mod qwen3_generate;
 mod qwen3_parity;

@@ -210,7 +210,7 @@ fn rl_recipe(name: &str, train: &str, rl: &str) -> (PathBuf, PathBuf) {
     (path, dir.join("runs/tiny"))
 }
 
-fn mean_of(recs: &[Value], key: &str) -> f64 {
+pub(crate) fn mean_of(recs: &[Value], key: &str) -> f64 {
     let v: Vec<f64> = recs.iter().filter_map(|r| r[key].as_f64()).collect();
     v.iter().sum::<f64>() / v.len() as f64
 }

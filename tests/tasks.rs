@@ -1,7 +1,9 @@
 //! The synthetic verifiable tasks (`ember_data::tasks`): determinism, arithmetically correct
 //! worked steps at every level, answer extraction and verification, and document streams.
 
-use ember_data::tasks::{documents, extract_answer, problems, task, verify, Problem, Split, Task};
+use ember_data::tasks::{
+    documents, extract_answer, problems, task, verify, DocFormat, Problem, Split, Task,
+};
 
 /// A tiny evaluator for the step equations: integers, unary minus, `+ - * /` (exact division
 /// only) and brackets, with the usual precedence.
@@ -285,7 +287,7 @@ fn extract_answer_takes_the_last_one() {
 #[test]
 fn documents_stream_cycles_levels_and_never_holds_an_evaluation_problem() {
     let t = arithmetic();
-    let docs: Vec<String> = documents(t.as_ref(), 9, 10, &[2, 5]).collect();
+    let docs: Vec<String> = documents(t.as_ref(), 9, 10, &[2, 5], &[]).collect();
     assert_eq!(docs.len(), 10);
     let train: Vec<Problem> = problems(t.as_ref(), 9, 10, &[2, 5], Split::Train).collect();
     for (i, (d, p)) in docs.iter().zip(&train).enumerate() {
@@ -293,11 +295,11 @@ fn documents_stream_cycles_levels_and_never_holds_an_evaluation_problem() {
         assert_eq!(*d, p.pretraining_text());
     }
     // Deterministic, and a prefix of a longer stream.
-    let again: Vec<String> = documents(t.as_ref(), 9, 4, &[2, 5]).collect();
+    let again: Vec<String> = documents(t.as_ref(), 9, 4, &[2, 5], &[]).collect();
     assert_eq!(again, docs[..4]);
     assert_ne!(
         docs,
-        documents(t.as_ref(), 10, 10, &[2, 5]).collect::<Vec<_>>()
+        documents(t.as_ref(), 10, 10, &[2, 5], &[]).collect::<Vec<_>>()
     );
     // No levels: all of the task's levels in turn.
     let all: Vec<Problem> = problems(t.as_ref(), 1, 7, &[], Split::Train).collect();
@@ -305,7 +307,24 @@ fn documents_stream_cycles_levels_and_never_holds_an_evaluation_problem() {
         all.iter().map(|p| p.level).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5, 1, 2]
     );
-    assert_eq!(documents(t.as_ref(), 1, 0, &[1]).count(), 0);
+    assert_eq!(documents(t.as_ref(), 1, 0, &[1], &[]).count(), 0);
+
+    // Formats cycle per document: steps inside <think>…</think>, or no steps at all.
+    let formats = [DocFormat::Think, DocFormat::Answer, DocFormat::Worked];
+    let mixed: Vec<String> = documents(t.as_ref(), 9, 6, &[2, 5], &formats).collect();
+    for (i, (d, p)) in mixed.iter().zip(&train).enumerate() {
+        let steps: String = p.steps.iter().map(|l| format!("{l}\n")).collect();
+        let want = match i % 3 {
+            0 => format!(
+                "{}\n<think>\n{steps}</think>Answer: {}\n",
+                p.question, p.answer
+            ),
+            1 => format!("{}\nAnswer: {}\n", p.question, p.answer),
+            _ => p.pretraining_text(),
+        };
+        assert_eq!(*d, want);
+        assert_eq!(extract_answer(d).as_deref(), Some(p.answer.as_str()));
+    }
 
     // The split is by computation: an evaluation problem's steps never occur in training
     // data, whatever the seed, and about a tenth of the problems are held out.

@@ -1,9 +1,11 @@
 //! `ember quickstart`: the newcomer's first run, the quickstart recipe's pipeline on generated
 //! arithmetic with worked steps (no download): pretraining, curriculum CPT from easy to hard
-//! problems, then SFT in the chat format. It compares the pretraining loss with the unigram
-//! entropy of the data (what a model that ignores context would reach), prints the stage
-//! table with the task accuracy before and after SFT, then loads the final checkpoint back
-//! from disk and answers the recipe's prompt.
+//! problems, SFT in the chat format, RLVR; then a smaller student pretrained, trained with
+//! RLP and distilled on-policy from the RLVR model. It compares the pretraining loss with the
+//! unigram entropy of the data (what a model that ignores context would reach), prints the
+//! stage table with the task accuracy before and after each fine-tuning stage (and the
+//! teacher's), RLP's information gain, then loads the last fine-tuned model of the main line
+//! back from disk and answers the recipe's prompt.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -72,20 +74,33 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    for r in rows
-        .iter()
-        .filter(|r| matches!(r.kind, StageKind::Sft | StageKind::Rlvr))
-    {
+    for r in &rows {
         if let (Some(b), Some(f)) = (r.accuracy_before, r.accuracy_after) {
+            let teacher = r
+                .teacher_accuracy
+                .map(|t| format!(" (teacher {:.1}%)", 100.0 * t))
+                .unwrap_or_default();
             eprintln!(
-                "{}: held-out task accuracy {:.1}% before, {:.1}% after",
+                "{}: held-out task accuracy {:.1}% before, {:.1}% after{teacher}",
                 r.name,
                 100.0 * b,
                 100.0 * f
             );
         }
+        if let Some((first, last)) = r.info_gain {
+            eprintln!(
+                "{}: mean information gain {first:.3} nats over the first tenth of the steps, {last:.3} over the last",
+                r.name
+            );
+        }
     }
-    let last = rows.last().expect("a checked pipeline has stages");
+    // The answer comes from the last fine-tuned stage of the main model (not a student).
+    let last = rows
+        .iter()
+        .rev()
+        .find(|r| matches!(r.kind, StageKind::Sft | StageKind::Rlvr))
+        .or(rows.last())
+        .expect("a checked pipeline has stages");
     let final_dir = run_dir.join(&last.name);
     let chat = matches!(last.kind, StageKind::Sft | StageKind::Rlvr);
 

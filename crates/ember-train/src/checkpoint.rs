@@ -50,7 +50,8 @@ pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes a checkpoint for `state.step` under `run_dir/checkpoints/` and keeps the newest
-/// `keep_last`. Returns the checkpoint directory.
+/// `keep_last`; `extra` adds the objective's own files to its `train_state/`. Returns the
+/// checkpoint directory.
 pub fn save(
     run_dir: &Path,
     model: &Qwen3,
@@ -58,6 +59,7 @@ pub fn save(
     optimizer: &Optimizer,
     state: &TrainState,
     keep_last: usize,
+    extra: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(run_dir, state.step);
     let parent = final_dir.parent().expect("step dir has a parent");
@@ -67,6 +69,7 @@ pub fn save(
         fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     }
     write_into(&tmp, model, tokenizer, optimizer, state)?;
+    extra(&tmp.join(STATE_DIR))?;
     fault("abort-in-checkpoint", state.step);
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir)
@@ -154,6 +157,11 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
             dir.display()
         )
     })
+}
+
+/// Where a checkpoint keeps what its objective saves besides the model (RLP's EMA).
+pub fn state_dir(ckpt: &Path) -> PathBuf {
+    ckpt.join(STATE_DIR)
 }
 
 pub fn state_file(ckpt: &Path) -> PathBuf {

@@ -219,6 +219,48 @@ pub fn task_evaluator<'a>(
     tok: &'a Tokenizer,
     default_format: PromptFormat,
 ) -> Result<Option<Box<dyn Evaluator + 'a>>> {
+    Ok(task_accuracy(s, tok, default_format)?.map(|t| Box::new(t) as Box<dyn Evaluator>))
+}
+
+/// A frozen teacher's accuracy on the stage's `[eval]` task, before the first step, as
+/// `teacher_accuracy` (what an OPD student is measured against).
+pub fn teacher_evaluator<'a>(
+    s: &StageRun,
+    tok: &'a Tokenizer,
+    default_format: PromptFormat,
+    teacher: &'a Qwen3,
+) -> Result<Option<Box<dyn Evaluator + 'a>>> {
+    Ok(task_accuracy(s, tok, default_format)?.map(|mut inner| {
+        inner.name = format!("teacher-{}", inner.name);
+        Box::new(TeacherAccuracy { inner, teacher }) as Box<dyn Evaluator>
+    }))
+}
+
+struct TeacherAccuracy<'a> {
+    inner: TaskAccuracy<'a>,
+    teacher: &'a Qwen3,
+}
+
+impl Evaluator for TeacherAccuracy<'_> {
+    fn due(&self, step: u64, _last: bool) -> bool {
+        step == 0
+    }
+
+    fn evaluate(&mut self, _student: &Qwen3, step: u64) -> Result<(Map<String, Value>, String)> {
+        let (m, line) = self.inner.evaluate(self.teacher, step)?;
+        let m = m
+            .into_iter()
+            .map(|(k, v)| (format!("teacher_{k}"), v))
+            .collect();
+        Ok((m, line))
+    }
+}
+
+fn task_accuracy<'a>(
+    s: &StageRun,
+    tok: &'a Tokenizer,
+    default_format: PromptFormat,
+) -> Result<Option<TaskAccuracy<'a>>> {
     let Some(e) = &s.stage.eval else {
         return Ok(None);
     };
@@ -231,7 +273,7 @@ pub fn task_evaluator<'a>(
     let format = e.format.unwrap_or(default_format);
     // Fail now, not after the first training steps, if the tokenizer cannot chat.
     Prompter::new(tok, format).map_err(|err| anyhow!("{origin}: {err:#}"))?;
-    Ok(Some(Box::new(TaskAccuracy {
+    Ok(Some(TaskAccuracy {
         name: e.task.clone(),
         problems,
         tokenizer: tok,
@@ -240,5 +282,5 @@ pub fn task_evaluator<'a>(
         batch: e.batch_size,
         every: e.every,
         out_dir: s.run_dir.join("eval"),
-    })))
+    }))
 }

@@ -108,7 +108,13 @@ impl MetricsLog {
                         add(&mut accuracy, "accuracy".into(), (step, x));
                         continue;
                     }
-                    "reward" | "rollout_accuracy" => {
+                    // OPD's divergences and RLP's no-thought baseline, in nats/token.
+                    "kl" | "logprob_gap" | "ema_ce" => k.replace('_', " "),
+                    "teacher_accuracy" => {
+                        add(&mut accuracy, "teacher".into(), (step, x));
+                        continue;
+                    }
+                    "reward" | "rollout_accuracy" | "student_accuracy" | "info_gain" => {
                         add(&mut rewards, k.replace('_', " "), (step, x));
                         continue;
                     }

@@ -30,6 +30,10 @@ pub struct StageReport {
     pub val_by_source: Vec<(String, f64)>,
     /// RL: the mean rollout reward over the first and over the last tenth of the steps.
     pub reward: Option<(f64, f64)>,
+    /// OPD: the teacher's task accuracy.
+    pub teacher_accuracy: Option<f64>,
+    /// RLP: the mean information gain over the first and over the last tenth of the steps.
+    pub info_gain: Option<(f64, f64)>,
     pub tokens: u64,
     pub skipped: bool,
     /// What the stage reported when it ran in this invocation.
@@ -70,12 +74,15 @@ fn report_row(
         accuracy_after: None,
         val_by_source: Vec::new(),
         reward: None,
+        teacher_accuracy: None,
+        info_gain: None,
         tokens: 0,
         skipped: summary.is_none(),
         summary,
     };
     let mut by_source = std::collections::BTreeMap::new();
     let mut rewards = Vec::new();
+    let mut gains = Vec::new();
     for v in text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -85,6 +92,8 @@ fn report_row(
         r.val_loss = v["val_loss"].as_f64().or(r.val_loss);
         r.tokens = v["tokens"].as_u64().unwrap_or(r.tokens);
         rewards.extend(v["reward"].as_f64());
+        gains.extend(v["info_gain"].as_f64());
+        r.teacher_accuracy = v["teacher_accuracy"].as_f64().or(r.teacher_accuracy);
         if let Some(a) = v["accuracy"].as_f64() {
             r.accuracy_before.get_or_insert(a);
             r.accuracy_after = Some(a);
@@ -96,12 +105,19 @@ fn report_row(
         }
     }
     r.val_by_source = by_source.into_iter().collect();
-    if !rewards.is_empty() {
-        let k = rewards.len().div_ceil(10);
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-        r.reward = Some((mean(&rewards[..k]), mean(&rewards[rewards.len() - k..])));
-    }
+    r.reward = first_and_last_tenth(&rewards);
+    r.info_gain = first_and_last_tenth(&gains);
     Ok(r)
+}
+
+/// The means over the first and over the last tenth of a series (None when it is empty).
+fn first_and_last_tenth(x: &[f64]) -> Option<(f64, f64)> {
+    if x.is_empty() {
+        return None;
+    }
+    let k = x.len().div_ceil(10);
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    Some((mean(&x[..k]), mean(&x[x.len() - k..])))
 }
 
 fn render(rows: &[StageReport], title: &str) -> String {
@@ -111,7 +127,7 @@ fn render(rows: &[StageReport], title: &str) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | val loss by source | reward first → last | accuracy before | accuracy after | this run |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|\n"
+        "# {title}\n\n| stage | kind | steps | tokens | final train loss | val loss | val ppl | val loss by source | reward (RL) or information gain (RLP), first → last | accuracy before | accuracy after | teacher accuracy | this run |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n"
     );
     for r in rows {
         let sources = r
@@ -121,7 +137,7 @@ fn render(rows: &[StageReport], title: &str) -> String {
             .collect::<Vec<_>>()
             .join(", ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.kind.name(),
             r.steps,
@@ -135,10 +151,12 @@ fn render(rows: &[StageReport], title: &str) -> String {
                 sources
             },
             r.reward
+                .or(r.info_gain)
                 .map(|(a, b)| format!("{a:.3} → {b:.3}"))
                 .unwrap_or_else(|| "-".into()),
             pct(r.accuracy_before),
             pct(r.accuracy_after),
+            pct(r.teacher_accuracy),
             if r.skipped {
                 "already complete"
             } else {
@@ -164,9 +182,12 @@ pub fn check(recipe: &Recipe, path: &Path) -> Result<()> {
         || !recipe.phase.is_empty()
         || recipe.eval.is_some()
         || recipe.rl.is_some()
+        || recipe.distill.is_some()
+        || recipe.objective.is_some()
+        || recipe.rlp.is_some()
     {
         bail!(
-            "{}: a pipeline recipe keeps `kind`, [data], [train], [[phase]], [eval] and [rl] inside each [[stage]]",
+            "{}: a pipeline recipe keeps `kind`, `objective`, [data], [train], [[phase]], [eval], [rl], [distill] and [rlp] inside each [[stage]]",
             path.display()
         );
     }
@@ -181,6 +202,15 @@ pub fn check(recipe: &Recipe, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A path in a stage's settings that names an earlier stage (`teacher = "sft"`) is that
+/// stage's output directory; anything else is a path.
+fn stage_ref(p: &Path, earlier: &[StageSection], root: &Path) -> PathBuf {
+    match p.to_str() {
+        Some(name) if earlier.iter().any(|s| s.name == name) => root.join(name),
+        _ => p.to_path_buf(),
+    }
+}
+
 /// Runs every stage of the recipe; returns the report rows and writes `report.md`.
 pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageReport>> {
     let recipe = Recipe::load_with(path, overrides)?;
@@ -188,14 +218,34 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
     let root = recipe.run_dir();
     let mut previous: Option<PathBuf> = None;
     let mut rows = Vec::new();
+    let mut shapes: Vec<Option<toml::Table>> = Vec::new();
     for (i, st) in recipe.stage.iter().enumerate() {
         let dir = root.join(&st.name);
-        let mut train = st.train.clone();
-        if train.init_from.is_none() {
-            train.init_from = previous.clone();
-        }
+        let earlier = &recipe.stage[..i];
         let mut stage = st.clone();
-        stage.train = train;
+        let train = &mut stage.train;
+        // The architecture a stage's weights have: its own [stage.model], else that of the
+        // stage it starts from (a student's later stages keep the student's shape).
+        let source = match &train.init_from {
+            Some(p) => earlier
+                .iter()
+                .position(|e| Some(e.name.as_str()) == p.to_str()),
+            None => i.checked_sub(1),
+        };
+        if stage.model.is_none() {
+            stage.model = source.and_then(|j| shapes[j].clone());
+        }
+        train.init_from = match &train.init_from {
+            Some(p) => Some(stage_ref(p, earlier, &root)),
+            // A stage with its own [model] starts a new model; the others continue the chain.
+            None if st.model.is_some() => None,
+            None => previous.clone(),
+        };
+        shapes.push(stage.model.clone());
+        if let Some(d) = &mut stage.distill {
+            d.teacher = stage_ref(&d.teacher, earlier, &root);
+            d.reference = d.reference.as_deref().map(|p| stage_ref(p, earlier, &root));
+        }
         let steps = stage_steps(&stage, path)?;
         let mut summary = None;
         if complete(&dir, steps) {

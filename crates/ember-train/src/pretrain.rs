@@ -16,10 +16,13 @@ use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::objectives::lm::cross_entropy;
-use crate::recipe::{line_of, DataSection, GeneratedData, PromptFormat, Recipe, TrainSection};
+use crate::recipe::{
+    line_of, DataSection, GeneratedData, PromptFormat, Recipe, TrainObjective, TrainSection,
+};
+use crate::rlp::Rlp;
 use crate::stages::{
-    check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Setup, StageRun, Summary,
-    Supervised,
+    check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Objective, Setup,
+    StageRun, Summary, Supervised,
 };
 use crate::trainer::scalar;
 
@@ -69,7 +72,7 @@ pub fn resolve_sources(
         let task = tasks::task(&g.task)
             .map_err(|e| anyhow!("{} [{tag}.generated]: {e:#}", recipe_path.display()))?;
         let file = data_dir.join(format!("generated-{stem}.jsonl"));
-        let body: String = tasks::documents(task.as_ref(), seed, g.count, &g.levels)
+        let body: String = tasks::documents(task.as_ref(), seed, g.count, &g.levels, &g.formats)
             .map(|doc| json!({ "text": doc }).to_string() + "\n")
             .collect();
         write_if_changed(&file, body.as_bytes())?;
@@ -269,6 +272,9 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             path.display()
         );
     }
+    if s.stage.objective == Some(TrainObjective::Rlp) {
+        crate::rlp::checked_section(s)?;
+    }
     let mut setup = Setup::new(s)?;
     let prepared = prepare_data(
         data,
@@ -305,14 +311,23 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         prepared.cache.train_tokens, prepared.cache.val_tokens
     );
     let mut feed = CursorFeed(loader);
-    let mut objective = Supervised::new(&mut feed, s, &setup);
+    let mut objective: Box<dyn Objective> = match s.stage.objective {
+        Some(TrainObjective::Rlp) => Box::new(Rlp::new(
+            &mut feed,
+            s,
+            &setup,
+            &prepared.tokenizer,
+            prepared.eos_id,
+        )?),
+        _ => Box::new(Supervised::new(&mut feed, s, &setup)),
+    };
     run_loop(
         setup,
         LoopSpec {
             train_file: Some(prepared.cache.train_file()),
             ..LoopSpec::single(s, &prepared.tokenizer, data_line)
         },
-        &mut objective,
+        objective.as_mut(),
         &mut evaluators,
     )
 }

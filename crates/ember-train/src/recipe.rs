@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use ember_data::chat::ChatSource;
 use ember_data::prompts::PromptSource;
 use ember_data::sft::{Batching, LossAveraging};
+use ember_data::tasks::DocFormat;
 use ember_data::Source;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
@@ -43,6 +44,15 @@ pub struct Recipe {
     /// RL settings of a single-stage `kind = "rlvr"` recipe.
     #[serde(default)]
     pub rl: Option<RlSection>,
+    /// Teacher and loss of a single-stage `kind = "opd"` recipe.
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
+    /// What a single-stage pretraining recipe optimises: `ntp` (next-token loss) or `rlp`.
+    #[serde(default)]
+    pub objective: Option<TrainObjective>,
+    /// RLP settings (`objective = "rlp"`).
+    #[serde(default)]
+    pub rlp: Option<RlpSection>,
     /// The stages `ember pipeline` runs in order, each from the previous one's output.
     #[serde(default)]
     pub stage: Vec<StageSection>,
@@ -66,6 +76,19 @@ pub struct StageSection {
     /// RLVR only: rollouts, rewards and the objective.
     #[serde(default)]
     pub rl: Option<RlSection>,
+    /// OPD only: the teacher, sampling and the distillation loss.
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
+    /// Pretraining only: `ntp` (the default) or `rlp`.
+    #[serde(default)]
+    pub objective: Option<TrainObjective>,
+    /// RLP settings (`objective = "rlp"`).
+    #[serde(default)]
+    pub rlp: Option<RlpSection>,
+    /// This stage's own architecture: a new model trained from scratch (a distillation
+    /// student, say) instead of the previous stage's. Same keys as `[model]`.
+    #[serde(default)]
+    pub model: Option<toml::Table>,
 }
 
 /// What a stage trains on.
@@ -80,6 +103,8 @@ pub enum StageKind {
     Sft,
     /// RL with verifiable rewards: sampled groups, scored, trained with the GRPO family.
     Rlvr,
+    /// On-policy distillation: the student samples, a frozen teacher scores every token.
+    Opd,
 }
 
 impl StageKind {
@@ -89,6 +114,7 @@ impl StageKind {
             StageKind::Cpt => "cpt",
             StageKind::Sft => "sft",
             StageKind::Rlvr => "rlvr",
+            StageKind::Opd => "opd",
         }
     }
 }
@@ -243,6 +269,157 @@ pub enum RewardKind {
     Overlong,
 }
 
+/// What a pretraining stage optimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainObjective {
+    /// Next-token cross-entropy.
+    Ntp,
+    /// RLP's information-gain reward on sampled thoughts (optionally plus next-token loss).
+    Rlp,
+}
+
+/// The distillation loss of an OPD stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillLossKind {
+    /// Per-token advantage −(log π_student − log π_teacher) on the sampled tokens, with
+    /// importance weighting against the sampler (Thinking Machines' on-policy distillation).
+    ReverseKlSampled,
+    /// KL(student ‖ teacher) over the whole vocabulary at every sampled position.
+    ReverseKl,
+    /// KL(teacher ‖ student) over the whole vocabulary.
+    ForwardKl,
+    /// GKD's generalized Jensen–Shannon divergence with `jsd_beta`.
+    Jsd,
+}
+
+/// An OPD stage: the student (the stage's model) samples completions of the prompts, the
+/// frozen teacher scores them, and the student minimises the chosen divergence on them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher: a checkpoint or HF model directory, or (in a pipeline) the name of an
+    /// earlier stage. It must share the student's tokenizer.
+    pub teacher: PathBuf,
+    /// `reverse_kl_sampled`, `reverse_kl`, `forward_kl` or `jsd`.
+    #[serde(default = "reverse_kl_sampled")]
+    pub loss: DistillLossKind,
+    /// β of `jsd`, in [0, 1]: 0 is forward KL, 1 reverse KL.
+    #[serde(default = "half")]
+    pub jsd_beta: f64,
+    /// Extrapolation λ ≥ 0 on the teacher-vs-reference reward log π_T − log π_ref: 1 is plain
+    /// OPD; above 1 pushes past the teacher. Other values need the reference model.
+    #[serde(default = "one_f64")]
+    pub lambda: f64,
+    /// The reference model for λ ≠ 1 (default: the model the student started from).
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    /// Bridge: the first this many steps train on teacher samples under forward KL, then
+    /// the student samples.
+    #[serde(default)]
+    pub bridge_steps: u64,
+    /// Completions sampled per prompt.
+    #[serde(default = "one_usize")]
+    pub samples_per_prompt: usize,
+    #[serde(default = "rl_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one")]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    /// Completions generated at once (0: the whole batch).
+    #[serde(default)]
+    pub rollout_batch: usize,
+    /// `chat` (the chat template) or `text` prompts.
+    #[serde(default = "chat_format")]
+    pub format: PromptFormat,
+    /// Answer checkers for the student's rollout accuracy (default: `math_answer` on
+    /// `answer`, reported when the rows have that field), and the reward of routed tokens.
+    #[serde(default)]
+    pub rewards: Vec<RewardSpec>,
+    /// Token routing: the distillation term applies only to the completion's spans from
+    /// `route_open` to `route_close` (markers included; an unclosed span runs to the end),
+    /// and a GRPO term on the reward of `rewards` to every other token. Needs
+    /// `samples_per_prompt` ≥ 2.
+    #[serde(default)]
+    pub route_open: Option<String>,
+    #[serde(default)]
+    pub route_close: Option<String>,
+}
+
+/// How RLP chooses the positions it thinks before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionChoice {
+    /// Uniformly at random.
+    Random,
+    /// Where the EMA baseline's next-token entropy is highest.
+    Entropy,
+    /// At random among line starts (after a token that ends a line, or a document): the
+    /// thought comes before a whole line, as a reasoning step would.
+    LineStart,
+}
+
+/// RLP (arXiv 2510.01265): at sampled positions t of ordinary text the model writes G
+/// thoughts `<think>c</think>`; each is rewarded by how much it raises the log-prob of the
+/// next token over an EMA copy of the model that does not think.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlpSection {
+    /// Thoughts sampled per position (G ≥ 2).
+    #[serde(default = "rlp_group")]
+    pub group_size: usize,
+    /// Positions sampled per training row.
+    #[serde(default = "one_usize")]
+    pub positions_per_row: usize,
+    /// `random`, `entropy` or `line_start`.
+    #[serde(default = "random_positions")]
+    pub positions: PositionChoice,
+    /// Longest thought, in tokens.
+    #[serde(default = "rlp_thought")]
+    pub thought_tokens: usize,
+    #[serde(default = "rlp_temperature")]
+    pub temperature: f32,
+    /// Next tokens the reward scores (x_t … x_{t+k−1}).
+    #[serde(default = "one_usize")]
+    pub next_tokens: usize,
+    /// EMA decay τ of the no-thought baseline: φ ← τφ + (1−τ)θ after every step.
+    #[serde(default = "ema_tau")]
+    pub ema_decay: f64,
+    #[serde(default = "epsilon")]
+    pub epsilon_low: f64,
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    /// Weight of an added next-token loss on the batch (0: RLP alone, as in the paper).
+    #[serde(default)]
+    pub ntp_weight: f64,
+}
+
+fn reverse_kl_sampled() -> DistillLossKind {
+    DistillLossKind::ReverseKlSampled
+}
+fn half() -> f64 {
+    0.5
+}
+fn rlp_group() -> usize {
+    16
+}
+fn random_positions() -> PositionChoice {
+    PositionChoice::Random
+}
+fn rlp_thought() -> usize {
+    2048
+}
+fn rlp_temperature() -> f32 {
+    0.7
+}
+fn ema_tau() -> f64 {
+    0.999
+}
+
 fn group_size() -> usize {
     8
 }
@@ -330,6 +507,11 @@ pub struct GeneratedData {
     pub count: u64,
     #[serde(default = "level_one")]
     pub levels: Vec<u32>,
+    /// Pretraining documents: `worked` (steps then the answer; the default), `think` (the
+    /// steps inside `<think>…</think>`) or `answer` (no steps); document i takes the
+    /// i-th entry, cyclically.
+    #[serde(default)]
+    pub formats: Vec<DocFormat>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -533,30 +715,10 @@ impl Recipe {
     }
 
     pub fn model_spec(&self, path: &Path) -> Result<ModelSpec> {
-        let origin = format!("{} [model]", path.display());
-        let Some(mut table) = self.model.clone() else {
+        let Some(table) = self.model.clone() else {
             bail!("{}: section [model] is missing", path.display());
         };
-        let arch = match table.remove("arch") {
-            Some(toml::Value::String(s)) => s,
-            Some(_) => bail!("{origin}: key `arch` must be a string"),
-            None => bail!("{origin}: key `arch` is missing (e.g. arch = \"qwen3\")"),
-        };
-        let mut json = serde_json::to_value(&table)?;
-        json["model_type"] = arch.clone().into();
-        match arch.as_str() {
-            "qwen3" => {
-                let known = Qwen3Config::known_fields();
-                if let Some(k) = table.keys().find(|k| !known.contains(k)) {
-                    let at = line_of(path, &format!("{k} ="))
-                        .map(|l| format!("{}:{l}: [model]", path.display()))
-                        .unwrap_or(origin);
-                    bail!("{at}: unknown key `{k}` for arch qwen3");
-                }
-                Ok(ModelSpec::Qwen3(Qwen3Config::from_value(&json, &origin)?))
-            }
-            other => bail!("{origin}: unknown arch `{other}` (supported: qwen3)"),
-        }
+        model_spec(table, path)
     }
 
     /// The recipe's single stage, for `ember train`.
@@ -583,11 +745,40 @@ impl Recipe {
             phase: self.phase.clone(),
             eval: self.eval.clone(),
             rl: self.rl.clone(),
+            distill: self.distill.clone(),
+            objective: self.objective,
+            rlp: self.rlp.clone(),
+            model: None,
         })
     }
 
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
+    }
+}
+
+/// The model an architecture table (`[model]`, or a stage's own) describes.
+pub fn model_spec(mut table: toml::Table, path: &Path) -> Result<ModelSpec> {
+    let origin = format!("{} [model]", path.display());
+    let arch = match table.remove("arch") {
+        Some(toml::Value::String(s)) => s,
+        Some(_) => bail!("{origin}: key `arch` must be a string"),
+        None => bail!("{origin}: key `arch` is missing (e.g. arch = \"qwen3\")"),
+    };
+    let mut json = serde_json::to_value(&table)?;
+    json["model_type"] = arch.clone().into();
+    match arch.as_str() {
+        "qwen3" => {
+            let known = Qwen3Config::known_fields();
+            if let Some(k) = table.keys().find(|k| !known.contains(k)) {
+                let at = line_of(path, &format!("{k} ="))
+                    .map(|l| format!("{}:{l}: [model]", path.display()))
+                    .unwrap_or(origin);
+                bail!("{at}: unknown key `{k}` for arch qwen3");
+            }
+            Ok(ModelSpec::Qwen3(Qwen3Config::from_value(&json, &origin)?))
+        }
+        other => bail!("{origin}: unknown arch `{other}` (supported: qwen3)"),
     }
 }
 

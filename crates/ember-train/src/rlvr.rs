@@ -9,26 +9,23 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::Tensor;
-use ember_data::loader::Cursor;
 use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
-use ember_data::tasks::{self, Split};
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
 use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
-use crate::evaluate::Prompter;
 use crate::objectives::grpo::{
     advantages, aggregation_weights, completion_logprobs, grpo, policy_loss, tempo, AdvantageKind,
     Aggregation, LossSums, PolicyRow, SurrogateConfig,
 };
-use crate::pretrain::resolve_tokenizer;
-use crate::recipe::{PromptFormat, RlSection};
+use crate::prompt_set::{check_prompt_data, stage_prompts, Encoded, PromptOrder};
+use crate::recipe::RlSection;
 use crate::rollout::{rl_origin, sample_groups, Group, Rewarder, RolloutSpec};
 use crate::stages::{
-    check_common, evaluators, reference_model, run_loop, LoopSpec, Objective, Setup, StageRun,
-    Summary,
+    check_common, evaluators, micro_ranges, reference_model, run_loop, LoopSpec, Objective, Setup,
+    StageRun, Summary,
 };
 
 /// Checks `[rl]` and returns it with ε_high resolved.
@@ -82,118 +79,23 @@ fn checked_section(s: &StageRun) -> Result<(RlSection, f64)> {
     Ok((rl, eps_high))
 }
 
-/// The stage's prompts: `[[data.prompts]]` rows, then `[data.generated]` problems (from the
-/// training side of the task's split, a stream apart from SFT's).
-fn prompt_rows(s: &StageRun) -> Result<Vec<PromptRow>> {
-    let data = &s.stage.data;
-    let mut rows = Vec::new();
-    for src in &data.prompts {
-        let (r, skipped) = src
-            .read_all()
-            .map_err(|e| anyhow!("{} [[data.prompts]]: {e:#}", s.path.display()))?;
-        if skipped > 0 {
-            eprintln!(
-                "{}: skipped {skipped} malformed rows (on_error = \"skip\")",
-                src.path.display()
-            );
-        }
-        rows.extend(r);
-    }
-    if let Some(g) = &data.generated {
-        let task = tasks::task(&g.task)
-            .map_err(|e| anyhow!("{} [data.generated]: {e:#}", s.path.display()))?;
-        let seed = s.recipe.run.seed ^ 0x524C_5652;
-        rows.extend(
-            tasks::problems(task.as_ref(), seed, g.count, &g.levels, Split::Train)
-                .map(|p| PromptRow::from_problem(&p)),
-        );
-    }
-    if rows.is_empty() {
-        bail!(
-            "{} [data]: a rlvr stage needs [[data.prompts]] rows or [data.generated]",
-            s.path.display()
-        );
-    }
-    Ok(rows)
-}
-
-/// The prompts as the model is asked them.
-struct Encoded {
-    /// Each kept row with its token ids.
-    prompts: Vec<(PromptRow, Vec<u32>)>,
-    /// The ids that end a completion.
-    eos: Vec<u32>,
-    /// Rows left out for being longer than `seq_len`.
-    too_long: usize,
-}
-
-/// Token ids of each prompt as the model is asked it; prompts longer than `max_len` are
-/// left out.
-fn encode_prompts(
-    rows: Vec<PromptRow>,
-    tok: &Tokenizer,
-    format: PromptFormat,
-    max_len: usize,
-) -> Result<Encoded> {
-    let prompter = Prompter::new(tok, format)?;
-    let mut kept = Vec::with_capacity(rows.len());
-    let mut long = 0;
-    for row in rows {
-        let ids = prompter.encode(tok, &row.conversation)?;
-        if ids.len() > max_len {
-            long += 1;
-        } else {
-            kept.push((row, ids));
-        }
-    }
-    Ok(Encoded {
-        prompts: kept,
-        eos: prompter.eos().to_vec(),
-        too_long: long,
-    })
-}
-
 /// An RLVR stage.
 pub fn run(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     let (rl, eps_high) = checked_section(s)?;
-    let (data, tcfg) = (&s.stage.data, &s.stage.train);
-    if !data.sources.is_empty() || !data.datasets.is_empty() || !data.chat.is_empty() {
-        bail!(
-            "{} [data]: a rlvr stage reads [[data.prompts]] or [data.generated], not `sources`, `datasets` or `chat`",
-            path.display()
-        );
-    }
-    if data.bpe_vocab_size.is_some() {
-        bail!(
-            "{} [data]: `bpe_vocab_size` is for pretraining; a rlvr stage uses the checkpoint's tokenizer or `tokenizer`",
-            path.display()
-        );
-    }
+    let tcfg = &s.stage.train;
+    check_prompt_data(s)?;
     let rewarder = Rewarder::new(&rl.rewards, rl.max_new_tokens, &rl_origin(path))?;
     let mut setup = Setup::new(s)?;
-    let rows = prompt_rows(s)?;
-    let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref())?;
-    setup.adopt_tokenizer(&tok, eos, path)?;
-    let Encoded {
-        prompts,
-        eos: eos_ids,
-        too_long: long,
-    } = encode_prompts(rows, &tok, rl.format, data.seq_len)?;
-    if long > 0 {
-        eprintln!(
-            "note: {long} prompts are longer than seq_len {} tokens and are left out",
-            data.seq_len
-        );
-    }
-    if prompts.is_empty() {
-        bail!(
-            "{} [data]: every prompt is longer than seq_len {}",
-            path.display(),
-            data.seq_len
-        );
-    }
+    let (
+        tok,
+        Encoded {
+            prompts,
+            eos: eos_ids,
+            ..
+        },
+    ) = stage_prompts(s, &mut setup, rl.format)?;
     let reference = (rl.beta > 0.0)
         .then(|| reference_model(s, &setup))
         .transpose()?;
@@ -251,59 +153,6 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     )
 }
 
-/// The order prompts are drawn in: a seeded shuffle per epoch.
-struct PromptOrder {
-    n: usize,
-    seed: u64,
-    cursor: Cursor,
-    perm: Vec<usize>,
-}
-
-impl PromptOrder {
-    fn new(n: usize, seed: u64) -> Self {
-        let mut o = Self {
-            n,
-            seed,
-            cursor: Cursor { epoch: 0, index: 0 },
-            perm: Vec::new(),
-        };
-        o.perm = o.permutation(0);
-        o
-    }
-
-    fn permutation(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.n).collect();
-        let mut state = mix64(self.seed ^ mix64(epoch ^ 0x5250_524D));
-        for i in (1..order.len()).rev() {
-            state = mix64(state);
-            order.swap(i, (state % (i as u64 + 1)) as usize);
-        }
-        order
-    }
-
-    fn next(&mut self) -> usize {
-        if self.cursor.index as usize >= self.n {
-            self.cursor = Cursor {
-                epoch: self.cursor.epoch + 1,
-                index: 0,
-            };
-            self.perm = self.permutation(self.cursor.epoch);
-        }
-        let i = self.perm[self.cursor.index as usize];
-        self.cursor.index += 1;
-        i
-    }
-
-    fn set(&mut self, c: Cursor) -> Result<()> {
-        if c.index as usize > self.n {
-            bail!("prompt cursor {} is past the {} prompts", c.index, self.n);
-        }
-        self.perm = self.permutation(c.epoch);
-        self.cursor = c;
-        Ok(())
-    }
-}
-
 struct Rlvr<'a> {
     rl: RlSection,
     surrogate: SurrogateConfig,
@@ -342,7 +191,7 @@ impl Rlvr<'_> {
         let mut flat: Vec<Group> = Vec::new();
         let mut m = RolloutMetrics::default();
         for round in 0..rounds {
-            let picks: Vec<usize> = (0..need).map(|_| self.order.next()).collect();
+            let picks: Vec<usize> = (0..need).map(|_| self.order.draw()).collect();
             let batch: Vec<(usize, &[u32], &PromptRow)> = picks
                 .iter()
                 .map(|&i| (i, self.prompts[i].1.as_slice(), &self.prompts[i].0))
@@ -480,10 +329,8 @@ impl Objective for Rlvr<'_> {
         }
         self.current = self.train_rows(&self.buffer[range]);
         let rows = self.current.len();
-        let micro = self.accum.min(rows).max(1);
-        self.micro = (0..micro)
-            .map(|i| i * rows / micro..(i + 1) * rows / micro)
-            .collect();
+        self.micro = micro_ranges(rows, self.accum);
+        let micro = self.micro.len();
         self.reference_logprobs()?;
         self.stats = LossSums::default();
         self.t_train = Instant::now();
@@ -522,15 +369,13 @@ impl Objective for Rlvr<'_> {
     }
 
     fn state(&self) -> Value {
-        json!(self.order.cursor)
+        self.order.state()
     }
 
     fn restore(&mut self, state: &Value, _step: u64) -> Result<()> {
-        let c: Cursor = serde_json::from_value(state.clone())
-            .map_err(|e| anyhow!("cursor: {e} (a checkpoint of another stage kind?)"))?;
         // The rollout batch in flight is not saved: the next step samples a fresh one.
         self.buffer_rollout = None;
-        self.order.set(c)
+        self.order.restore(state)
     }
 
     fn counts_flops(&self) -> bool {
@@ -538,10 +383,7 @@ impl Objective for Rlvr<'_> {
     }
 
     fn step_shape(&self) -> Option<String> {
-        Some(format!(
-            "{} prompts × {} completions of up to {} tokens",
-            self.prompts_per_step, self.spec.group_size, self.spec.max_new_tokens
-        ))
+        Some(self.spec.shape(self.prompts_per_step))
     }
 }
 

@@ -147,6 +147,16 @@ pub struct RolloutSpec {
     pub pad_id: u32,
 }
 
+impl RolloutSpec {
+    /// What one step samples, for the start-of-run line.
+    pub fn shape(&self, prompts: usize) -> String {
+        format!(
+            "{prompts} prompts × {} completions of up to {} tokens",
+            self.group_size, self.max_new_tokens
+        )
+    }
+}
+
 /// What sampling a batch cost.
 #[derive(Default, Clone, Copy)]
 pub struct RolloutCost {

@@ -21,7 +21,10 @@ use crate::checkpoint::{self, TrainState};
 use crate::metrics::{flops_per_token, step_record, MetricsLog, Progress};
 use crate::optim::Optimizer;
 use crate::pretrain::{batch_loss, parse_dtype};
-use crate::recipe::{ModelSpec, PromptFormat, Recipe, StageKind, StageSection, TrainSection};
+use crate::recipe::{
+    model_spec, ModelSpec, PromptFormat, Recipe, StageKind, StageSection, TrainObjective,
+    TrainSection,
+};
 use crate::schedule::{LrPlan, Schedule};
 use crate::trainer::{Diverged, Trainer};
 
@@ -57,6 +60,7 @@ pub fn run_stage(s: &StageRun) -> Result<Summary> {
         StageKind::Cpt => crate::cpt::run(s),
         StageKind::Sft => crate::sft::run(s),
         StageKind::Rlvr => crate::rlvr::run(s),
+        StageKind::Opd => crate::opd::run(s),
     }
 }
 
@@ -80,11 +84,27 @@ pub trait Objective {
     fn step_shape(&self) -> Option<String> {
         None
     }
+    /// Writes what the objective keeps besides [`Objective::state`] (RLP's EMA model) into a
+    /// checkpoint's `train_state/` directory.
+    fn save_files(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Reads back what [`Objective::save_files`] wrote, when resuming.
+    fn load_files(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
     /// Whether tokens/s measures training work, so that MFU means something (not for RL,
     /// where sampling dominates a step).
     fn counts_flops(&self) -> bool {
         true
     }
+}
+
+/// `n` items in `parts` contiguous ranges of near-equal size (at least one, at most `n`):
+/// the micro-batches of a step's sampled rows.
+pub fn micro_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let k = parts.min(n).max(1);
+    (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
 }
 
 /// Next-token loss on a [`Feed`]'s batches, `accum` micro-batches a step.
@@ -222,17 +242,49 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
             path.display()
         );
     }
-    match (stage.kind, &stage.rl) {
-        (StageKind::Rlvr, None) => bail!(
-            "{}: a rlvr stage needs an [rl] section (group_size, max_new_tokens, rewards, ...)",
-            path.display()
+    // Each kind-specific section belongs to its kind, and the RL kinds need theirs.
+    let sections = [
+        ("an [rl] section", stage.rl.is_some(), StageKind::Rlvr),
+        (
+            "a [distill] section",
+            stage.distill.is_some(),
+            StageKind::Opd,
         ),
-        (k, Some(_)) if k != StageKind::Rlvr => bail!(
-            "{}: an [rl] section belongs to kind = \"rlvr\" (this stage is {})",
+        ("an [rlp] section", stage.rlp.is_some(), StageKind::Pretrain),
+        (
+            "`objective`",
+            stage.objective.is_some(),
+            StageKind::Pretrain,
+        ),
+    ];
+    for (name, present, kind) in sections {
+        if present && stage.kind != kind {
+            bail!(
+                "{}: {name} belongs to kind = \"{}\" (this stage is {})",
+                path.display(),
+                kind.name(),
+                stage.kind.name()
+            );
+        }
+    }
+    let needs = match stage.kind {
+        StageKind::Rlvr if stage.rl.is_none() => {
+            Some("an [rl] section (group_size, max_new_tokens, rewards, ...)")
+        }
+        StageKind::Opd if stage.distill.is_none() => {
+            Some("a [distill] section (teacher, loss, ...)")
+        }
+        _ if stage.objective == Some(TrainObjective::Rlp) && stage.rlp.is_none() => {
+            Some("an [rlp] section with objective = \"rlp\"")
+        }
+        _ => None,
+    };
+    if let Some(what) = needs {
+        bail!(
+            "{}: a {} stage needs {what}",
             path.display(),
-            k.name()
-        ),
-        _ => {}
+            stage.kind.name()
+        );
     }
     if stage.kind != StageKind::Cpt {
         if train.steps == 0 {
@@ -275,7 +327,7 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(s: &StageRun) -> Result<Self> {
-        let (recipe, path, tcfg) = (s.recipe, s.path, &s.stage.train);
+        let (path, tcfg) = (s.path, &s.stage.train);
         let resume_ckpt = s.resume.as_deref().map(checkpoint::resolve).transpose()?;
         if resume_ckpt.is_none() && s.run_dir.join("checkpoints").exists() {
             bail!(
@@ -295,8 +347,7 @@ impl Setup {
         }
         let init_dir = resume_ckpt.clone().or_else(|| tcfg.init_from.clone());
         // The model first: a checkpoint that does not fit fails before any data work.
-        let model =
-            build_model(recipe, path, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
+        let model = build_model(s, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
         let tokenizer_from = init_dir
             .map(|d| d.join("tokenizer.json"))
             .filter(|p| p.is_file());
@@ -326,21 +377,28 @@ pub fn reference_model(s: &StageRun, setup: &Setup) -> Result<Qwen3> {
         return Ok(setup.model.valid());
     }
     let from = s.stage.train.init_from.as_deref();
-    Ok(build_model(s.recipe, s.path, from, &setup.base)?.with_compute_dtype(setup.dtype))
+    Ok(build_model(s, from, &setup.base)?.with_compute_dtype(setup.dtype))
+}
+
+/// A frozen model from a checkpoint or HF directory (a teacher, a reference), without
+/// autodiff, in the stage's compute dtype; `what` names it in errors.
+pub fn frozen_model(dir: &Path, setup: &Setup, what: &str) -> Result<Qwen3> {
+    let m = Qwen3::from_pretrained(dir, &setup.base)
+        .map_err(|e| anyhow!("{what} {}: {e:#}", dir.display()))?;
+    Ok(m.with_compute_dtype(setup.dtype))
 }
 
 /// Builds or loads the model: a checkpoint when resuming or `init_from` is set (checked
-/// against the recipe's `[model]` when it has one), otherwise random from `[model]`.
-fn build_model(
-    recipe: &Recipe,
-    path: &Path,
-    from: Option<&Path>,
-    device: &Device,
-) -> Result<Qwen3> {
-    let spec = recipe
+/// against the stage's `[model]`, or the recipe's, when there is one), otherwise random from
+/// that `[model]`.
+fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwen3> {
+    let (recipe, path) = (s.recipe, s.path);
+    let spec = s
+        .stage
         .model
         .as_ref()
-        .map(|_| recipe.model_spec(path))
+        .or(recipe.model.as_ref())
+        .map(|t| model_spec(t.clone(), path))
         .transpose()?;
     match (from, spec) {
         (Some(dir), Some(ModelSpec::Qwen3(config))) => {
@@ -439,6 +497,7 @@ pub fn run_loop(
         objective
             .restore(&st.cursor, st.step)
             .map_err(|e| anyhow!("{}: {e:#}", checkpoint::state_file(ckpt).display()))?;
+        objective.load_files(&checkpoint::state_dir(ckpt))?;
         rng = Rng::from_state(st.rng);
         tokens_seen = st.tokens_seen;
         elapsed_before = st.elapsed_s;
@@ -488,24 +547,26 @@ pub fn run_loop(
     let mut last_loss = f64::NAN;
     let mut last_val = None;
     let mut last_ckpt: Option<PathBuf> = resume_ckpt.clone();
-    let save = |trainer: &Trainer<Qwen3>, cursor: Value, rng: &Rng, tokens: u64, secs: f64| {
-        let state = TrainState {
-            step: trainer.step,
-            optimizer_steps: trainer.optimizer.steps,
-            cursor,
-            rng: rng.state(),
-            tokens_seen: tokens,
-            elapsed_s: secs,
+    let save =
+        |trainer: &Trainer<Qwen3>, objective: &dyn Objective, rng: &Rng, tokens: u64, secs: f64| {
+            let state = TrainState {
+                step: trainer.step,
+                optimizer_steps: trainer.optimizer.steps,
+                cursor: objective.state(),
+                rng: rng.state(),
+                tokens_seen: tokens,
+                elapsed_s: secs,
+            };
+            checkpoint::save(
+                &run_dir,
+                trainer.model(),
+                spec.tokenizer,
+                &trainer.optimizer,
+                &state,
+                tcfg.keep_last,
+                &|dir| objective.save_files(dir),
+            )
         };
-        checkpoint::save(
-            &run_dir,
-            trainer.model(),
-            spec.tokenizer,
-            &trainer.optimizer,
-            &state,
-            tcfg.keep_last,
-        )
-    };
 
     while trainer.step < total {
         let (micro, step_tokens) = objective.prepare(trainer.model(), trainer.step)?;
@@ -569,19 +630,13 @@ pub fn run_loop(
         );
         if (tcfg.save_every > 0 && step % tcfg.save_every == 0) || last {
             let secs = elapsed_before + t_run.elapsed().as_secs_f64();
-            last_ckpt = Some(save(&trainer, objective.state(), &rng, tokens_seen, secs)?);
+            last_ckpt = Some(save(&trainer, &*objective, &rng, tokens_seen, secs)?);
         }
     }
     progress.finish();
     let ckpt = match &last_ckpt {
         Some(c) => c.clone(),
-        None => save(
-            &trainer,
-            objective.state(),
-            &rng,
-            tokens_seen,
-            elapsed_before,
-        )?,
+        None => save(&trainer, &*objective, &rng, tokens_seen, elapsed_before)?,
     };
     checkpoint::publish(&run_dir, &ckpt)?;
     let curves = metrics.draw(&run_dir, &format!("{} — loss", s.title))?;

@@ -46,7 +46,36 @@ pub fn task(name: &str) -> anyhow::Result<Box<dyn Task>> {
     }
 }
 
+/// How a problem is written as a pretraining document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocFormat {
+    /// The question, the worked steps, then `Answer: X`.
+    Worked,
+    /// The question, the worked steps inside `<think>…</think>`, then `Answer: X` right after
+    /// the closing tag: reasoning written as a thought.
+    Think,
+    /// The question and `Answer: X`, with no reasoning on the page (what RLP's thoughts can
+    /// supply).
+    Answer,
+}
+
 impl Problem {
+    /// The problem as a pretraining document in `format`.
+    pub fn document(&self, format: DocFormat) -> String {
+        match format {
+            DocFormat::Worked => self.pretraining_text(),
+            DocFormat::Think => {
+                let steps: String = self.steps.iter().map(|l| format!("{l}\n")).collect();
+                format!(
+                    "{}\n<think>\n{steps}</think>Answer: {}\n",
+                    self.question, self.answer
+                )
+            }
+            DocFormat::Answer => format!("{}\nAnswer: {}\n", self.question, self.answer),
+        }
+    }
+
     /// A natural document: the question, the worked steps, and a final line `Answer: X`.
     pub fn pretraining_text(&self) -> String {
         let mut s = String::with_capacity(
@@ -171,14 +200,21 @@ pub fn problems<'a>(
 }
 
 /// Streams `count` pretraining documents from the training side of the split (see
-/// [`problems`]).
+/// [`problems`]), document i written in `formats[i % formats.len()]` (worked steps when
+/// `formats` is empty).
 pub fn documents<'a>(
     task: &'a dyn Task,
     seed: u64,
     count: u64,
     levels: &[u32],
+    formats: &'a [DocFormat],
 ) -> impl Iterator<Item = String> + 'a {
-    problems(task, seed, count, levels, Split::Train).map(|p| p.pretraining_text())
+    problems(task, seed, count, levels, Split::Train)
+        .enumerate()
+        .map(move |(i, p)| match formats {
+            [] => p.pretraining_text(),
+            f => p.document(f[i % f.len()]),
+        })
 }
 
 /// The generator for problem `(seed, index, level)` of the task `name`.

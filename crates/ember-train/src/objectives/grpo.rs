@@ -252,7 +252,7 @@ pub struct PolicyRow {
 }
 
 impl PolicyRow {
-    fn completion_len(&self) -> usize {
+    pub fn completion_len(&self) -> usize {
         self.ids.len() - self.prompt_len
     }
 }
@@ -295,19 +295,19 @@ impl LossSums {
 /// Rows as tensors `[rows, L − 1]` (L the longest row): inputs and targets shifted by one,
 /// right-padded; the rollout log-probs, advantages, weights and reference log-probs at the
 /// positions that predict completion tokens, 0 elsewhere.
-struct RowTensors {
-    inputs: Tensor<2, Int>,
-    targets: Tensor<2, Int>,
-    rollout: Tensor<2>,
-    reference: Option<Tensor<2>>,
-    adv: Tensor<2>,
-    weight: Tensor<2>,
+pub(crate) struct RowTensors {
+    pub inputs: Tensor<2, Int>,
+    pub targets: Tensor<2, Int>,
+    pub rollout: Tensor<2>,
+    pub reference: Option<Tensor<2>>,
+    pub adv: Tensor<2>,
+    pub weight: Tensor<2>,
     /// 1 on completion positions.
-    completion: Vec<f32>,
+    pub completion: Vec<f32>,
 }
 
 impl RowTensors {
-    fn new(rows: &[PolicyRow], device: &Device) -> Self {
+    pub fn new(rows: &[PolicyRow], device: &Device) -> Self {
         let b = rows.len();
         let l = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2) - 1;
         let mut inputs = vec![0i64; b * l];
@@ -352,7 +352,7 @@ impl RowTensors {
     }
 
     /// Σ over completion positions of `v` `[rows, L − 1]`.
-    fn completion_sum(&self, v: Tensor<2>) -> f64 {
+    pub fn completion_sum(&self, v: Tensor<2>) -> f64 {
         v.into_data()
             .iter::<f32>()
             .zip(&self.completion)

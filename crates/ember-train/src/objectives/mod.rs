@@ -1,4 +1,6 @@
 //! Losses. Each objective adds only its loss over a batch; the loop is shared.
 
+pub mod distill;
 pub mod grpo;
 pub mod lm;
+pub mod rlp;

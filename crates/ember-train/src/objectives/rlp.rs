@@ -1,0 +1,71 @@
+//! RLP's pieces (arXiv 2510.01265): the information-gain reward of a thought, its
+//! group advantage, and the EMA baseline model.
+//!
+//! A thought c before position t earns r(c) = log p_θ(x_t | x_<t, c) − log p_φ(x_t | x_<t),
+//! where φ is an EMA of θ that does not think; the G thoughts of one position get
+//! A_i = G/(G−1)·(r_i − mean r), with no standard-deviation scaling.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use ember_models::qwen3::Qwen3;
+
+/// The information gain of each thought: its log-prob of the next tokens minus the
+/// no-thought baseline's.
+pub fn information_gain(with_thought: &[f64], baseline: f64) -> Vec<f64> {
+    with_thought.iter().map(|lp| lp - baseline).collect()
+}
+
+/// G/(G−1)·(r_i − mean r): the leave-one-out baseline written with the inclusive mean
+/// (0 for a single thought).
+pub fn rlp_advantages(r: &[f64]) -> Vec<f64> {
+    let g = r.len();
+    if g < 2 {
+        return vec![0.0; g];
+    }
+    let mean = r.iter().sum::<f64>() / g as f64;
+    let scale = g as f64 / (g - 1) as f64;
+    r.iter().map(|x| scale * (x - mean)).collect()
+}
+
+/// Flattened copies of every float parameter, in visiting order.
+struct Collect(Vec<Tensor<1>>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        let n = t.shape().num_elements();
+        self.0.push(t.reshape([n]));
+    }
+}
+
+/// φ ← τφ + (1−τ)θ for each parameter, θ taken in the same visiting order.
+struct Blend {
+    theta: std::vec::IntoIter<Tensor<1>>,
+    tau: f64,
+}
+
+impl ModuleMapper for Blend {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, phi, mapper) = param.consume();
+        let theta = self
+            .theta
+            .next()
+            .expect("the EMA and the model have the same parameters");
+        let dims = phi.dims();
+        let blended = phi * self.tau + theta.reshape(dims) * (1.0 - self.tau);
+        Param::from_mapped_value(id, blended, mapper)
+    }
+}
+
+/// One EMA step of `ema` towards `model` (which may carry autodiff; its values are used):
+/// φ ← τφ + (1−τ)θ.
+pub fn ema_update(ema: Qwen3, model: &Qwen3, tau: f64) -> Qwen3 {
+    let mut c = Collect(Vec::new());
+    model.valid().visit(&mut c);
+    let device = ema.embed_tokens.val().device();
+    let theta: Vec<Tensor<1>> = c.0.into_iter().map(|t| t.to_device(&device)).collect();
+    ema.map(&mut Blend {
+        theta: theta.into_iter(),
+        tau,
+    })
+}
