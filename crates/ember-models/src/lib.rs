@@ -5,6 +5,7 @@ pub mod device;
 pub mod generate;
 pub mod hf;
 pub mod layers;
+pub mod modernbert;
 pub mod qwen3;
 pub mod rng;
 pub mod weights;
