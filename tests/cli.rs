@@ -39,19 +39,16 @@ pub fn assert_one_line_error(o: &Output, needles: &[&str]) {
     }
 }
 
-#[test]
-fn forward_matches_transformers_logits() {
-    let dir = temp_dir("cli-forward");
-    let fx = load_fixtures("qwen3");
-    let rows = fx["padded.input_ids"].rows();
-    let mask = fx["padded.attention_mask"].rows();
+/// `ember forward` on a fixture model directory: the logits' shape and values.
+fn forward_cli(model: &str, rows: &[Vec<u32>], mask: &[Vec<u32>]) -> (Vec<usize>, Vec<f64>) {
+    let dir = temp_dir(&format!("cli-forward-{model}"));
     let input = serde_json::json!({"input_ids": rows, "attention_mask": mask});
     std::fs::write(dir.join("in.json"), input.to_string()).unwrap();
     let out = dir.join("out.safetensors");
     let o = ember(&[
         "forward",
         "--model",
-        "tests/fixtures/qwen3",
+        &format!("tests/fixtures/{model}"),
         "--input",
         dir.join("in.json").to_str().unwrap(),
         "--out",
@@ -61,13 +58,24 @@ fn forward_matches_transformers_logits() {
     let bytes = std::fs::read(&out).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
-    assert_eq!(t.shape(), fx["padded.logits"].shape.as_slice());
-    let ours: Vec<f64> = t
+    let values = t
         .data()
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
         .collect();
-    let v = t.shape()[2];
+    let shape = t.shape().to_vec();
+    std::fs::remove_dir_all(dir).unwrap();
+    (shape, values)
+}
+
+#[test]
+fn forward_matches_transformers_logits() {
+    let fx = load_fixtures("qwen3");
+    let rows = fx["padded.input_ids"].rows();
+    let mask = fx["padded.attention_mask"].rows();
+    let (shape, ours) = forward_cli("qwen3", &rows, &mask);
+    assert_eq!(shape, fx["padded.logits"].shape);
+    let v = shape[2];
     let keep: Vec<usize> = (0..mask.len() * mask[0].len())
         .filter(|&i| mask[i / mask[0].len()][i % mask[0].len()] == 1)
         .collect();
@@ -82,7 +90,21 @@ fn forward_matches_transformers_logits() {
         &pick(&fx["padded.logits"].values),
         1e-4,
     );
-    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn forward_gives_an_encoders_mlm_logits() {
+    let fx = load_fixtures("modernbert");
+    let (rows, mask) = (fx["input_ids"].rows(), fx["attention_mask"].rows());
+    let (shape, ours) = forward_cli("modernbert", &rows, &mask);
+    assert_eq!(shape, fx["logits"].shape);
+    // Every position, the padded ones too, as transformers computes them.
+    assert_close(
+        "ember forward (modernbert)",
+        &ours,
+        &fx["logits"].values,
+        1e-4,
+    );
 }
 
 #[test]

@@ -13,9 +13,8 @@ Prints one row and appends a JSON line like ember's `--out`.
 
 import argparse
 import json
-import time
-
 import torch
+from timing import timed_steps
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
@@ -89,25 +88,12 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    losses = []
-    for _ in range(a.warmup):
-        losses.append(step())
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        losses.append(step())
-    if a.device == "cuda":
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - t0
-    losses = [float(x) for x in losses]
+    losses, secs, peak_gb = timed_steps(step, a.warmup, a.steps, a.device)
 
     tokens = a.batch * a.seq * a.steps
     tps = tokens / secs
     step_ms = secs * 1e3 / a.steps
     mfu = tps * fpt / (peak * 1e12) if peak else None
-    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if a.device == "cuda" else None
     mfu_s = f"{mfu * 100:.1f}%" if mfu is not None else "-"
     mem_s = f"{peak_gb:.2f}" if peak_gb is not None else "-"
     print(f"{a.batch:>6} {a.seq:>6} {a.steps:>6} {secs:>10.3f} {tps:>12.1f} {step_ms:>10.1f} "

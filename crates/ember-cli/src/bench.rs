@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ember_models::burn::tensor::Device;
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
 use ember_models::qwen3::{Qwen3, Qwen3Config};
 use ember_models::rng::Rng;
@@ -20,6 +21,8 @@ pub enum Command {
     /// RL rollout tokens per second (G samples per prompt), and with --train one full RL
     /// step (rollout, then the clipped-surrogate update).
     Rollout(crate::bench_rl::Args),
+    /// Encoder MLM training tokens per second (ModernBERT: forward, backward, AdamW).
+    Encoder(crate::bench_encoder::Args),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +58,7 @@ pub fn run(c: Command) -> Result<()> {
         Command::Generate(a) => bench_generate(a),
         Command::Train(a) => crate::bench_train::run(a),
         Command::Rollout(a) => crate::bench_rl::run(a),
+        Command::Encoder(a) => crate::bench_encoder::run(a),
     }
 }
 
@@ -146,6 +150,96 @@ fn bench_generate(a: GenArgs) -> Result<()> {
     Ok(())
 }
 
+/// Flags every training benchmark shares.
+#[derive(clap::Args)]
+pub struct TimedArgs {
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype (parameters and optimizer state stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Dense peak TFLOP/s of the device for MFU (default: 989 for CUDA bf16, the H100 SXM).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Append a JSON line with the results here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What a timed training benchmark measured.
+pub struct Timed {
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    pub mfu: Option<f64>,
+    pub loss_first: f64,
+    pub loss_last: f64,
+}
+
+/// Runs `warmup` untimed steps (the first one's time, compilation included, is reported),
+/// then `steps` timed ones of `tokens_per_step` tokens; prints tokens/s, ms/step and MFU
+/// against `peak_tflops` (default: 989 for CUDA bf16, the H100 SXM).
+pub fn timed_steps(
+    t: &TimedArgs,
+    device: &Device,
+    (batch, seq): (usize, usize),
+    (params, flops_per_token): (usize, f64),
+    step: &mut dyn FnMut() -> Result<f64>,
+) -> Result<Timed> {
+    let (warmup, steps, tokens_per_step) = (t.warmup, t.steps, batch * seq);
+    let peak = peak_tflops(t.peak_tflops, device, &t.dtype);
+    println!(
+        "device: {device:?}  dtype: {}  params: {:.1}M  batch {batch} x seq {seq}  flops/token {flops_per_token:.3e}",
+        t.dtype,
+        params as f64 / 1e6,
+    );
+    let t0 = std::time::Instant::now();
+    let mut first = f64::NAN;
+    for i in 0..warmup {
+        let l = step()?;
+        if i == 0 {
+            first = l;
+            eprintln!(
+                "first step (includes compilation): {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let t = std::time::Instant::now();
+    let mut last = f64::NAN;
+    for _ in 0..steps {
+        last = step()?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let tps = (tokens_per_step * steps) as f64 / secs;
+    let step_ms = secs * 1e3 / steps as f64;
+    let mfu = peak.map(|p| tps * flops_per_token / (p * 1e12));
+    println!(
+        "ember: {tps:.0} tokens/s, {step_ms:.1} ms/step{}  (loss {first:.3} -> {last:.3})",
+        mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m))
+            .unwrap_or_default()
+    );
+    Ok(Timed {
+        tokens_per_s: tps,
+        step_ms,
+        mfu,
+        loss_first: first,
+        loss_last: last,
+    })
+}
+
+/// The device's dense peak TFLOP/s for MFU: given, or the H100's bf16 peak on CUDA bf16.
+fn peak_tflops(given: Option<f64>, device: &Device, dtype: &str) -> Option<f64> {
+    given.or_else(|| {
+        (format!("{device:?}").to_lowercase().contains("cuda") && dtype == "bf16").then_some(989.0)
+    })
+}
+
 /// Appends one JSON record to a results file.
 pub fn append_jsonl(path: &std::path::Path, rec: &serde_json::Value) -> Result<()> {
     use std::io::Write;
@@ -160,10 +254,22 @@ pub fn append_jsonl(path: &std::path::Path, rec: &serde_json::Value) -> Result<(
 /// A model shape: a config.json path, or the name of one shipped in `benches/configs/`
 /// (built into the binary, so it runs where the source tree is not).
 pub fn model_config(spec: &std::path::Path) -> Result<Qwen3Config> {
-    const BUILTIN: [(&str, &str); 1] = [(
-        "qwen3-0.6b",
-        include_str!("../../../benches/configs/qwen3-0.6b.json"),
-    )];
+    let (v, origin) = config_json(spec)?;
+    Qwen3Config::from_value(&v, &origin)
+}
+
+/// A config.json's contents and a name for errors: a file, or a built-in shape's name.
+pub fn config_json(spec: &std::path::Path) -> Result<(serde_json::Value, String)> {
+    const BUILTIN: [(&str, &str); 2] = [
+        (
+            "qwen3-0.6b",
+            include_str!("../../../benches/configs/qwen3-0.6b.json"),
+        ),
+        (
+            "modernbert-base",
+            include_str!("../../../benches/configs/modernbert-base.json"),
+        ),
+    ];
     let (text, origin) = match BUILTIN
         .iter()
         .find(|(n, _)| std::path::Path::new(n) == spec)
@@ -176,5 +282,5 @@ pub fn model_config(spec: &std::path::Path) -> Result<Qwen3Config> {
         ),
     };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{origin}: {e}"))?;
-    Qwen3Config::from_value(&v, &origin)
+    Ok((v, origin))
 }

@@ -15,7 +15,7 @@ use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
 use ember_train::objectives::grpo::{policy_loss, PolicyRow, SurrogateConfig};
 use ember_train::optim::{OptimConfig, Optimizer};
-use ember_train::schedule::{Schedule, ScheduleKind};
+use ember_train::schedule::Schedule;
 use ember_train::trainer::Trainer;
 
 use crate::bench::{append_jsonl, model_config};
@@ -153,14 +153,7 @@ pub fn run(a: Args) -> Result<()> {
             eps_high: 0.28,
             beta: 0.0,
         };
-        let schedule = Schedule {
-            kind: ScheduleKind::Constant,
-            lr: 1e-6,
-            warmup_steps: 0,
-            total_steps: 1,
-            min_lr_ratio: 1.0,
-            decay_fraction: 0.0,
-        };
+        let schedule = Schedule::constant(1e-6);
         let mut trainer =
             Trainer::new(model, Optimizer::new(OptimConfig::default()), schedule, 1.0);
         let micro = a.micro.clamp(1, policy_rows.len());

@@ -13,13 +13,15 @@ use ember_train::metrics::flops_per_token;
 use ember_train::objectives::lm::cross_entropy;
 use ember_train::optim::{OptimConfig, Optimizer};
 use ember_train::pretrain::parse_dtype;
-use ember_train::schedule::{Schedule, ScheduleKind};
+use ember_train::schedule::Schedule;
 use ember_train::trainer::{scalar, Trainer};
 
-use crate::bench::{append_jsonl, model_config};
+use crate::bench::{append_jsonl, model_config, timed_steps, TimedArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    t: TimedArgs,
     /// A config.json, or a built-in shape name (qwen3-0.6b).
     #[arg(long)]
     model_config: PathBuf,
@@ -27,27 +29,11 @@ pub struct Args {
     batch: usize,
     #[arg(long, default_value_t = 2048)]
     seq: usize,
-    /// Timed optimizer steps.
-    #[arg(long, default_value_t = 10)]
-    steps: usize,
-    /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
-    #[arg(long, default_value_t = 3)]
-    warmup: usize,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Compute dtype (parameters and optimizer state stay f32).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
     #[arg(long)]
     grad_checkpointing: bool,
-    /// Dense peak TFLOP/s of the device for MFU (default: 989 for CUDA bf16, the H100 SXM).
-    #[arg(long)]
-    peak_tflops: Option<f64>,
     /// Also time forward-only and forward+backward, to split the step.
     #[arg(long)]
     phases: bool,
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
 fn random_batch(
@@ -66,8 +52,8 @@ fn random_batch(
 
 pub fn run(a: Args) -> Result<()> {
     let config = model_config(&a.model_config)?;
-    let base = ember_models::device::select(&a.device)?;
-    let dtype = parse_dtype(&a.dtype, &base, "--dtype")?;
+    let base = ember_models::device::select(&a.t.device)?;
+    let dtype = parse_dtype(&a.t.dtype, &base, "--dtype")?;
     let mut dev = base.clone().autodiff();
     if a.grad_checkpointing {
         dev = dev.gradient_checkpointing();
@@ -76,64 +62,21 @@ pub fn run(a: Args) -> Result<()> {
     let params = config.num_params();
     let vocab = config.vocab_size;
     let model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
-    let schedule = Schedule {
-        kind: ScheduleKind::Constant,
-        lr: 3e-4,
-        warmup_steps: 0,
-        total_steps: (a.warmup + a.steps) as u64,
-        min_lr_ratio: 1.0,
-        decay_fraction: 0.0,
-    };
+    let schedule = Schedule::constant(3e-4);
     let mut trainer = Trainer::new(model, Optimizer::new(OptimConfig::default()), schedule, 1.0);
     let mut rng = Rng::new(0);
-    let peak = a.peak_tflops.or_else(|| {
-        (format!("{base:?}").to_lowercase().contains("cuda") && a.dtype == "bf16").then_some(989.0)
-    });
-    println!(
-        "device: {base:?}  dtype: {}  params: {:.1}M  batch {} x seq {}  flops/token {:.3e}",
-        a.dtype,
-        params as f64 / 1e6,
-        a.batch,
-        a.seq,
-        flops
-    );
-    let step = |trainer: &mut Trainer<Qwen3>, rng: &mut Rng| -> Result<f64> {
-        let (x, y) = random_batch(rng, a.batch, a.seq, vocab, &dev);
+    let r = timed_steps(&a.t, &base, (a.batch, a.seq), (params, flops), &mut || {
+        let (x, y) = random_batch(&mut rng, a.batch, a.seq, vocab, &dev);
         Ok(trainer
             .train_step(1, |m, _| {
                 Ok(cross_entropy(m.forward(x.clone()), y.clone(), None))
             })?
             .loss)
-    };
-    let t0 = Instant::now();
-    let mut first = f64::NAN;
-    for i in 0..a.warmup {
-        let l = step(&mut trainer, &mut rng)?;
-        if i == 0 {
-            first = l;
-            eprintln!(
-                "first step (includes compilation): {:.2} s",
-                t0.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let t = Instant::now();
-    let mut last = f64::NAN;
-    for _ in 0..a.steps {
-        last = step(&mut trainer, &mut rng)?;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let tokens = (a.batch * a.seq * a.steps) as f64;
-    let tps = tokens / secs;
-    let step_ms = secs * 1e3 / a.steps as f64;
-    let mfu = peak.map(|p| tps * flops / (p * 1e12));
-    println!(
-        "ember: {tps:.0} tokens/s, {step_ms:.1} ms/step{}  (loss {first:.3} -> {last:.3})",
-        mfu.map(|m| format!(", MFU {:.1}%", 100.0 * m))
-            .unwrap_or_default()
-    );
+    })?;
+    let (tps, step_ms, mfu, first, last) =
+        (r.tokens_per_s, r.step_ms, r.mfu, r.loss_first, r.loss_last);
     let mut rec = serde_json::json!({"bench": "train", "engine": "ember", "batch": a.batch, "seq": a.seq,
-        "dtype": a.dtype, "device": format!("{base:?}"), "tokens_per_s": tps, "step_ms": step_ms,
+        "dtype": a.t.dtype, "device": format!("{base:?}"), "tokens_per_s": tps, "step_ms": step_ms,
         "mfu": mfu, "loss_first": first, "loss_last": last, "params": params,
         "grad_checkpointing": a.grad_checkpointing});
     if a.phases {
@@ -142,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
             rec[k] = v.into();
         }
     }
-    if let Some(p) = &a.out {
+    if let Some(p) = &a.t.out {
         append_jsonl(p, &rec)?;
     }
     Ok(())

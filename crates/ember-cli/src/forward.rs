@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ember_models::burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use ember_models::burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use ember_models::hf::write_atomic;
-use ember_models::qwen3::ForwardOptions;
+use ember_models::qwen3::{ForwardOptions, Qwen3};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::Deserialize;
 
-use crate::models::{self, RunFlags};
+use crate::models::{self, AnyModel, RunFlags};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -55,8 +55,11 @@ pub fn run(a: Args) -> Result<()> {
         bail!("{origin}: field `attention_mask` must have the shape of `input_ids` [{b}, {s}]");
     }
 
-    let (model, device) = models::load(&a.model, &a.run)?;
-    let vocab = model.config.vocab_size;
+    let (model, device) = models::load_any(&a.model, &a.run)?;
+    let vocab = match &model {
+        AnyModel::Qwen3(m) => m.config.vocab_size,
+        AnyModel::ModernBert(m) => m.config.vocab_size,
+    };
     if let Some(t) = input
         .input_ids
         .iter()
@@ -65,10 +68,33 @@ pub fn run(a: Args) -> Result<()> {
     {
         bail!("{origin}: field `input_ids` holds {t}, outside the model's vocabulary of {vocab}");
     }
-    // Positions count real tokens, as transformers' generate() derives them from the mask.
+    let int = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), &device);
+    let logits = match &model {
+        AnyModel::Qwen3(m) => causal_logits(m, &mask, int(input.input_ids.concat()), &device),
+        // An encoder: MLM logits at every position, padded ones included (as transformers).
+        AnyModel::ModernBert(m) => m.forward(int(input.input_ids.concat()), int(mask.concat())),
+    };
+    let v: Vec<f32> = logits.cast(DType::F32).into_data().iter::<f32>().collect();
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::F32, vec![b, s, vocab], &bytes)?;
+    let file = safetensors::tensor::serialize([("logits", view)], None)?;
+    write_atomic(&a.out, &file)?;
+    eprintln!("wrote logits [{b}, {s}, {vocab}] to {}", a.out.display());
+    Ok(())
+}
+
+/// A decoder's logits: positions count real tokens, as transformers' generate() derives them
+/// from the mask, and padded keys are hidden.
+fn causal_logits(
+    model: &Qwen3,
+    mask: &[Vec<i64>],
+    ids: Tensor<2, Int>,
+    device: &Device,
+) -> Tensor<3> {
+    let [b, s] = ids.dims();
     let mut pos = Vec::with_capacity(b * s);
     let mut pad = Vec::with_capacity(b * s);
-    for row in &mask {
+    for row in mask {
         let mut seen = 0i64;
         for &m in row {
             let real = m != 0;
@@ -78,21 +104,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let any_pad = pad.iter().any(|&p| p);
-    let ids: Vec<i64> = input.input_ids.into_iter().flatten().collect();
-    let logits = model
+    model
         .forward_with(
-            Tensor::<2, Int>::from_data(TensorData::new(ids, [b, s]), &device),
-            Tensor::<2, Int>::from_data(TensorData::new(pos, [b, s]), &device),
-            any_pad.then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, s]), &device)),
+            ids,
+            Tensor::<2, Int>::from_data(TensorData::new(pos, [b, s]), device),
+            any_pad.then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, s]), device)),
             None,
             ForwardOptions::default(),
         )
-        .logits;
-    let v: Vec<f32> = logits.cast(DType::F32).into_data().iter::<f32>().collect();
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = TensorView::new(Dtype::F32, vec![b, s, vocab], &bytes)?;
-    let file = safetensors::tensor::serialize([("logits", view)], None)?;
-    write_atomic(&a.out, &file)?;
-    eprintln!("wrote logits [{b}, {s}, {vocab}] to {}", a.out.display());
-    Ok(())
+        .logits
 }

@@ -2,6 +2,7 @@
 //! error into one line on stderr and a non-zero exit.
 
 mod bench;
+mod bench_encoder;
 mod bench_rl;
 mod bench_train;
 mod eval;

@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use ember_models::burn::tensor::{DType, Device};
 use ember_models::hf;
+use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
 /// Device and dtype flags shared by every command that runs a model.
@@ -37,17 +38,39 @@ impl RunFlags {
     }
 }
 
-/// Loads an HF model directory for inference.
-pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
+/// Any model ember can load.
+pub enum AnyModel {
+    Qwen3(Box<Qwen3>),
+    ModernBert(Box<ModernBert>),
+}
+
+/// Loads an HF model directory of any supported family for inference.
+pub fn load_any(dir: &Path, flags: &RunFlags) -> Result<(AnyModel, Device)> {
     let device = flags.device()?;
     let dtype = flags.dtype(&device)?;
     let config = hf::read_config(dir)?;
     let model = match hf::model_type(&config, dir)?.as_str() {
-        "qwen3" => Qwen3::from_pretrained(dir, &device)?,
+        "qwen3" => AnyModel::Qwen3(Box::new(
+            Qwen3::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
+        )),
+        "modernbert" => AnyModel::ModernBert(Box::new(
+            ModernBert::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
+        )),
         other => bail!(
-            "{}: field `model_type` is `{other}`, which ember cannot load yet (supported: qwen3)",
+            "{}: field `model_type` is `{other}`, which ember cannot load yet (supported: qwen3, modernbert)",
             dir.join(hf::CONFIG).display()
         ),
     };
-    Ok((model.into_inference_dtype(dtype), device))
+    Ok((model, device))
+}
+
+/// Loads an HF decoder directory for inference (generation, evaluation).
+pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
+    match load_any(dir, flags)? {
+        (AnyModel::Qwen3(m), device) => Ok((*m, device)),
+        (AnyModel::ModernBert(_), _) => bail!(
+            "{}: field `model_type` is `modernbert`, an encoder: it has MLM logits (ember forward) but cannot generate",
+            dir.join(hf::CONFIG).display()
+        ),
+    }
 }

@@ -119,6 +119,20 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The ids of the added tokens marked special (document separators, chat markers, a
+    /// mask token), sorted.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

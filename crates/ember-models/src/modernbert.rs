@@ -13,14 +13,14 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use serde_json::Value;
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use serde_json::{json, Value};
 
-use crate::hf::{self, Checkpoint};
+use crate::hf::{self, Checkpoint, SaveOptions};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::rope;
 use crate::layers::to_dtype;
-use crate::weights::{param, Init, WeightSource};
+use crate::weights::{export, param, Init, RandomInit, WeightSink, WeightSource};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModernBertConfig {
@@ -43,9 +43,37 @@ pub struct ModernBertConfig {
     pub local_rope_theta: f64,
     pub initializer_range: f64,
     pub pad_token_id: u32,
+    pub max_position_embeddings: usize,
+    /// The rest of the config.json it came from (special token ids, dropout, ...), written
+    /// back unchanged on save.
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl ModernBertConfig {
+    /// The config.json keys a recipe's `[model]` may set for this architecture.
+    pub const KNOWN_FIELDS: &'static [&'static str] = &[
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "norm_eps",
+        "norm_bias",
+        "attention_bias",
+        "mlp_bias",
+        "classifier_bias",
+        "decoder_bias",
+        "layer_types",
+        "global_attn_every_n_layers",
+        "local_attention",
+        "global_rope_theta",
+        "local_rope_theta",
+        "initializer_range",
+        "pad_token_id",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ];
+
     /// From an HF `config.json` (`layer_types`, or `global_attn_every_n_layers`; RoPE thetas
     /// from `rope_parameters` or the older `global_rope_theta` / `local_rope_theta`).
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
@@ -106,6 +134,8 @@ impl ModernBertConfig {
             local_rope_theta: theta("sliding_attention", "local_rope_theta", 10_000.0),
             initializer_range: f64_of("initializer_range", 0.02),
             pad_token_id: usize_of("pad_token_id", Some(0))? as u32,
+            max_position_embeddings: usize_of("max_position_embeddings", Some(8192))?,
+            extra: v.as_object().cloned().unwrap_or_default(),
         };
         if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             bail!(
@@ -122,6 +152,89 @@ impl ModernBertConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    /// Records a tokenizer's document separator as the config's cls/sep/bos/eos and padding
+    /// id, so transformers' checks and pipelines see ids inside the vocabulary.
+    pub fn set_separator(&mut self, id: u32) {
+        self.pad_token_id = id;
+        for k in [
+            "bos_token_id",
+            "eos_token_id",
+            "cls_token_id",
+            "sep_token_id",
+        ] {
+            self.extra.insert(k.into(), id.into());
+        }
+    }
+
+    /// As transformers' config.json (its current names, with the older RoPE keys too).
+    pub fn to_value(&self) -> Value {
+        let mut v = self.extra.clone();
+        v.remove("global_attn_every_n_layers");
+        let types: Vec<&str> = self
+            .global_layers
+            .iter()
+            .map(|&g| {
+                if g {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        let fields = json!({
+            "model_type": "modernbert",
+            "architectures": ["ModernBertForMaskedLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "norm_eps": self.norm_eps,
+            "norm_bias": self.norm_bias,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "classifier_bias": self.classifier_bias,
+            "decoder_bias": self.decoder_bias,
+            "hidden_activation": "gelu",
+            "classifier_activation": "gelu",
+            "layer_types": types,
+            "local_attention": self.local_attention,
+            "global_rope_theta": self.global_rope_theta,
+            "local_rope_theta": self.local_rope_theta,
+            "rope_parameters": {
+                "full_attention": {"rope_theta": self.global_rope_theta, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": self.local_rope_theta, "rope_type": "default"},
+            },
+            "initializer_range": self.initializer_range,
+            "pad_token_id": self.pad_token_id,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": true,
+        });
+        v.extend(fields.as_object().expect("an object").clone());
+        Value::Object(v)
+    }
+
+    pub fn num_params(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let norm = if self.norm_bias { 2 * h } else { h };
+        let layer = 4 * h * h + 3 * h * i + 2 * norm;
+        v * h + self.num_hidden_layers * layer - norm // layer 0 has no attention norm
+            + norm // embedding norm
+            + norm // final norm
+            + h * h + norm // head
+            + if self.decoder_bias { v } else { 0 }
+    }
+
+    /// Training FLOPs per token at sequence length `seq`: 6 × the matmul parameters plus
+    /// attention (12 · layers · hidden · seq, as for a decoder without the causal halving).
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let (h, i) = (self.hidden_size as f64, self.intermediate_size as f64);
+        let matmul = self.num_hidden_layers as f64 * (4.0 * h * h + 3.0 * h * i)
+            + h * h
+            + self.vocab_size as f64 * h;
+        6.0 * matmul + 12.0 * self.num_hidden_layers as f64 * h * seq as f64
     }
 }
 
@@ -157,6 +270,13 @@ impl LayerNorm {
             bias,
             eps: c.norm_eps,
         })
+    }
+
+    fn save(&self, prefix: &str, out: &mut WeightSink) {
+        export(out, &format!("{prefix}.weight"), &self.weight);
+        if let Some(b) = &self.bias {
+            export(out, &format!("{prefix}.bias"), b);
+        }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -291,6 +411,9 @@ pub struct ModernBert {
     pub decoder_bias: Option<Param<Tensor<1>>>,
     #[module(skip)]
     pub config: ModernBertConfig,
+    /// Activations and matmuls run in this dtype; parameters keep their own.
+    #[module(skip)]
+    pub compute_dtype: DType,
 }
 
 impl ModernBert {
@@ -336,7 +459,58 @@ impl ModernBert {
             head_norm,
             decoder_bias,
             config,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// A freshly initialised model (normal(0, initializer_range) matrices, unit norms).
+    pub fn random(config: ModernBertConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::load(config, &mut RandomInit::new(seed), device)
+    }
+
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// For inference: parameters stored in `dtype` as well.
+    pub fn into_inference_dtype(self, dtype: DType) -> Self {
+        self.map(&mut crate::layers::CastParams(dtype))
+            .with_compute_dtype(dtype)
+    }
+
+    /// Every parameter under its transformers name (the tied decoder weight is not stored).
+    pub fn weights(&self) -> WeightSink {
+        let mut out = Vec::new();
+        export(
+            &mut out,
+            "model.embeddings.tok_embeddings.weight",
+            &self.tok_embeddings,
+        );
+        self.embed_norm.save("model.embeddings.norm", &mut out);
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            if let Some(n) = &l.attn_norm {
+                n.save(&format!("{p}.attn_norm"), &mut out);
+            }
+            l.wqkv.save(&format!("{p}.attn.Wqkv"), &mut out);
+            l.wo.save(&format!("{p}.attn.Wo"), &mut out);
+            l.mlp_norm.save(&format!("{p}.mlp_norm"), &mut out);
+            l.wi.save(&format!("{p}.mlp.Wi"), &mut out);
+            l.mlp_wo.save(&format!("{p}.mlp.Wo"), &mut out);
+        }
+        self.final_norm.save("model.final_norm", &mut out);
+        self.head_dense.save("head.dense", &mut out);
+        self.head_norm.save("head.norm", &mut out);
+        if let Some(b) = &self.decoder_bias {
+            export(&mut out, "decoder.bias", b);
+        }
+        out
+    }
+
+    /// Writes an HF directory that transformers' `ModernBertForMaskedLM` loads.
+    pub fn save_pretrained(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        hf::save(dir, &self.config.to_value(), self.weights(), opts)
     }
 
     /// Loads an HF directory (config.json + safetensors).
@@ -351,43 +525,54 @@ impl ModernBert {
         Ok(model)
     }
 
-    /// The additive masks `[batch, 1, seq, seq]` of the global and the local layers: 0 where
-    /// a query may see a key, f32::MIN elsewhere (padded keys; outside the local window).
-    fn masks(&self, attention_mask: &Tensor<2, Int>) -> (Tensor<4>, Tensor<4>) {
-        let [b, s] = attention_mask.dims();
-        let device = attention_mask.device();
-        let valid: Vec<i64> = attention_mask
-            .to_data()
-            .convert::<i64>()
-            .try_to_vec::<i64>()
-            .expect("an integer mask");
-        let half = self.config.local_attention / 2;
-        let mut global = vec![f32::MIN; b * s * s];
-        let mut local = vec![f32::MIN; b * s * s];
-        for r in 0..b {
-            for i in 0..s {
-                for j in 0..s {
-                    if valid[r * s + j] == 0 {
-                        continue;
-                    }
-                    let at = (r * s + i) * s + j;
-                    global[at] = 0.0;
-                    if i.abs_diff(j) <= half {
-                        local[at] = 0.0;
-                    }
-                }
-            }
-        }
-        let t = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, 1, s, s]), &device);
-        (t(global), t(local))
+    /// The additive masks `[batch, 1, seq, seq]` of the global and the local layers from
+    /// where a query may see a key: 0 there, f32::MIN elsewhere; a local layer also needs
+    /// |i − j| ≤ `local_attention / 2`.
+    fn masks(&self, visible: Tensor<3, Bool>) -> (Tensor<4>, Tensor<4>) {
+        let [b, s, _] = visible.dims();
+        let device = visible.device();
+        let idx = Tensor::<1, Int>::arange(0..s as i64, &device);
+        let dist = (idx.clone().reshape([s, 1]) - idx.reshape([1, s])).abs();
+        let half = (self.config.local_attention / 2) as i64;
+        let window = dist
+            .lower_equal_elem(half)
+            .reshape([1, s, s])
+            .expand([b, s, s]);
+        let local = visible.clone().bool_and(window);
+        let additive = |v: Tensor<3, Bool>| {
+            Tensor::<3>::zeros([b, s, s], &device)
+                .mask_fill(v.bool_not(), f32::MIN)
+                .unsqueeze_dim::<4>(1)
+        };
+        (additive(visible), additive(local))
     }
 
-    /// Every layer's input and the final norm's output, as transformers' `hidden_states`
-    /// (the last entry is after the final norm).
+    /// Every layer's input and the final norm's output (the last entry), as transformers'
+    /// `hidden_states`, for a padded batch: every query sees the valid keys, as in
+    /// transformers' eager path.
     pub fn hidden_states(
         &self,
         input_ids: Tensor<2, Int>,
         attention_mask: Tensor<2, Int>,
+    ) -> Vec<Tensor<3>> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let visible = attention_mask
+            .equal_elem(0)
+            .bool_not()
+            .reshape([b, 1, s])
+            .expand([b, s, s]);
+        let pos = Tensor::<1, Int>::arange(0..s as i64, &device)
+            .reshape([1, s])
+            .expand([b, s]);
+        self.layers_out(input_ids, pos, visible)
+    }
+
+    fn layers_out(
+        &self,
+        input_ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        visible: Tensor<3, Bool>,
     ) -> Vec<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
@@ -397,14 +582,17 @@ impl ModernBert {
             .val()
             .select(0, input_ids.reshape([b * s]))
             .reshape([b, s, c.hidden_size]);
-        let mut x = self.embed_norm.forward(x);
-        let (global_mask, local_mask) = self.masks(&attention_mask);
-        let pos = Tensor::<1, Int>::arange(0..s as i64, &device)
-            .reshape([1, s])
-            .expand([b, s]);
+        let mut x = self.embed_norm.forward(to_dtype(x, self.compute_dtype));
+        let (global_mask, local_mask) = self.masks(visible);
         let d = c.head_dim();
-        let global_rope = rope::tables(c.global_rope_theta, d, pos.clone(), DType::F32, &device);
-        let local_rope = rope::tables(c.local_rope_theta, d, pos, DType::F32, &device);
+        let global_rope = rope::tables(
+            c.global_rope_theta,
+            d,
+            positions.clone(),
+            DType::F32,
+            &device,
+        );
+        let local_rope = rope::tables(c.local_rope_theta, d, positions, DType::F32, &device);
         let mut out = vec![x.clone()];
         for layer in &self.layers {
             let (t, m) = if layer.global {
@@ -418,6 +606,93 @@ impl ModernBert {
         let last = out.len() - 1;
         out[last] = self.final_norm.forward(x);
         out
+    }
+
+    /// Final hidden states `[rows, seq, hidden]` of packed rows: `segments` (when given)
+    /// numbers the documents of a row, and a token sees only its own document; `positions`
+    /// restart at each document. The training path.
+    pub fn encode_packed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        let [b, s] = input_ids.dims();
+        let visible = match segments {
+            Some(seg) => {
+                let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
+                let k = seg.reshape([b, 1, s]).expand([b, s, s]);
+                q.equal(k)
+            }
+            None => Tensor::<3, Bool>::full([b, s, s], true, &input_ids.device()),
+        };
+        self.layers_out(input_ids, positions, visible)
+            .pop()
+            .expect("at least the embeddings")
+    }
+
+    /// MLM logits `[valid tokens, vocab]` of a padded batch, computed without the padding:
+    /// the valid tokens of all rows are packed, first fit, into rows no longer than the
+    /// longest sequence, each sequence its own document. Equals [`ModernBert::forward`] at
+    /// the valid positions, in row-major order.
+    pub fn forward_unpadded(
+        &self,
+        input_ids: &[Vec<i64>],
+        attention_mask: &[Vec<i64>],
+    ) -> Tensor<2> {
+        let device = self.tok_embeddings.val().device();
+        let seqs: Vec<Vec<i64>> = input_ids
+            .iter()
+            .zip(attention_mask)
+            .map(|(ids, m)| {
+                ids.iter()
+                    .zip(m)
+                    .filter(|(_, &m)| m != 0)
+                    .map(|(&t, _)| t)
+                    .collect()
+            })
+            .collect();
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        // First fit: row r holds the sequences placed in it, in order.
+        let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, q) in seqs.iter().enumerate().filter(|(_, q)| !q.is_empty()) {
+            match rows.iter_mut().find(|(used, _)| used + q.len() <= width) {
+                Some((used, members)) => {
+                    *used += q.len();
+                    members.push(i);
+                }
+                None => rows.push((q.len(), vec![i])),
+            }
+        }
+        let r = rows.len().max(1);
+        let (mut ids, mut pos, mut seg) = (
+            vec![0i64; r * width],
+            vec![0i64; r * width],
+            vec![-1i64; r * width],
+        );
+        // Where each sequence's tokens landed (flat index), in input order.
+        let mut place = vec![Vec::new(); seqs.len()];
+        for (row, (_, members)) in rows.iter().enumerate() {
+            let mut at = row * width;
+            for (doc, &i) in members.iter().enumerate() {
+                for (p, &t) in seqs[i].iter().enumerate() {
+                    ids[at] = t;
+                    pos[at] = p as i64;
+                    seg[at] = doc as i64;
+                    place[i].push(at as i64);
+                    at += 1;
+                }
+            }
+        }
+        let t = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [r, width]), &device);
+        let h = self.encode_packed(t(ids), t(pos), Some(t(seg)));
+        let order: Vec<i64> = place.into_iter().flatten().collect();
+        let n = order.len();
+        let h = h.reshape([r * width, self.config.hidden_size]).select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(order, [n]), &device),
+        );
+        self.mlm_logits(h.unsqueeze::<3>()).squeeze_dim(0)
     }
 
     /// MLM logits `[batch, seq, vocab]` at every position.

@@ -574,19 +574,11 @@ impl Qwen3 {
     }
 }
 
-struct CastParams(DType);
-
-impl burn::module::ModuleMapper for CastParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(|t| to_dtype(t, dtype))
-    }
-}
-
 impl Qwen3 {
     /// For inference: store the parameters in `dtype` too, so that no forward pass pays for
     /// casting f32 masters (training keeps f32 parameters and casts inside the ops).
     pub fn into_inference_dtype(self, dtype: DType) -> Self {
-        self.map(&mut CastParams(dtype)).with_compute_dtype(dtype)
+        self.map(&mut crate::layers::CastParams(dtype))
+            .with_compute_dtype(dtype)
     }
 }

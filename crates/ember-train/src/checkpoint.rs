@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ember_data::Tokenizer;
-use ember_models::hf::{write_atomic, SaveOptions};
-use ember_models::qwen3::Qwen3;
+use ember_models::hf::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::Optimizer;
+use crate::trainer::TrainModel;
 
 pub const STATE_DIR: &str = "train_state";
 const STATE_FILE: &str = "state.json";
@@ -52,9 +52,9 @@ pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
 /// Writes a checkpoint for `state.step` under `run_dir/checkpoints/` and keeps the newest
 /// `keep_last`; `extra` adds the objective's own files to its `train_state/`. Returns the
 /// checkpoint directory.
-pub fn save(
+pub fn save<M: TrainModel>(
     run_dir: &Path,
-    model: &Qwen3,
+    model: &M,
     tokenizer: &Tokenizer,
     optimizer: &Optimizer,
     state: &TrainState,
@@ -82,14 +82,14 @@ pub fn save(
 }
 
 /// Writes a complete checkpoint into `dir` (model, tokenizer, train_state/).
-pub fn write_into(
+pub fn write_into<M: TrainModel>(
     dir: &Path,
-    model: &Qwen3,
+    model: &M,
     tokenizer: &Tokenizer,
     optimizer: &Optimizer,
     state: &TrainState,
 ) -> Result<()> {
-    model.save_pretrained(dir, &SaveOptions::default())?;
+    model.save_hf(dir)?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
     let sd = dir.join(STATE_DIR);
     fs::create_dir_all(&sd).with_context(|| format!("{}: cannot create", sd.display()))?;

@@ -246,7 +246,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         per_dataset.push((name.clone(), srcs));
     }
     let all: Vec<_> = per_dataset.iter().flat_map(|(_, v)| v.clone()).collect();
-    let (tok, eos) = resolve_tokenizer(data, &all, path, setup.tokenizer_from.as_deref())?;
+    let (tok, eos) = resolve_tokenizer(data, &all, path, setup.tokenizer_from.as_deref(), &[])?;
     setup.adopt_tokenizer(&tok, eos, path)?;
     let mut caches: Vec<(String, TokenCache)> = Vec::new();
     for (name, srcs) in &per_dataset {

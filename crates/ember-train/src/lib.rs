@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod cpt;
 pub mod evaluate;
 pub mod metrics;
+pub mod mlm;
 pub mod objectives;
 pub mod opd;
 pub mod optim;

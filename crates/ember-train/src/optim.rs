@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     Adamw,
+    /// AdamW whose step size per tensor is divided by max(1, RMS(g²/v̂)) (Wortsman et al.
+    /// 2023), ModernBERT's optimizer: a tensor whose second moment lags a gradient spike
+    /// takes a smaller step instead of a huge one, with no global clipping needed.
+    Stableadamw,
     Muon,
 }
 
@@ -286,8 +290,11 @@ impl Optimizer {
             Rule::AdamW { decay } => decay,
             Rule::Muon => true,
         };
-        let p2 = if decay && cfg.weight_decay > 0.0 {
-            p2.mul_scalar(1.0 - lr * cfg.weight_decay)
+        let wd = if decay { cfg.weight_decay } else { 0.0 };
+        let stable = cfg.optimizer == OptimizerKind::Stableadamw;
+        // StableAdamW scales the decay with its step, so it is applied with the update.
+        let p2 = if wd > 0.0 && !stable {
+            p2.mul_scalar(1.0 - lr * wd)
         } else {
             p2
         };
@@ -301,14 +308,27 @@ impl Optimizer {
                     .take()
                     .expect("AdamW slot has a second moment")
                     .mul_scalar(cfg.beta2)
-                    + (g.clone() * g).mul_scalar(1.0 - cfg.beta2);
+                    + (g.clone() * g.clone()).mul_scalar(1.0 - cfg.beta2);
                 let bc1 = 1.0 - cfg.beta1.powi(t);
                 let bc2 = 1.0 - cfg.beta2.powi(t);
-                let denom = v.clone().div_scalar(bc2).sqrt().add_scalar(cfg.eps);
+                let v_hat = v.clone().div_scalar(bc2);
+                let denom = v_hat.clone().sqrt().add_scalar(cfg.eps);
                 let upd = m.clone().div_scalar(bc1) / denom;
+                let new = if stable {
+                    // lr_t = lr / max(1, sqrt(mean(g² / max(v̂, eps²)))), on the device.
+                    let rms = (g.clone() * g / v_hat.clamp_min(cfg.eps * cfg.eps))
+                        .mean()
+                        .sqrt()
+                        .clamp_min(1.0);
+                    let lr_t = rms.recip().mul_scalar(lr).reshape([1, 1]);
+                    let kept = (lr_t.clone().mul_scalar(-wd)).add_scalar(1.0);
+                    p2 * kept - upd * lr_t
+                } else {
+                    p2 - upd.mul_scalar(lr)
+                };
                 slot.m = m;
                 slot.v = Some(v);
-                p2 - upd.mul_scalar(lr)
+                new
             }
             Rule::Muon => {
                 let mu = cfg.muon_momentum;

@@ -185,9 +185,10 @@ pub fn check(recipe: &Recipe, path: &Path) -> Result<()> {
         || recipe.distill.is_some()
         || recipe.objective.is_some()
         || recipe.rlp.is_some()
+        || recipe.mlm.is_some()
     {
         bail!(
-            "{}: a pipeline recipe keeps `kind`, `objective`, [data], [train], [[phase]], [eval], [rl], [distill] and [rlp] inside each [[stage]]",
+            "{}: a pipeline recipe keeps `kind`, `objective`, [data], [train], [[phase]], [eval], [rl], [distill], [rlp] and [mlm] inside each [[stage]]",
             path.display()
         );
     }

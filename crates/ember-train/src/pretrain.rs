@@ -104,20 +104,27 @@ pub fn write_if_changed(file: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The stage's tokenizer: the checkpoint's own when it has one, else a BPE trained on
 /// `sources`, the byte-level tokenizer or an HF `tokenizer.json`; with its `<|endoftext|>` id.
+/// A tokenizer built here gets `extra` special tokens after [`SPECIALS`] (MLM's mask).
 pub fn resolve_tokenizer(
     data: &DataSection,
     sources: &[Source],
     recipe_path: &Path,
     existing: Option<&Path>,
+    extra: &[&str],
 ) -> Result<(Tokenizer, u32)> {
+    let specials: Vec<&str> = SPECIALS
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect();
     let tokenizer = match (existing, data.bpe_vocab_size) {
         (Some(t), _) => Tokenizer::from_file(t)?,
         (None, Some(n)) => {
             eprintln!("training a byte-level BPE tokenizer with {n} tokens");
-            train_bpe(sources, n, &SPECIALS, 2)
+            train_bpe(sources, n, &specials, 2)
                 .map_err(|e| anyhow!("{} [data] bpe_vocab_size: {e:#}", recipe_path.display()))?
         }
-        (None, None) if data.tokenizer == "byte_level" => Tokenizer::byte_level(&SPECIALS)?,
+        (None, None) if data.tokenizer == "byte_level" => Tokenizer::byte_level(&specials)?,
         (None, None) => {
             let p = PathBuf::from(&data.tokenizer);
             Tokenizer::from_file(&p).map_err(|e| {
@@ -145,6 +152,7 @@ pub fn prepare_data(
     seed: u64,
     run_dir: &Path,
     existing_tokenizer: Option<&Path>,
+    extra_specials: &[&str],
 ) -> Result<PreparedData> {
     let data_dir = run_dir.join("data");
     let sources = resolve_sources(
@@ -156,7 +164,13 @@ pub fn prepare_data(
         "data",
         data.generated.as_ref().map_or("", |g| g.task.as_str()),
     )?;
-    let (tokenizer, eos_id) = resolve_tokenizer(data, &sources, recipe_path, existing_tokenizer)?;
+    let (tokenizer, eos_id) = resolve_tokenizer(
+        data,
+        &sources,
+        recipe_path,
+        existing_tokenizer,
+        extra_specials,
+    )?;
     let spec = CacheSpec {
         sources: &sources,
         tokenizer: &tokenizer,
@@ -261,6 +275,33 @@ pub fn val_batches(
     }
 }
 
+/// The training loader over prepared data's packed windows, and its fixed validation
+/// batches.
+pub fn packed_data(
+    prepared: &PreparedData,
+    data: &DataSection,
+    tcfg: &TrainSection,
+    seed: u64,
+) -> Result<(PackedLoader, Vec<Batch>)> {
+    let loader = PackedLoader::open(
+        &prepared.cache.train_file(),
+        data.seq_len,
+        tcfg.batch_size,
+        seed,
+        data.shuffle,
+        data.doc_masks,
+        prepared.eos_id,
+    )?;
+    let val = val_batches(
+        &prepared.cache.val_file(),
+        data,
+        tcfg,
+        seed,
+        prepared.eos_id,
+    );
+    Ok((loader, val))
+}
+
 /// A pretraining stage: packed documents, next-token loss.
 pub fn run(s: &StageRun) -> Result<Summary> {
     let (recipe, path) = (s.recipe, s.path);
@@ -272,8 +313,12 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             path.display()
         );
     }
-    if s.stage.objective == Some(TrainObjective::Rlp) {
-        crate::rlp::checked_section(s)?;
+    match s.stage.objective {
+        Some(TrainObjective::Rlp) => {
+            crate::rlp::checked_section(s)?;
+        }
+        Some(TrainObjective::Mlm) => return crate::mlm::run(s),
+        _ => {}
     }
     let mut setup = Setup::new(s)?;
     let prepared = prepare_data(
@@ -282,24 +327,10 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         recipe.run.seed,
         &s.run_dir,
         setup.tokenizer_from.as_deref(),
+        &[],
     )?;
     setup.adopt_tokenizer(&prepared.tokenizer, prepared.eos_id, path)?;
-    let loader = PackedLoader::open(
-        &prepared.cache.train_file(),
-        data.seq_len,
-        tcfg.batch_size,
-        recipe.run.seed,
-        data.shuffle,
-        data.doc_masks,
-        prepared.eos_id,
-    )?;
-    let val = val_batches(
-        &prepared.cache.val_file(),
-        data,
-        tcfg,
-        recipe.run.seed,
-        prepared.eos_id,
-    );
+    let (loader, val) = packed_data(&prepared, data, tcfg, recipe.run.seed)?;
     let sets = if val.is_empty() {
         vec![]
     } else {

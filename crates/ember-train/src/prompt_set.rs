@@ -41,7 +41,7 @@ pub fn stage_prompts(
 ) -> Result<(Tokenizer, Encoded)> {
     let (data, path) = (&s.stage.data, s.path);
     let rows = prompt_rows(s)?;
-    let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref())?;
+    let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref(), &[])?;
     setup.adopt_tokenizer(&tok, eos, path)?;
     let encoded = encode_prompts(rows, &tok, format, data.seq_len)?;
     if encoded.too_long > 0 {

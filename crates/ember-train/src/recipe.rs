@@ -10,6 +10,7 @@ use ember_data::prompts::PromptSource;
 use ember_data::sft::{Batching, LossAveraging};
 use ember_data::tasks::DocFormat;
 use ember_data::Source;
+use ember_models::modernbert::ModernBertConfig;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
 
@@ -53,6 +54,9 @@ pub struct Recipe {
     /// RLP settings (`objective = "rlp"`).
     #[serde(default)]
     pub rlp: Option<RlpSection>,
+    /// Masked-language-model settings (`objective = "mlm"`).
+    #[serde(default)]
+    pub mlm: Option<MlmSection>,
     /// The stages `ember pipeline` runs in order, each from the previous one's output.
     #[serde(default)]
     pub stage: Vec<StageSection>,
@@ -85,6 +89,9 @@ pub struct StageSection {
     /// RLP settings (`objective = "rlp"`).
     #[serde(default)]
     pub rlp: Option<RlpSection>,
+    /// Masked-language-model settings (`objective = "mlm"`).
+    #[serde(default)]
+    pub mlm: Option<MlmSection>,
     /// This stage's own architecture: a new model trained from scratch (a distillation
     /// student, say) instead of the previous stage's. Same keys as `[model]`.
     #[serde(default)]
@@ -277,6 +284,39 @@ pub enum TrainObjective {
     Ntp,
     /// RLP's information-gain reward on sampled thoughts (optionally plus next-token loss).
     Rlp,
+    /// Masked-token prediction for an encoder (`arch = "modernbert"`).
+    Mlm,
+}
+
+/// Masked language modelling (BERT's recipe at ModernBERT's rate): a fraction of the
+/// tokens, never special ones, is chosen; of those, most become the mask token, some a
+/// random token and the rest stay; the loss is the cross-entropy at the chosen positions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlmSection {
+    /// The fraction of (non-special) tokens predicted.
+    #[serde(default = "mlm_prob")]
+    pub mask_prob: f64,
+    /// The token that replaces masked inputs; a BPE or byte-level tokenizer the stage
+    /// builds gets it as a special token.
+    #[serde(default = "mlm_token")]
+    pub mask_token: String,
+    /// Of the chosen tokens, the fraction replaced by a random token.
+    #[serde(default = "tenth")]
+    pub random_fraction: f64,
+    /// Of the chosen tokens, the fraction left unchanged.
+    #[serde(default = "tenth")]
+    pub keep_fraction: f64,
+}
+
+fn mlm_prob() -> f64 {
+    0.3
+}
+fn mlm_token() -> String {
+    "<|mask|>".into()
+}
+fn tenth() -> f64 {
+    0.1
 }
 
 /// The distillation loss of an OPD stage.
@@ -672,6 +712,7 @@ impl TrainSection {
 /// The model a recipe describes.
 pub enum ModelSpec {
     Qwen3(Qwen3Config),
+    ModernBert(ModernBertConfig),
 }
 
 impl Recipe {
@@ -748,6 +789,7 @@ impl Recipe {
             distill: self.distill.clone(),
             objective: self.objective,
             rlp: self.rlp.clone(),
+            mlm: self.mlm.clone(),
             model: None,
         })
     }
@@ -778,7 +820,19 @@ pub fn model_spec(mut table: toml::Table, path: &Path) -> Result<ModelSpec> {
             }
             Ok(ModelSpec::Qwen3(Qwen3Config::from_value(&json, &origin)?))
         }
-        other => bail!("{origin}: unknown arch `{other}` (supported: qwen3)"),
+        "modernbert" => {
+            let known = ModernBertConfig::KNOWN_FIELDS;
+            if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
+                let at = line_of(path, &format!("{k} ="))
+                    .map(|l| format!("{}:{l}: [model]", path.display()))
+                    .unwrap_or(origin);
+                bail!("{at}: unknown key `{k}` for arch modernbert");
+            }
+            Ok(ModelSpec::ModernBert(ModernBertConfig::from_value(
+                &json, &origin,
+            )?))
+        }
+        other => bail!("{origin}: unknown arch `{other}` (supported: qwen3, modernbert)"),
     }
 }
 

@@ -26,6 +26,18 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// `lr` at every step, no warmup (benchmarks).
+    pub fn constant(lr: f64) -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            lr,
+            warmup_steps: 0,
+            total_steps: 1,
+            min_lr_ratio: 1.0,
+            decay_fraction: 0.0,
+        }
+    }
+
     /// The learning rate for 0-based optimizer step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         let min = self.lr * self.min_lr_ratio;

@@ -143,7 +143,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     }
     let mut setup = Setup::new(s)?;
     let sources = chat_sources(s)?;
-    let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref())?;
+    let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref(), &[])?;
     setup.adopt_tokenizer(&tok, eos, path)?;
     let (train, val) = examples(s, &tok, &sources)?;
     let seed = s.recipe.run.seed;

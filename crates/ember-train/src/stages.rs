@@ -13,12 +13,12 @@ use ember_data::loader::{Batch, Cursor, PackedLoader};
 use ember_data::sft::SftLoader;
 use ember_data::Tokenizer;
 use ember_models::hf::Checkpoint;
-use ember_models::qwen3::{Qwen3, Qwen3Config};
+use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{self, TrainState};
-use crate::metrics::{flops_per_token, step_record, MetricsLog, Progress};
+use crate::metrics::{step_record, MetricsLog, Progress};
 use crate::optim::Optimizer;
 use crate::pretrain::{batch_loss, parse_dtype};
 use crate::recipe::{
@@ -26,7 +26,7 @@ use crate::recipe::{
     TrainSection,
 };
 use crate::schedule::{LrPlan, Schedule};
-use crate::trainer::{Diverged, Trainer};
+use crate::trainer::{Diverged, TrainModel, Trainer};
 
 /// What a finished stage reports.
 #[derive(Debug, Clone)]
@@ -65,12 +65,12 @@ pub fn run_stage(s: &StageRun) -> Result<Summary> {
 }
 
 /// What a stage trains on, one optimizer step at a time.
-pub trait Objective {
+pub trait Objective<M = Qwen3> {
     /// Gets optimizer step `step` (0-based) ready, seeing the model as it now is (RL samples
     /// from it); returns the number of micro-batches and the tokens they hold.
-    fn prepare(&mut self, model: &Qwen3, step: u64) -> Result<(usize, u64)>;
+    fn prepare(&mut self, model: &M, step: u64) -> Result<(usize, u64)>;
     /// The loss of micro-batch `i` of the prepared step, with a graph on the model's device.
-    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>>;
+    fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>>;
     /// Adds the step's own metrics to its record after the update; returns what the
     /// progress line should show besides loss, LR and throughput.
     fn annotate(&mut self, _record: &mut Map<String, Value>) -> String {
@@ -216,11 +216,11 @@ impl<L: CursorLoader> Feed for CursorFeed<L> {
 }
 
 /// Periodic evaluation; its metrics go into the step's record.
-pub trait Evaluator {
+pub trait Evaluator<M = Qwen3> {
     /// Whether to evaluate after `step` optimizer steps (`step == 0`: before training).
     fn due(&self, step: u64, last: bool) -> bool;
     /// Metrics of `model` (named as they appear in `metrics.jsonl`) and one line for the log.
-    fn evaluate(&mut self, model: &Qwen3, step: u64) -> Result<(Map<String, Value>, String)>;
+    fn evaluate(&mut self, model: &M, step: u64) -> Result<(Map<String, Value>, String)>;
 }
 
 /// Checks shared by every stage kind.
@@ -251,6 +251,7 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
             StageKind::Opd,
         ),
         ("an [rlp] section", stage.rlp.is_some(), StageKind::Pretrain),
+        ("an [mlm] section", stage.mlm.is_some(), StageKind::Pretrain),
         (
             "`objective`",
             stage.objective.is_some(),
@@ -266,6 +267,12 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
                 stage.kind.name()
             );
         }
+    }
+    if stage.mlm.is_some() && stage.objective != Some(TrainObjective::Mlm) {
+        bail!(
+            "{}: an [mlm] section needs objective = \"mlm\"",
+            path.display()
+        );
     }
     let needs = match stage.kind {
         StageKind::Rlvr if stage.rl.is_none() => {
@@ -315,11 +322,11 @@ pub fn train_schedule(t: &TrainSection) -> Schedule {
 
 /// The device, the model (random, from `init_from`, or from the checkpoint being resumed)
 /// and where a tokenizer shipped with that checkpoint lives.
-pub struct Setup {
+pub struct Setup<M = Qwen3> {
     pub base: Device,
     pub train_dev: Device,
     pub dtype: DType,
-    pub model: Qwen3,
+    pub model: M,
     pub resume_ckpt: Option<PathBuf>,
     /// `tokenizer.json` of the checkpoint the model came from, if it has one.
     pub tokenizer_from: Option<PathBuf>,
@@ -327,6 +334,26 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(s: &StageRun) -> Result<Self> {
+        Setup::build(s, |from, device, dtype| {
+            Ok(build_model(s, from, device)?.with_compute_dtype(dtype))
+        })
+    }
+
+    /// Checks the tokenizer against the model and records its end-of-text id.
+    pub fn adopt_tokenizer(&mut self, tok: &Tokenizer, eos_id: u32, path: &Path) -> Result<()> {
+        check_vocab(self.model.config.vocab_size, tok, path)?;
+        self.model.config.eos_token_id = Some(eos_id.into());
+        Ok(())
+    }
+}
+
+impl<M> Setup<M> {
+    /// The device and `make(checkpoint to start from, device, dtype)`'s model: the
+    /// checkpoint being resumed, else `train.init_from`, else none (a new model).
+    pub fn build(
+        s: &StageRun,
+        make: impl FnOnce(Option<&Path>, &Device, DType) -> Result<M>,
+    ) -> Result<Self> {
         let (path, tcfg) = (s.path, &s.stage.train);
         let resume_ckpt = s.resume.as_deref().map(checkpoint::resolve).transpose()?;
         if resume_ckpt.is_none() && s.run_dir.join("checkpoints").exists() {
@@ -347,7 +374,7 @@ impl Setup {
         }
         let init_dir = resume_ckpt.clone().or_else(|| tcfg.init_from.clone());
         // The model first: a checkpoint that does not fit fails before any data work.
-        let model = build_model(s, init_dir.as_deref(), &train_dev)?.with_compute_dtype(dtype);
+        let model = make(init_dir.as_deref(), &train_dev, dtype)?;
         let tokenizer_from = init_dir
             .map(|d| d.join("tokenizer.json"))
             .filter(|p| p.is_file());
@@ -359,13 +386,6 @@ impl Setup {
             resume_ckpt,
             tokenizer_from,
         })
-    }
-
-    /// Checks the tokenizer against the model and records its end-of-text id.
-    pub fn adopt_tokenizer(&mut self, tok: &Tokenizer, eos_id: u32, path: &Path) -> Result<()> {
-        check_vocab(&self.model.config, tok, path)?;
-        self.model.config.eos_token_id = Some(eos_id.into());
-        Ok(())
     }
 }
 
@@ -392,15 +412,12 @@ pub fn frozen_model(dir: &Path, setup: &Setup, what: &str) -> Result<Qwen3> {
 /// against the stage's `[model]`, or the recipe's, when there is one), otherwise random from
 /// that `[model]`.
 fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwen3> {
-    let (recipe, path) = (s.recipe, s.path);
-    let spec = s
-        .stage
-        .model
-        .as_ref()
-        .or(recipe.model.as_ref())
-        .map(|t| model_spec(t.clone(), path))
-        .transpose()?;
-    match (from, spec) {
+    let path = s.path;
+    match (from, stage_model_spec(s)?) {
+        (_, Some(ModelSpec::ModernBert(_))) => bail!(
+            "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
+            path.display()
+        ),
         (Some(dir), Some(ModelSpec::Qwen3(config))) => {
             let mut ckpt = Checkpoint::open(dir)?;
             let m = Qwen3::load(config, &mut ckpt, device).map_err(|e| {
@@ -414,7 +431,7 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
             Ok(m)
         }
         (Some(dir), None) => Qwen3::from_pretrained(dir, device),
-        (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, recipe.run.seed, device),
+        (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, s.recipe.run.seed, device),
         (None, None) => bail!(
             "{}: needs a [model] section or train.init_from",
             path.display()
@@ -422,12 +439,23 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
     }
 }
 
-fn check_vocab(config: &Qwen3Config, tok: &Tokenizer, path: &Path) -> Result<()> {
-    if tok.vocab_size() > config.vocab_size {
+/// The stage's own `[stage.model]`, else the recipe's `[model]`, if either is given.
+pub fn stage_model_spec(s: &StageRun) -> Result<Option<ModelSpec>> {
+    s.stage
+        .model
+        .as_ref()
+        .or(s.recipe.model.as_ref())
+        .map(|t| model_spec(t.clone(), s.path))
+        .transpose()
+}
+
+/// A model's vocabulary must hold every token of the tokenizer.
+pub fn check_vocab(vocab_size: usize, tok: &Tokenizer, path: &Path) -> Result<()> {
+    if tok.vocab_size() > vocab_size {
         bail!(
             "{} [model]: vocab_size {} is smaller than the tokenizer's {} tokens",
             path.display(),
-            config.vocab_size,
+            vocab_size,
             tok.vocab_size()
         );
     }
@@ -469,11 +497,11 @@ impl<'a> LoopSpec<'a> {
 /// The training loop: steps until `total_steps`, evaluating when the evaluators are due,
 /// checkpointing every `save_every` steps and at the end, then publishing the final model at
 /// the top of the stage directory and drawing the curves.
-pub fn run_loop(
-    setup: Setup,
+pub fn run_loop<M: TrainModel>(
+    setup: Setup<M>,
     spec: LoopSpec,
-    objective: &mut dyn Objective,
-    evaluators: &mut [Box<dyn Evaluator + '_>],
+    objective: &mut dyn Objective<M>,
+    evaluators: &mut [Box<dyn Evaluator<M> + '_>],
 ) -> Result<Summary> {
     let s = spec.run;
     let tcfg = &s.stage.train;
@@ -509,7 +537,7 @@ pub fn run_loop(
     trainer.step = start_step;
 
     let seq = s.stage.data.seq_len;
-    let flops = flops_per_token(&trainer.model().config, seq);
+    let flops = trainer.model().flops_per_token(seq);
     let peak = tcfg
         .peak_tflops
         .or_else(|| default_peak_tflops(&base, dtype))
@@ -521,7 +549,7 @@ pub fn run_loop(
         "{} {}: {:.2}M parameters, {}, {total} steps × {shape}, on {base:?} ({dtype:?})",
         s.stage.kind.name(),
         run_dir.display(),
-        trainer.model().config.num_params() as f64 / 1e6,
+        trainer.model().param_count() as f64 / 1e6,
         spec.data_line,
     );
     std::fs::create_dir_all(&run_dir)
@@ -548,7 +576,7 @@ pub fn run_loop(
     let mut last_val = None;
     let mut last_ckpt: Option<PathBuf> = resume_ckpt.clone();
     let save =
-        |trainer: &Trainer<Qwen3>, objective: &dyn Objective, rng: &Rng, tokens: u64, secs: f64| {
+        |trainer: &Trainer<M>, objective: &dyn Objective<M>, rng: &Rng, tokens: u64, secs: f64| {
             let state = TrainState {
                 step: trainer.step,
                 optimizer_steps: trainer.optimizer.steps,

@@ -2,10 +2,15 @@
 //! clip, a divergence check, and the optimizer update. A stage supplies only the loss of a
 //! micro-batch.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
+use ember_models::hf::SaveOptions;
+use ember_models::modernbert::ModernBert;
+use ember_models::qwen3::Qwen3;
 
 use crate::optim::{grad_norm, Optimizer};
 use crate::schedule::LrPlan;
@@ -41,6 +46,39 @@ impl std::fmt::Display for Diverged {
 }
 
 impl std::error::Error for Diverged {}
+
+/// What the shared loop needs of a model family besides being a module.
+pub trait TrainModel: Module {
+    fn param_count(&self) -> usize;
+    /// Training FLOPs per token at sequence length `seq`, for MFU.
+    fn flops_per_token(&self, seq: usize) -> f64;
+    /// Writes the model as an HF directory (config.json + safetensors).
+    fn save_hf(&self, dir: &Path) -> Result<()>;
+}
+
+impl TrainModel for Qwen3 {
+    fn param_count(&self) -> usize {
+        self.config.num_params()
+    }
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        crate::metrics::flops_per_token(&self.config, seq)
+    }
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained(dir, &SaveOptions::default())
+    }
+}
+
+impl TrainModel for ModernBert {
+    fn param_count(&self) -> usize {
+        self.config.num_params()
+    }
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        self.config.flops_per_token(seq)
+    }
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained(dir, &SaveOptions::default())
+    }
+}
 
 pub struct Trainer<M: Module> {
     model: Option<M>,

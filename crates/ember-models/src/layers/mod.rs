@@ -16,3 +16,17 @@ pub fn to_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
         t.cast(dtype)
     }
 }
+
+/// Stores every float parameter in a dtype (inference in bf16 without casting f32 masters
+/// in each op).
+pub struct CastParams(pub burn::tensor::DType);
+
+impl burn::module::ModuleMapper for CastParams {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| to_dtype(t, dtype))
+    }
+}

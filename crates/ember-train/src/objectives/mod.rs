@@ -3,4 +3,5 @@
 pub mod distill;
 pub mod grpo;
 pub mod lm;
+pub mod mlm;
 pub mod rlp;
