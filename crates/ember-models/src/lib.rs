@@ -4,6 +4,7 @@
 pub mod device;
 pub mod generate;
 pub mod hf;
+pub mod hybrid;
 pub mod layers;
 pub mod modernbert;
 pub mod qwen3;

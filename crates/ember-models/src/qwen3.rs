@@ -293,7 +293,7 @@ impl DecoderLayer {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope_t, ctx);
+                .forward(self.input_layernorm.forward(x), Some(rope_t), ctx);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 }

@@ -18,6 +18,10 @@ pub enum Init {
     Normal(f64),
     Ones,
     Zeros,
+    /// log(1), log(2), …, log(n): Mamba2's A_log, so head h decays at rate h + 1.
+    LogArange,
+    /// softplus⁻¹ of a time step drawn log-uniformly in [min, max]: Mamba2's dt_bias.
+    InvSoftplusLogUniform(f64, f64),
 }
 
 pub trait WeightSource {
@@ -49,6 +53,13 @@ impl WeightSource for RandomInit {
             Init::Normal(std) => (0..n).map(|_| (self.rng.normal() * std) as f32).collect(),
             Init::Ones => vec![1.0; n],
             Init::Zeros => vec![0.0; n],
+            Init::LogArange => (1..=n).map(|i| (i as f32).ln()).collect(),
+            Init::InvSoftplusLogUniform(lo, hi) => (0..n)
+                .map(|_| {
+                    let dt = (lo.ln() + self.rng.uniform() * (hi.ln() - lo.ln())).exp();
+                    (dt + (-(-dt).exp_m1()).ln()) as f32
+                })
+                .collect(),
         };
         Ok(TensorData::new(v, shape.to_vec()))
     }

@@ -46,7 +46,7 @@ impl KvCache {
 }
 
 /// Shape parameters of one attention block.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnDims {
     pub hidden: usize,
     pub heads: usize,
@@ -60,8 +60,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
-    pub q_norm: RmsNorm,
-    pub k_norm: RmsNorm,
+    /// Qwen3's per-head QK-norm; NemotronH's attention has none.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -127,20 +128,45 @@ impl Attention {
                 std,
                 device,
             )?,
-            q_norm: RmsNorm::load(
+            q_norm: Some(RmsNorm::load(
                 src,
                 &format!("{prefix}.q_norm.weight"),
                 d.head_dim,
                 eps,
                 device,
-            )?,
-            k_norm: RmsNorm::load(
+            )?),
+            k_norm: Some(RmsNorm::load(
                 src,
                 &format!("{prefix}.k_norm.weight"),
                 d.head_dim,
                 eps,
                 device,
-            )?,
+            )?),
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+        })
+    }
+
+    /// Attention without QK-norm and without biases (NemotronH, Nemotron-Flash).
+    pub fn load_plain(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: AttnDims,
+        std: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+        let lin = |src: &mut dyn WeightSource, name: &str, i: usize, o: usize| {
+            Linear::load(src, &format!("{prefix}.{name}"), i, o, false, std, device)
+        };
+        Ok(Self {
+            q_proj: lin(src, "q_proj", d.hidden, q)?,
+            k_proj: lin(src, "k_proj", d.hidden, kv)?,
+            v_proj: lin(src, "v_proj", d.hidden, kv)?,
+            o_proj: lin(src, "o_proj", q, d.hidden)?,
+            q_norm: None,
+            k_norm: None,
             heads: d.heads,
             kv_heads: d.kv_heads,
             head_dim: d.head_dim,
@@ -152,23 +178,45 @@ impl Attention {
         self.k_proj.save(&format!("{prefix}.k_proj"), out);
         self.v_proj.save(&format!("{prefix}.v_proj"), out);
         self.o_proj.save(&format!("{prefix}.o_proj"), out);
-        self.q_norm.save(&format!("{prefix}.q_norm.weight"), out);
-        self.k_norm.save(&format!("{prefix}.k_norm.weight"), out);
+        if let Some(n) = &self.q_norm {
+            n.save(&format!("{prefix}.q_norm.weight"), out);
+        }
+        if let Some(n) = &self.k_norm {
+            n.save(&format!("{prefix}.k_norm.weight"), out);
+        }
     }
 
-    pub fn forward(&self, x: Tensor<3>, rope_t: &RopeTables, ctx: &mut AttnContext) -> Tensor<3> {
+    /// Causal self-attention over `[b, s, hidden]`; `rope_t: None` for layers without
+    /// position encoding (NemotronH's, which take positions from their SSM layers).
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope_t: Option<&RopeTables>,
+        ctx: &mut AttnContext,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, hkv, d) = (self.heads, self.kv_heads, self.head_dim);
         // QK-norm acts per head on the last dim, before RoPE.
-        let q = self
-            .q_norm
-            .forward(self.q_proj.forward(x.clone()).reshape([b, s, h, d]));
-        let k = self
-            .k_norm
-            .forward(self.k_proj.forward(x.clone()).reshape([b, s, hkv, d]));
+        let norm = |n: &Option<RmsNorm>, t: Tensor<4>| match n {
+            Some(n) => n.forward(t),
+            None => t,
+        };
+        let q = norm(
+            &self.q_norm,
+            self.q_proj.forward(x.clone()).reshape([b, s, h, d]),
+        );
+        let k = norm(
+            &self.k_norm,
+            self.k_proj.forward(x.clone()).reshape([b, s, hkv, d]),
+        );
         let v = self.v_proj.forward(x).reshape([b, s, hkv, d]);
-        let q = rope::apply(q.swap_dims(1, 2), rope_t);
-        let k = rope::apply(k.swap_dims(1, 2), rope_t);
+        let (q, k) = match rope_t {
+            Some(t) => (
+                rope::apply(q.swap_dims(1, 2), t),
+                rope::apply(k.swap_dims(1, 2), t),
+            ),
+            None => (q.swap_dims(1, 2), k.swap_dims(1, 2)),
+        };
         let v = v.swap_dims(1, 2);
 
         let (k, v) = match ctx.cache.as_mut() {

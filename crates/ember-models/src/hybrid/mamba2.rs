@@ -1,0 +1,359 @@
+//! The Mamba2 mixer (transformers `Mamba2Mixer` / `NemotronHMamba2Mixer`): `in_proj` to
+//! [z | xBC | dt], a causal depthwise conv (then SiLU) over xBC, the selective state space
+//! with A = −exp(A_log) and dt = softplus(dt + dt_bias), a gated RMSNorm (× silu(z), then
+//! normalised in `n_groups` groups) and `out_proj`.
+//!
+//! Training and prefill run the chunked SSD form (the state-space dual: quadratic attention-
+//! like products inside chunks of `chunk_size`, a linear recurrence over chunk states);
+//! decoding runs the recurrent single-step update. Both read and write a [`Mamba2State`].
+
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softplus};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::layers::linear::Linear;
+use crate::layers::to_dtype;
+use crate::weights::{export, param, Init, WeightSink, WeightSource};
+
+/// Shape and numerics of one mixer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mamba2Dims {
+    pub hidden: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub state: usize,
+    pub groups: usize,
+    pub conv_kernel: usize,
+    pub chunk: usize,
+    pub eps: f64,
+    /// dt is clamped to [min, max] after the softplus.
+    pub dt_limit: (f64, f64),
+    pub conv_bias: bool,
+    pub proj_bias: bool,
+}
+
+impl Mamba2Dims {
+    /// The SSM's inner width, heads × head_dim.
+    pub fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Channels the conv runs over: x, B and C.
+    pub fn conv_dim(&self) -> usize {
+        self.inner() + 2 * self.groups * self.state
+    }
+}
+
+/// A mixer's decoding state: the last `conv_kernel − 1` conv inputs `[batch, K−1, conv_dim]`
+/// and the SSM state `[batch, heads, head_dim, state]` (f32).
+#[derive(Debug, Clone)]
+pub struct Mamba2State {
+    pub conv: Tensor<3>,
+    pub ssm: Tensor<4>,
+}
+
+impl Mamba2State {
+    pub fn zeros(d: &Mamba2Dims, batch: usize, device: &Device) -> Self {
+        Self {
+            conv: Tensor::zeros([batch, d.conv_kernel - 1, d.conv_dim()], device),
+            ssm: Tensor::zeros([batch, d.heads, d.head_dim, d.state], device),
+        }
+    }
+
+    /// Keeps batch rows `idx` (finished sequences leave the batch).
+    pub fn select_rows(&mut self, idx: &Tensor<1, burn::tensor::Int>) {
+        self.conv = self.conv.clone().select(0, idx.clone());
+        self.ssm = self.ssm.clone().select(0, idx.clone());
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mamba2Mixer {
+    pub in_proj: Linear,
+    /// `[conv_dim, kernel]` (transformers stores `[conv_dim, 1, kernel]`).
+    pub conv_weight: Param<Tensor<2>>,
+    pub conv_bias: Option<Param<Tensor<1>>>,
+    pub dt_bias: Param<Tensor<1>>,
+    pub a_log: Param<Tensor<1>>,
+    pub d: Param<Tensor<1>>,
+    pub norm_weight: Param<Tensor<1>>,
+    pub out_proj: Linear,
+    #[module(skip)]
+    pub dims: Mamba2Dims,
+}
+
+impl Mamba2Mixer {
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: Mamba2Dims,
+        std: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (inner, conv_dim, k) = (d.inner(), d.conv_dim(), d.conv_kernel);
+        let conv: Param<Tensor<3>> = param(
+            src,
+            &format!("{prefix}.conv1d.weight"),
+            [conv_dim, 1, k],
+            Init::Normal((k as f64).powf(-0.5)),
+            device,
+        )?;
+        let conv_bias = d
+            .conv_bias
+            .then(|| {
+                param(
+                    src,
+                    &format!("{prefix}.conv1d.bias"),
+                    [conv_dim],
+                    Init::Zeros,
+                    device,
+                )
+            })
+            .transpose()?;
+        let (lo, hi) = (d.dt_limit.0.max(1e-3), 0.1);
+        Ok(Self {
+            in_proj: Linear::load(
+                src,
+                &format!("{prefix}.in_proj"),
+                d.hidden,
+                inner + conv_dim + d.heads,
+                d.proj_bias,
+                std,
+                device,
+            )?,
+            conv_weight: Param::from_tensor(conv.val().reshape([conv_dim, k])),
+            conv_bias,
+            dt_bias: param(
+                src,
+                &format!("{prefix}.dt_bias"),
+                [d.heads],
+                Init::InvSoftplusLogUniform(lo, hi),
+                device,
+            )?,
+            a_log: param(
+                src,
+                &format!("{prefix}.A_log"),
+                [d.heads],
+                Init::LogArange,
+                device,
+            )?,
+            d: param(src, &format!("{prefix}.D"), [d.heads], Init::Ones, device)?,
+            norm_weight: param(
+                src,
+                &format!("{prefix}.norm.weight"),
+                [inner],
+                Init::Ones,
+                device,
+            )?,
+            out_proj: Linear::load(
+                src,
+                &format!("{prefix}.out_proj"),
+                inner,
+                d.hidden,
+                d.proj_bias,
+                std,
+                device,
+            )?,
+            dims: d,
+        })
+    }
+
+    pub fn save(&self, prefix: &str, out: &mut WeightSink) {
+        self.in_proj.save(&format!("{prefix}.in_proj"), out);
+        let [c, k] = self.conv_weight.dims();
+        let conv = Param::from_tensor(self.conv_weight.val().reshape([c, 1, k]));
+        export(out, &format!("{prefix}.conv1d.weight"), &conv);
+        if let Some(b) = &self.conv_bias {
+            export(out, &format!("{prefix}.conv1d.bias"), b);
+        }
+        export(out, &format!("{prefix}.dt_bias"), &self.dt_bias);
+        export(out, &format!("{prefix}.A_log"), &self.a_log);
+        export(out, &format!("{prefix}.D"), &self.d);
+        export(out, &format!("{prefix}.norm.weight"), &self.norm_weight);
+        self.out_proj.save(&format!("{prefix}.out_proj"), out);
+    }
+
+    /// `[batch, seq, hidden]` → the same shape. With a state, the sequence continues it (the
+    /// conv sees the previous inputs, the scan starts from the SSM state) and the state is
+    /// advanced. One token takes the recurrent step, longer inputs the chunked scan.
+    pub fn forward(&self, x: Tensor<3>, state: Option<&mut Mamba2State>) -> Tensor<3> {
+        let d = self.dims;
+        let [b, l, _] = x.dims();
+        let dtype = x.dtype();
+        let (inner, conv_dim) = (d.inner(), d.conv_dim());
+        let proj = self.in_proj.forward(x);
+        let gate = proj.clone().narrow(2, 0, inner);
+        let xbc = proj.clone().narrow(2, inner, conv_dim);
+        let dt = to_dtype(proj.narrow(2, inner + conv_dim, d.heads), DType::F32);
+        let device = gate.device();
+        let mut zero_state;
+        let st = match state {
+            Some(s) => s,
+            None => {
+                zero_state = Mamba2State::zeros(&d, b, &device);
+                &mut zero_state
+            }
+        };
+        // Causal depthwise conv over [history | xbc], then SiLU.
+        let k = d.conv_kernel;
+        let full = Tensor::cat(vec![st.conv.clone(), to_dtype(xbc, DType::F32)], 1);
+        st.conv = full.clone().narrow(1, l, k - 1);
+        let w = to_dtype(self.conv_weight.val(), DType::F32);
+        let mut conv =
+            full.clone().narrow(1, 0, l) * w.clone().narrow(1, 0, 1).reshape([1, 1, conv_dim]);
+        for j in 1..k {
+            conv = conv
+                + full.clone().narrow(1, j, l)
+                    * w.clone().narrow(1, j, 1).reshape([1, 1, conv_dim]);
+        }
+        if let Some(bias) = &self.conv_bias {
+            conv = conv + to_dtype(bias.val(), DType::F32).reshape([1, 1, conv_dim]);
+        }
+        let xbc = silu(conv);
+        let gs = d.groups * d.state;
+        let xs = xbc
+            .clone()
+            .narrow(2, 0, inner)
+            .reshape([b, l, d.heads, d.head_dim]);
+        let bm = self.per_head(xbc.clone().narrow(2, inner, gs), b, l);
+        let cm = self.per_head(xbc.narrow(2, inner + gs, gs), b, l);
+        let dt = softplus(
+            dt + to_dtype(self.dt_bias.val(), DType::F32).reshape([1, 1, d.heads]),
+            1.0,
+        )
+        .clamp(d.dt_limit.0, d.dt_limit.1);
+        let a = to_dtype(self.a_log.val(), DType::F32).exp().neg();
+        let y = if l == 1 {
+            self.step(xs, dt, a, bm, cm, st)
+        } else {
+            self.scan(xs, dt, a, bm, cm, st)
+        };
+        let y = self.gated_norm(y.reshape([b, l, inner]), to_dtype(gate, DType::F32));
+        self.out_proj.forward(to_dtype(y, dtype))
+    }
+
+    /// `[b, l, groups·state]` → `[b, l, heads, state]`: head h reads group h / (heads / groups).
+    fn per_head(&self, t: Tensor<3>, b: usize, l: usize) -> Tensor<4> {
+        let d = self.dims;
+        let per = d.heads / d.groups;
+        t.reshape([b, l, d.groups, 1, d.state])
+            .expand([b, l, d.groups, per, d.state])
+            .reshape([b, l, d.heads, d.state])
+    }
+
+    fn gated_norm(&self, y: Tensor<3>, gate: Tensor<3>) -> Tensor<3> {
+        let d = self.dims;
+        let [b, l, inner] = y.dims();
+        let y = y * silu(gate);
+        let g = y.reshape([b, l, d.groups, inner / d.groups]);
+        let inv = (g.clone().square().mean_dim(3) + d.eps).sqrt().recip();
+        (g * inv).reshape([b, l, inner])
+            * to_dtype(self.norm_weight.val(), DType::F32).reshape([1, 1, inner])
+    }
+
+    /// One token: h ← h·exp(dt·A) + dt·x⊗B, y = h·C + D·x. Inputs `[b, 1, ..]`.
+    fn step(
+        &self,
+        x: Tensor<4>,
+        dt: Tensor<3>,
+        a: Tensor<1>,
+        bm: Tensor<4>,
+        cm: Tensor<4>,
+        st: &mut Mamba2State,
+    ) -> Tensor<4> {
+        let d = self.dims;
+        let [b, _, h, p] = x.dims();
+        let n = d.state;
+        let x = x.reshape([b, h, p]);
+        let dt = dt.reshape([b, h]);
+        let decay = (dt.clone() * a.reshape([1, h])).exp().reshape([b, h, 1, 1]);
+        let dbx =
+            (x.clone() * dt.reshape([b, h, 1])).reshape([b, h, p, 1]) * bm.reshape([b, h, 1, n]);
+        st.ssm = st.ssm.clone() * decay + dbx;
+        let y = st
+            .ssm
+            .clone()
+            .matmul(cm.reshape([b, h, n, 1]))
+            .reshape([b, h, p]);
+        let dskip = to_dtype(self.d.val(), DType::F32).reshape([1, h, 1]);
+        (y + x * dskip).reshape([b, 1, h, p])
+    }
+
+    /// The chunked SSD scan over `[b, l, heads, ..]`, from and into `st.ssm`.
+    fn scan(
+        &self,
+        x: Tensor<4>,
+        dt: Tensor<3>,
+        a: Tensor<1>,
+        bm: Tensor<4>,
+        cm: Tensor<4>,
+        st: &mut Mamba2State,
+    ) -> Tensor<4> {
+        let d = self.dims;
+        let [b, l, h, p] = x.dims();
+        let n = d.state;
+        let t = d.chunk;
+        let c = l.div_ceil(t);
+        let pad = c * t - l;
+        let device = x.device();
+        let pad_seq = |v: Tensor<4>| {
+            if pad == 0 {
+                v
+            } else {
+                let [b, _, x1, x2] = v.dims();
+                Tensor::cat(vec![v, Tensor::zeros([b, pad, x1, x2], &device)], 1)
+            }
+        };
+        let dskip = to_dtype(self.d.val(), DType::F32).reshape([1, 1, h, 1]);
+        let skip = x.clone() * dskip;
+        // Discretised inputs, padded with zeros (a zero step neither decays nor adds).
+        let xdt = pad_seq(x * dt.clone().reshape([b, l, h, 1]));
+        let adt = pad_seq((dt * a.reshape([1, 1, h])).reshape([b, l, h, 1])).reshape([b, c, t, h]);
+        let bm = pad_seq(bm);
+        let cm = pad_seq(cm);
+        // [b, c, h, t, ·]
+        let xc = xdt.reshape([b, c, t, h, p]).permute([0, 1, 3, 2, 4]);
+        let bc = bm.reshape([b, c, t, h, n]).permute([0, 1, 3, 2, 4]);
+        let cc = cm.reshape([b, c, t, h, n]).permute([0, 1, 3, 2, 4]);
+        let acum = adt.permute([0, 1, 3, 2]).cumsum(3); // [b, c, h, t]
+                                                        // 1. Within chunks: y_l = Σ_{s≤l} (C_l·B_s) exp(A_l − A_s) x_s.
+        let decay_in = segment_decay(acum.clone());
+        let scores = cc.clone().matmul(bc.clone().swap_dims(3, 4)) * decay_in;
+        let y_diag = scores.matmul(xc.clone());
+        // 2. Each chunk's own end state: Σ_l exp(A_end − A_l) x_l ⊗ B_l  → [b, c, h, p, n].
+        let last = acum.clone().narrow(3, t - 1, 1);
+        let to_end = (last.clone() - acum.clone()).exp().reshape([b, c, h, t, 1]);
+        let states = xc.swap_dims(3, 4).matmul(bc * to_end);
+        // 3. Across chunks: the state entering chunk i, from the initial state and chunks < i.
+        let init = st.ssm.clone().reshape([b, 1, h, p, n]);
+        let all = Tensor::cat(vec![init, states], 1).reshape([b, c + 1, h, p * n]);
+        let ends = last.reshape([b, c, h]).permute([0, 2, 1]); // [b, h, c]
+        let ends = Tensor::cat(vec![Tensor::zeros([b, h, 1], &device), ends], 2).cumsum(2);
+        let decay_across =
+            segment_decay(ends.reshape([b, h, 1, c + 1])).reshape([b, h, c + 1, c + 1]);
+        let entering = decay_across.matmul(all.permute([0, 2, 1, 3])); // [b, h, c+1, p·n]
+        st.ssm = entering.clone().narrow(2, c, 1).reshape([b, h, p, n]);
+        let entering = entering
+            .narrow(2, 0, c)
+            .reshape([b, h, c, p, n])
+            .permute([0, 2, 1, 3, 4]); // [b, c, h, p, n]
+                                       // 4. The entering state's contribution: exp(A_l) C_l · state.
+        let y_off = cc.matmul(entering.swap_dims(3, 4)) * acum.exp().reshape([b, c, h, t, 1]);
+        let y = (y_diag + y_off)
+            .permute([0, 1, 3, 2, 4])
+            .reshape([b, c * t, h, p]);
+        y.narrow(1, 0, l) + skip
+    }
+}
+
+/// exp of the segment sums of a cumulative sum over the last axis: out[.., i, j] =
+/// exp(cum_i − cum_j) for j ≤ i and 0 above the diagonal. `[.., k]` → `[.., k, k]`.
+fn segment_decay(cum: Tensor<4>) -> Tensor<5> {
+    let [a, b, c, k] = cum.dims();
+    let rows = cum.clone().reshape([a, b, c, k, 1]);
+    let cols = cum.reshape([a, b, c, 1, k]);
+    let upper = Tensor::<2, burn::tensor::Bool>::tril_mask([k, k], 0, &rows.device())
+        .reshape([1, 1, 1, k, k])
+        .expand([a, b, c, k, k]);
+    (rows - cols).mask_fill(upper, f32::NEG_INFINITY).exp()
+}

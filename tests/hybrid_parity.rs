@@ -1,0 +1,174 @@
+//! The hybrid blocks against transformers (fixtures of `tests/fixtures/gen_hybrid.py`):
+//! `Mamba2ForCausalLM` and `NemotronHForCausalLM` (Mamba2, relu² MLP, attention without
+//! RoPE), every hidden state and the logits over 20 tokens (3 SSD chunks of 8), and cached
+//! decoding: the prefill's last logits and two greedy steps through the state cache, against
+//! transformers' own cached steps and against recomputing the whole sequence.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_models::hybrid::stack::HybridLM;
+
+use crate::common::*;
+
+fn check(name: &str, tol_steps: f64) {
+    let fx = load_fixtures(name);
+    let dev = device();
+    let model = HybridLM::from_pretrained(&fixture_dir(name), &dev).unwrap();
+    let ids = fx["input_ids"].ids(&dev);
+    let hidden: Vec<Vec<f64>> = model
+        .hidden_states(ids.clone(), None)
+        .into_iter()
+        .map(values)
+        .collect();
+    let n = model.config.layers.len();
+    assert_eq!(hidden.len(), n + 1);
+    // NemotronH lists the embeddings, each layer's input and the final norm's output, as
+    // ours; Mamba2 lists each layer's output (no embeddings), then the final norm's output.
+    let pairs: Vec<(usize, usize)> = if name == "mamba2" {
+        (0..n - 1).map(|i| (i + 1, i)).chain([(n, n)]).collect()
+    } else {
+        (0..=n).map(|i| (i, i)).collect()
+    };
+    for (ours, theirs) in pairs {
+        let key = format!("hidden_states.{theirs}");
+        assert_close(
+            &format!("{name} {key}"),
+            &hidden[ours],
+            &fx[&key].values,
+            1e-4,
+        );
+    }
+    let logits = values(model.forward(ids.clone(), None));
+    eprintln!(
+        "{name}: max |logits - transformers| = {:.2e}",
+        max_abs_diff(&logits, &fx["logits"].values)
+    );
+    assert_close(
+        &format!("{name} logits"),
+        &logits,
+        &fx["logits"].values,
+        1e-4,
+    );
+
+    // Cached: prefill, then the reference's two greedy tokens one at a time.
+    let [b, s] = ids.dims();
+    let mut cache = model.new_cache(b, s + 2, &dev);
+    let pre = model.forward(ids.clone(), Some(&mut cache));
+    let vocab = pre.dims()[2];
+    let last = values(pre.narrow(1, s - 1, 1).reshape([b, vocab]));
+    assert_close(
+        &format!("{name} prefill"),
+        &last,
+        &fx["decode.prefill_logits"].values,
+        1e-4,
+    );
+    let toks = fx["decode.tokens"].rows();
+    let mut steps = Vec::new();
+    for j in 0..2 {
+        let col: Vec<i64> = toks.iter().map(|r| r[j] as i64).collect();
+        let t = Tensor::<2, Int>::from_data(TensorData::new(col, [b, 1]), &dev);
+        steps.push(model.forward(t, Some(&mut cache)));
+    }
+    let steps = values(Tensor::cat(steps, 1));
+    eprintln!(
+        "{name}: max |decode steps - transformers' cached steps| = {:.2e}",
+        max_abs_diff(&steps, &fx["decode.step_logits"].values)
+    );
+    assert_close(
+        &format!("{name} decode steps"),
+        &steps,
+        &fx["decode.step_logits"].values,
+        tol_steps,
+    );
+    // Against our own recomputation of all 22 tokens.
+    let full_ids: Vec<i64> = fx["input_ids"]
+        .rows()
+        .iter()
+        .zip(&toks)
+        .flat_map(|(r, t)| r.iter().chain(t).map(|&x| x as i64).collect::<Vec<_>>())
+        .collect();
+    let full = model.forward(
+        Tensor::<2, Int>::from_data(TensorData::new(full_ids, [b, s + 2]), &dev),
+        None,
+    );
+    let tail = values(full.narrow(1, s, 2));
+    assert_close(&format!("{name} decode vs recompute"), &steps, &tail, 1e-4);
+    let reference_tail: Vec<f64> = fx["decode.full_logits"]
+        .values
+        .chunks(vocab)
+        .enumerate()
+        .filter(|(i, _)| i % (s + 2) >= s)
+        .flat_map(|(_, c)| c.to_vec())
+        .collect();
+    assert_close(&format!("{name} recompute"), &tail, &reference_tail, 1e-4);
+}
+
+#[test]
+fn mamba2_matches_transformers_prefill_and_decode() {
+    check("mamba2", 1e-4);
+}
+
+#[test]
+fn nemotron_h_matches_transformers_prefill_and_decode() {
+    check("nemotron_h", 1e-4);
+}
+
+/// A random mixer's chunked scan at several chunk sizes, its recurrent form token by token,
+/// and a scan continued from a state part-way, all give the same outputs and final state.
+#[test]
+fn mamba2_chunked_and_recurrent_forms_agree() {
+    use ember_models::hybrid::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
+    use ember_models::weights::RandomInit;
+    let dev = device();
+    let dims = |chunk| Mamba2Dims {
+        hidden: 32,
+        heads: 4,
+        head_dim: 8,
+        state: 8,
+        groups: 2,
+        conv_kernel: 4,
+        chunk,
+        eps: 1e-5,
+        dt_limit: (0.0, f64::INFINITY),
+        conv_bias: true,
+        proj_bias: false,
+    };
+    let mixer =
+        |chunk| Mamba2Mixer::load(&mut RandomInit::new(7), "m", dims(chunk), 0.2, &dev).unwrap();
+    let (b, l) = (2, 23);
+    let x = Tensor::<3>::random(
+        [b, l, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    // Recurrent reference: one token at a time.
+    let m = mixer(8);
+    let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+    let steps: Vec<Tensor<3>> = (0..l)
+        .map(|t| m.forward(x.clone().narrow(1, t, 1), Some(&mut st)))
+        .collect();
+    let recurrent = values(Tensor::cat(steps, 1));
+    let final_state = values(st.ssm.clone());
+    for chunk in [1, 3, 8, 16, 64] {
+        let m = mixer(chunk);
+        let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+        let y = values(m.forward(x.clone(), Some(&mut st)));
+        assert_close(&format!("chunk {chunk} vs recurrent"), &y, &recurrent, 1e-4);
+        assert_close(
+            &format!("chunk {chunk} final state"),
+            &values(st.ssm),
+            &final_state,
+            1e-4,
+        );
+    }
+    // A prefill of 10 tokens, then the other 13 as one chunked call from that state.
+    let m = mixer(4);
+    let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+    let first = m.forward(x.clone().narrow(1, 0, 10), Some(&mut st));
+    let rest = m.forward(x.clone().narrow(1, 10, l - 10), Some(&mut st));
+    assert_close(
+        "continued scan",
+        &values(Tensor::cat(vec![first, rest], 1)),
+        &recurrent,
+        1e-4,
+    );
+}
