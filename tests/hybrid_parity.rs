@@ -4,22 +4,67 @@
 //! decoding: the prefill's last logits and two greedy steps through the state cache, against
 //! transformers' own cached steps and against recomputing the whole sequence.
 
-use burn::tensor::{Int, Tensor, TensorData};
-use ember_models::hybrid::stack::HybridLM;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use ember_models::hybrid::qwen3_next::{Qwen3Next, Qwen3NextCache};
+use ember_models::hybrid::stack::{HybridCache, HybridLM};
 
 use crate::common::*;
 
-fn check(name: &str, tol_steps: f64) {
+/// What the parity check needs of a model family.
+trait Reference: Sized {
+    type Cache;
+    fn load(name: &str, dev: &Device) -> Self;
+    fn layers(&self) -> usize;
+    fn hidden(&self, ids: Tensor<2, Int>) -> Vec<Tensor<3>>;
+    fn logits(&self, ids: Tensor<2, Int>, cache: Option<&mut Self::Cache>) -> Tensor<3>;
+    fn cache(&self, batch: usize, max_len: usize, dev: &Device) -> Self::Cache;
+}
+
+impl Reference for HybridLM {
+    type Cache = HybridCache;
+    fn load(name: &str, dev: &Device) -> Self {
+        HybridLM::from_pretrained(&fixture_dir(name), dev).unwrap()
+    }
+    fn layers(&self) -> usize {
+        self.config.layers.len()
+    }
+    fn hidden(&self, ids: Tensor<2, Int>) -> Vec<Tensor<3>> {
+        self.hidden_states(ids, None)
+    }
+    fn logits(&self, ids: Tensor<2, Int>, cache: Option<&mut HybridCache>) -> Tensor<3> {
+        self.forward(ids, cache)
+    }
+    fn cache(&self, batch: usize, max_len: usize, dev: &Device) -> HybridCache {
+        self.new_cache(batch, max_len, dev)
+    }
+}
+
+impl Reference for Qwen3Next {
+    type Cache = Qwen3NextCache;
+    fn load(name: &str, dev: &Device) -> Self {
+        Qwen3Next::from_pretrained(&fixture_dir(name), dev).unwrap()
+    }
+    fn layers(&self) -> usize {
+        self.layers.len()
+    }
+    fn hidden(&self, ids: Tensor<2, Int>) -> Vec<Tensor<3>> {
+        self.hidden_states(ids, None)
+    }
+    fn logits(&self, ids: Tensor<2, Int>, cache: Option<&mut Qwen3NextCache>) -> Tensor<3> {
+        self.forward(ids, cache)
+    }
+    fn cache(&self, batch: usize, max_len: usize, dev: &Device) -> Qwen3NextCache {
+        self.new_cache(batch, max_len, dev)
+    }
+}
+
+fn check<M: Reference>(name: &str, tol_steps: f64) {
     let fx = load_fixtures(name);
     let dev = device();
-    let model = HybridLM::from_pretrained(&fixture_dir(name), &dev).unwrap();
+    let model = M::load(name, &dev);
     let ids = fx["input_ids"].ids(&dev);
-    let hidden: Vec<Vec<f64>> = model
-        .hidden_states(ids.clone(), None)
-        .into_iter()
-        .map(values)
-        .collect();
-    let n = model.config.layers.len();
+    let hidden: Vec<Vec<f64>> = model.hidden(ids.clone()).into_iter().map(values).collect();
+    let n = model.layers();
     assert_eq!(hidden.len(), n + 1);
     // NemotronH lists the embeddings, each layer's input and the final norm's output, as
     // ours; Mamba2 lists each layer's output (no embeddings), then the final norm's output.
@@ -37,7 +82,7 @@ fn check(name: &str, tol_steps: f64) {
             1e-4,
         );
     }
-    let logits = values(model.forward(ids.clone(), None));
+    let logits = values(model.logits(ids.clone(), None));
     eprintln!(
         "{name}: max |logits - transformers| = {:.2e}",
         max_abs_diff(&logits, &fx["logits"].values)
@@ -51,8 +96,8 @@ fn check(name: &str, tol_steps: f64) {
 
     // Cached: prefill, then the reference's two greedy tokens one at a time.
     let [b, s] = ids.dims();
-    let mut cache = model.new_cache(b, s + 2, &dev);
-    let pre = model.forward(ids.clone(), Some(&mut cache));
+    let mut cache = model.cache(b, s + 2, &dev);
+    let pre = model.logits(ids.clone(), Some(&mut cache));
     let vocab = pre.dims()[2];
     let last = values(pre.narrow(1, s - 1, 1).reshape([b, vocab]));
     assert_close(
@@ -66,7 +111,7 @@ fn check(name: &str, tol_steps: f64) {
     for j in 0..2 {
         let col: Vec<i64> = toks.iter().map(|r| r[j] as i64).collect();
         let t = Tensor::<2, Int>::from_data(TensorData::new(col, [b, 1]), &dev);
-        steps.push(model.forward(t, Some(&mut cache)));
+        steps.push(model.logits(t, Some(&mut cache)));
     }
     let steps = values(Tensor::cat(steps, 1));
     eprintln!(
@@ -86,7 +131,7 @@ fn check(name: &str, tol_steps: f64) {
         .zip(&toks)
         .flat_map(|(r, t)| r.iter().chain(t).map(|&x| x as i64).collect::<Vec<_>>())
         .collect();
-    let full = model.forward(
+    let full = model.logits(
         Tensor::<2, Int>::from_data(TensorData::new(full_ids, [b, s + 2]), &dev),
         None,
     );
@@ -104,12 +149,17 @@ fn check(name: &str, tol_steps: f64) {
 
 #[test]
 fn mamba2_matches_transformers_prefill_and_decode() {
-    check("mamba2", 1e-4);
+    check::<HybridLM>("mamba2", 1e-4);
 }
 
 #[test]
 fn nemotron_h_matches_transformers_prefill_and_decode() {
-    check("nemotron_h", 1e-4);
+    check::<HybridLM>("nemotron_h", 1e-4);
+}
+
+#[test]
+fn qwen3_next_gated_deltanet_matches_transformers_prefill_and_decode() {
+    check::<Qwen3Next>("qwen3_next", 1e-4);
 }
 
 /// A random mixer's chunked scan at several chunk sizes, its recurrent form token by token,
@@ -171,4 +221,46 @@ fn mamba2_chunked_and_recurrent_forms_agree() {
         &recurrent,
         1e-4,
     );
+}
+
+/// The delta rule's chunked (UT-transform) form against its recurrent form, with and
+/// without the gate, from a non-zero initial state, over several chunk sizes.
+#[test]
+fn delta_rule_chunked_and_recurrent_forms_agree() {
+    use burn::tensor::activation::{log_sigmoid, sigmoid};
+    use burn::tensor::Distribution;
+    use ember_models::hybrid::delta_rule::{chunked, recurrent, DeltaInputs};
+    let dev = device();
+    let (b, h, l, dk, dv) = (2, 3, 37, 8, 6);
+    let normal =
+        |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let unit = |m: Tensor<4>| {
+        let n = m.clone().square().sum_dim(3).add_scalar(1e-6).sqrt();
+        m / n
+    };
+    let q = unit(normal([b, h, l, dk]));
+    let k = unit(normal([b, h, l, dk]));
+    let v = normal([b, h, l, dv]);
+    let beta = sigmoid(normal([b, h, l, 1]).reshape([b, h, l]));
+    let g = log_sigmoid(normal([b, h, l, 1]).reshape([b, h, l]).add_scalar(2.0));
+    let s0 = normal([b, h, dk, dv]).mul_scalar(0.3);
+    for gated in [false, true] {
+        let inputs = || DeltaInputs {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            beta: beta.clone(),
+            g: gated.then(|| g.clone()),
+        };
+        let mut s_rec = s0.clone();
+        let want = values(recurrent(inputs(), &mut s_rec));
+        let want_state = values(s_rec);
+        for chunk in [1, 4, 8, 16, 64] {
+            let mut s = s0.clone();
+            let got = values(chunked(inputs(), chunk, &mut s));
+            let what = format!("gated {gated}, chunk {chunk}");
+            assert_close(&what, &got, &want, 1e-4);
+            assert_close(&format!("{what} state"), &values(s), &want_state, 1e-4);
+        }
+    }
 }

@@ -12,6 +12,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{DType, Device, Tensor};
 
+use super::{causal_conv_silu, repeat_heads, segment_decay};
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
 use crate::weights::{export, param, Init, WeightSink, WeightSource};
@@ -194,22 +195,12 @@ impl Mamba2Mixer {
                 &mut zero_state
             }
         };
-        // Causal depthwise conv over [history | xbc], then SiLU.
-        let k = d.conv_kernel;
-        let full = Tensor::cat(vec![st.conv.clone(), to_dtype(xbc, DType::F32)], 1);
-        st.conv = full.clone().narrow(1, l, k - 1);
-        let w = to_dtype(self.conv_weight.val(), DType::F32);
-        let mut conv =
-            full.clone().narrow(1, 0, l) * w.clone().narrow(1, 0, 1).reshape([1, 1, conv_dim]);
-        for j in 1..k {
-            conv = conv
-                + full.clone().narrow(1, j, l)
-                    * w.clone().narrow(1, j, 1).reshape([1, 1, conv_dim]);
-        }
-        if let Some(bias) = &self.conv_bias {
-            conv = conv + to_dtype(bias.val(), DType::F32).reshape([1, 1, conv_dim]);
-        }
-        let xbc = silu(conv);
+        let xbc = causal_conv_silu(
+            &mut st.conv,
+            xbc,
+            self.conv_weight.val(),
+            self.conv_bias.as_ref().map(|b| b.val()),
+        );
         let gs = d.groups * d.state;
         let xs = xbc
             .clone()
@@ -235,10 +226,7 @@ impl Mamba2Mixer {
     /// `[b, l, groups·state]` → `[b, l, heads, state]`: head h reads group h / (heads / groups).
     fn per_head(&self, t: Tensor<3>, b: usize, l: usize) -> Tensor<4> {
         let d = self.dims;
-        let per = d.heads / d.groups;
-        t.reshape([b, l, d.groups, 1, d.state])
-            .expand([b, l, d.groups, per, d.state])
-            .reshape([b, l, d.heads, d.state])
+        repeat_heads(t.reshape([b, l, d.groups, d.state]), d.heads / d.groups)
     }
 
     fn gated_norm(&self, y: Tensor<3>, gate: Tensor<3>) -> Tensor<3> {
@@ -344,16 +332,4 @@ impl Mamba2Mixer {
             .reshape([b, c * t, h, p]);
         y.narrow(1, 0, l) + skip
     }
-}
-
-/// exp of the segment sums of a cumulative sum over the last axis: out[.., i, j] =
-/// exp(cum_i − cum_j) for j ≤ i and 0 above the diagonal. `[.., k]` → `[.., k, k]`.
-fn segment_decay(cum: Tensor<4>) -> Tensor<5> {
-    let [a, b, c, k] = cum.dims();
-    let rows = cum.clone().reshape([a, b, c, k, 1]);
-    let cols = cum.reshape([a, b, c, 1, k]);
-    let upper = Tensor::<2, burn::tensor::Bool>::tril_mask([k, k], 0, &rows.device())
-        .reshape([1, 1, 1, k, k])
-        .expand([a, b, c, k, k]);
-    (rows - cols).mask_fill(upper, f32::NEG_INFINITY).exp()
 }

@@ -1,5 +1,68 @@
 //! Hybrid decoders (Nemotron-Flash, NemotronH, Mamba2): residual blocks whose mixer is a
 //! Mamba2 SSM, a DeltaNet, attention or an MLP, in an order a config gives.
 
+pub mod delta_net;
+pub mod delta_rule;
 pub mod mamba2;
+pub mod qwen3_next;
 pub mod stack;
+
+use burn::tensor::activation::silu;
+use burn::tensor::{Bool, DType, Tensor};
+
+use crate::layers::to_dtype;
+
+/// exp of the segment sums of a cumulative sum over the last axis: out[.., i, j] =
+/// exp(cum_i − cum_j) for j ≤ i and 0 above the diagonal. `[.., k]` → `[.., k, k]`.
+pub fn segment_decay(cum: Tensor<4>) -> Tensor<5> {
+    let [a, b, c, k] = cum.dims();
+    let rows = cum.clone().reshape([a, b, c, k, 1]);
+    let cols = cum.reshape([a, b, c, 1, k]);
+    let upper = Tensor::<2, Bool>::tril_mask([k, k], 0, &rows.device())
+        .reshape([1, 1, 1, k, k])
+        .expand([a, b, c, k, k]);
+    (rows - cols).mask_fill(upper, f32::NEG_INFINITY).exp()
+}
+
+/// A causal depthwise conv over `[batch, seq, channels]` that continues `history` (the last
+/// `kernel − 1` inputs, `[batch, kernel − 1, channels]`, updated in place), then SiLU; in
+/// f32. `weight` is `[channels, kernel]`.
+pub fn causal_conv_silu(
+    history: &mut Tensor<3>,
+    x: Tensor<3>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<3> {
+    let [_, l, ch] = x.dims();
+    let k = weight.dims()[1];
+    let full = Tensor::cat(vec![history.clone(), to_dtype(x, DType::F32)], 1);
+    *history = full.clone().narrow(1, l, k - 1);
+    let w = to_dtype(weight, DType::F32);
+    let tap =
+        |j: usize| full.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, ch]);
+    let mut out = tap(0);
+    for j in 1..k {
+        out = out + tap(j);
+    }
+    if let Some(b) = bias {
+        out = out + to_dtype(b, DType::F32).reshape([1, 1, ch]);
+    }
+    silu(out)
+}
+
+/// x / sqrt(Σx² + 1e-6) over the last axis (FLA's and transformers' l2norm).
+pub fn l2_normalize<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let n = x.clone().square().sum_dim(D - 1).add_scalar(1e-6).sqrt();
+    x / n
+}
+
+/// `[b, l, groups, d]` → `[b, l, groups·per, d]`: each group repeated for `per` consecutive heads.
+pub fn repeat_heads(x: Tensor<4>, per: usize) -> Tensor<4> {
+    if per == 1 {
+        return x;
+    }
+    let [b, l, g, d] = x.dims();
+    x.reshape([b, l, g, 1, d])
+        .expand([b, l, g, per, d])
+        .reshape([b, l, g * per, d])
+}

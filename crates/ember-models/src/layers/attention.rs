@@ -38,6 +38,22 @@ impl KvCache {
         self.kv.as_ref().map(|(k, _)| k.dims()[2]).unwrap_or(0)
     }
 
+    /// Writes `k`, `v` `[b, kv_heads, s, d]` at position `start` and returns every key and
+    /// value up to the end of them.
+    pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
+        let [b, hkv, s, d] = k.dims();
+        let (ck, cv) = self.kv.take().expect("cache in use");
+        let end = start + s;
+        let ck = ck.slice_assign([0..b, 0..hkv, start..end, 0..d], k);
+        let cv = cv.slice_assign([0..b, 0..hkv, start..end, 0..d], v);
+        let keys = (
+            ck.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
+            cv.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
+        );
+        self.kv = Some((ck, cv));
+        keys
+    }
+
     /// Keeps only the batch rows `idx`, so finished sequences stop costing compute.
     pub fn select_rows(&mut self, idx: &Tensor<1, burn::tensor::Int>) {
         let (k, v) = self.kv.take().expect("cache in use");
@@ -220,18 +236,7 @@ impl Attention {
         let v = v.swap_dims(1, 2);
 
         let (k, v) = match ctx.cache.as_mut() {
-            Some((cache, start)) => {
-                let (ck, cv) = cache.kv.take().expect("cache in use");
-                let end = *start + s;
-                let ck = ck.slice_assign([0..b, 0..hkv, *start..end, 0..d], k);
-                let cv = cv.slice_assign([0..b, 0..hkv, *start..end, 0..d], v);
-                let keys = (
-                    ck.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
-                    cv.clone().slice([0..b, 0..hkv, 0..end, 0..d]),
-                );
-                cache.kv = Some((ck, cv));
-                keys
-            }
+            Some((cache, start)) => cache.append(k, v, *start),
             None => (k, v),
         };
         let t = k.dims()[2];

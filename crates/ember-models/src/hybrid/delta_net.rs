@@ -1,0 +1,236 @@
+//! Gated DeltaNet as transformers' Qwen3Next lays it out (`Qwen3NextGatedDeltaNet`):
+//! `in_proj_qkvz` grouped per key head as [q | k | v (r heads) | z (r heads)],
+//! `in_proj_ba` as [b (r) | a (r)] with r = value heads / key heads; a short causal conv
+//! (then SiLU) over [q | k | v]; q and k L2-normalised and shared by the r value heads of
+//! their group; β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias); the gated delta rule
+//! ([`super::delta_rule`]); a per-head RMSNorm times silu(z); `out_proj`.
+
+use anyhow::Result;
+use burn::module::{Module, Param};
+use burn::tensor::activation::{sigmoid, silu, softplus};
+use burn::tensor::{DType, Device, Tensor};
+
+use super::delta_rule::{self, DeltaInputs};
+use super::{causal_conv_silu, l2_normalize, repeat_heads};
+use crate::layers::linear::Linear;
+use crate::layers::to_dtype;
+use crate::weights::{export, param, Init, WeightSink, WeightSource};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeltaDims {
+    pub hidden: usize,
+    pub k_heads: usize,
+    pub v_heads: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub conv_kernel: usize,
+    /// Tokens per chunk of the chunked form.
+    pub chunk: usize,
+    pub eps: f64,
+}
+
+impl DeltaDims {
+    pub fn key_dim(&self) -> usize {
+        self.k_heads * self.dk
+    }
+    pub fn value_dim(&self) -> usize {
+        self.v_heads * self.dv
+    }
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
+}
+
+/// Decoding state: conv history `[batch, kernel − 1, conv_dim]` and the delta-rule state
+/// `[batch, v_heads, dk, dv]`.
+#[derive(Debug, Clone)]
+pub struct DeltaState {
+    pub conv: Tensor<3>,
+    pub s: Tensor<4>,
+}
+
+impl DeltaState {
+    pub fn zeros(d: &DeltaDims, batch: usize, device: &Device) -> Self {
+        Self {
+            conv: Tensor::zeros([batch, d.conv_kernel - 1, d.conv_dim()], device),
+            s: Tensor::zeros([batch, d.v_heads, d.dk, d.dv], device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct GatedDeltaNet {
+    pub in_proj_qkvz: Linear,
+    pub in_proj_ba: Linear,
+    /// `[conv_dim, kernel]`.
+    pub conv_weight: Param<Tensor<2>>,
+    pub dt_bias: Param<Tensor<1>>,
+    pub a_log: Param<Tensor<1>>,
+    pub norm_weight: Param<Tensor<1>>,
+    pub out_proj: Linear,
+    #[module(skip)]
+    pub dims: DeltaDims,
+}
+
+impl GatedDeltaNet {
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: DeltaDims,
+        std: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (kd, vd, cd, k) = (d.key_dim(), d.value_dim(), d.conv_dim(), d.conv_kernel);
+        let conv: Param<Tensor<3>> = param(
+            src,
+            &format!("{prefix}.conv1d.weight"),
+            [cd, 1, k],
+            Init::Normal((k as f64).powf(-0.5)),
+            device,
+        )?;
+        Ok(Self {
+            in_proj_qkvz: Linear::load(
+                src,
+                &format!("{prefix}.in_proj_qkvz"),
+                d.hidden,
+                2 * kd + 2 * vd,
+                false,
+                std,
+                device,
+            )?,
+            in_proj_ba: Linear::load(
+                src,
+                &format!("{prefix}.in_proj_ba"),
+                d.hidden,
+                2 * d.v_heads,
+                false,
+                std,
+                device,
+            )?,
+            conv_weight: Param::from_tensor(conv.val().reshape([cd, k])),
+            dt_bias: param(
+                src,
+                &format!("{prefix}.dt_bias"),
+                [d.v_heads],
+                Init::Ones,
+                device,
+            )?,
+            a_log: param(
+                src,
+                &format!("{prefix}.A_log"),
+                [d.v_heads],
+                Init::LogArange,
+                device,
+            )?,
+            norm_weight: param(
+                src,
+                &format!("{prefix}.norm.weight"),
+                [d.dv],
+                Init::Ones,
+                device,
+            )?,
+            out_proj: Linear::load(
+                src,
+                &format!("{prefix}.out_proj"),
+                vd,
+                d.hidden,
+                false,
+                std,
+                device,
+            )?,
+            dims: d,
+        })
+    }
+
+    pub fn save(&self, prefix: &str, out: &mut WeightSink) {
+        self.in_proj_qkvz
+            .save(&format!("{prefix}.in_proj_qkvz"), out);
+        self.in_proj_ba.save(&format!("{prefix}.in_proj_ba"), out);
+        let [c, k] = self.conv_weight.dims();
+        let conv = Param::from_tensor(self.conv_weight.val().reshape([c, 1, k]));
+        export(out, &format!("{prefix}.conv1d.weight"), &conv);
+        export(out, &format!("{prefix}.dt_bias"), &self.dt_bias);
+        export(out, &format!("{prefix}.A_log"), &self.a_log);
+        export(out, &format!("{prefix}.norm.weight"), &self.norm_weight);
+        self.out_proj.save(&format!("{prefix}.out_proj"), out);
+    }
+
+    /// `[batch, seq, hidden]` → the same; a state is continued and advanced (one token:
+    /// the recurrent form; more: the chunked form).
+    pub fn forward(&self, x: Tensor<3>, state: Option<&mut DeltaState>) -> Tensor<3> {
+        let d = self.dims;
+        let [b, l, _] = x.dims();
+        let dtype = x.dtype();
+        let r = d.v_heads / d.k_heads;
+        let device = x.device();
+        let qkvz = self.in_proj_qkvz.forward(x.clone()).reshape([
+            b,
+            l,
+            d.k_heads,
+            2 * d.dk + 2 * r * d.dv,
+        ]);
+        let part = |m: &Tensor<4>, at: usize, n: usize| m.clone().narrow(3, at, n);
+        let q = part(&qkvz, 0, d.dk).reshape([b, l, d.key_dim()]);
+        let k = part(&qkvz, d.dk, d.dk).reshape([b, l, d.key_dim()]);
+        let v = part(&qkvz, 2 * d.dk, r * d.dv).reshape([b, l, d.value_dim()]);
+        let z = part(&qkvz, 2 * d.dk + r * d.dv, r * d.dv).reshape([b, l, d.v_heads, d.dv]);
+        let ba = self.in_proj_ba.forward(x).reshape([b, l, d.k_heads, 2 * r]);
+        let beta = sigmoid(to_dtype(part(&ba, 0, r), DType::F32)).reshape([b, l, d.v_heads]);
+        let a = to_dtype(part(&ba, r, r), DType::F32).reshape([b, l, d.v_heads]);
+        let mut zero;
+        let st = match state {
+            Some(s) => s,
+            None => {
+                zero = DeltaState::zeros(&d, b, &device);
+                &mut zero
+            }
+        };
+        let mixed = causal_conv_silu(
+            &mut st.conv,
+            Tensor::cat(vec![q, k, v], 2),
+            self.conv_weight.val(),
+            None,
+        );
+        let (kd, vd) = (d.key_dim(), d.value_dim());
+        let heads = |m: Tensor<3>, g: usize, dim: usize| m.reshape([b, l, g, dim]);
+        let q = repeat_heads(
+            l2_normalize(heads(mixed.clone().narrow(2, 0, kd), d.k_heads, d.dk)),
+            r,
+        );
+        let k = repeat_heads(
+            l2_normalize(heads(mixed.clone().narrow(2, kd, kd), d.k_heads, d.dk)),
+            r,
+        );
+        let v = heads(mixed.narrow(2, 2 * kd, vd), d.v_heads, d.dv);
+        let dt = softplus(
+            a + to_dtype(self.dt_bias.val(), DType::F32).reshape([1, 1, d.v_heads]),
+            1.0,
+        );
+        let g = dt
+            * to_dtype(self.a_log.val(), DType::F32)
+                .exp()
+                .neg()
+                .reshape([1, 1, d.v_heads]);
+        let to_bh = |m: Tensor<4>| m.swap_dims(1, 2);
+        let inputs = DeltaInputs {
+            q: to_bh(q),
+            k: to_bh(k),
+            v: to_bh(v),
+            beta: beta.swap_dims(1, 2),
+            g: Some(g.swap_dims(1, 2)),
+        };
+        let o = if l == 1 {
+            delta_rule::recurrent(inputs, &mut st.s)
+        } else {
+            delta_rule::chunked(inputs, d.chunk, &mut st.s)
+        };
+        let o = o.swap_dims(1, 2); // [b, l, v_heads, dv]
+        let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();
+        let o = o
+            * inv
+            * to_dtype(self.norm_weight.val(), DType::F32).reshape([1, 1, 1, d.dv])
+            * silu(to_dtype(z, DType::F32));
+        self.out_proj
+            .forward(to_dtype(o.reshape([b, l, vd]), dtype))
+    }
+}
