@@ -7,6 +7,7 @@ mod common;
 mod data;
 mod distill;
 mod hf_interop;
+mod hybrid;
 mod hybrid_parity;
 mod mlm;
 mod modernbert_parity;

@@ -59,6 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     let vocab = match &model {
         AnyModel::Qwen3(m) => m.config.vocab_size,
         AnyModel::ModernBert(m) => m.config.vocab_size,
+        AnyModel::Hybrid(m) => m.config.vocab_size,
     };
     if let Some(t) = input
         .input_ids
@@ -73,6 +74,12 @@ pub fn run(a: Args) -> Result<()> {
         AnyModel::Qwen3(m) => causal_logits(m, &mask, int(input.input_ids.concat()), &device),
         // An encoder: MLM logits at every position, padded ones included (as transformers).
         AnyModel::ModernBert(m) => m.forward(int(input.input_ids.concat()), int(mask.concat())),
+        AnyModel::Hybrid(m) => {
+            if mask.iter().flatten().any(|&v| v == 0) {
+                bail!("{origin}: field `attention_mask` has padding, which a hybrid model's forward does not take (give unpadded rows)");
+            }
+            m.forward(int(input.input_ids.concat()), None)
+        }
     };
     let v: Vec<f32> = logits.cast(DType::F32).into_data().iter::<f32>().collect();
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();

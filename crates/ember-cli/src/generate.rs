@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use ember_data::{StreamDecoder, Tokenizer};
+use ember_models::burn::module::Module;
+use ember_models::generate::CausalLm;
 use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling};
-use ember_models::qwen3::Qwen3;
 
-use crate::models::{self, RunFlags};
+use crate::models::{self, AnyModel, RunFlags};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,9 +71,34 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         Some(Tokenizer::from_file(&tok_path)?)
     };
-    let (model, _device) = models::load(&a.model, &a.run)?;
+    let (model, _device) = models::load_any(&a.model, &a.run)?;
+    match model {
+        AnyModel::Qwen3(m) => {
+            let eos = m.config.eos_ids();
+            decode(&a, &*m, m.config.vocab_size, eos, tok, &tok_path)
+        }
+        AnyModel::Hybrid(m) => {
+            let eos = m.eos_ids();
+            decode(&a, &*m, m.config.vocab_size, eos, tok, &tok_path)
+        }
+        AnyModel::ModernBert(_) => bail!(
+            "{}: an encoder (modernbert) has MLM logits (ember forward) but cannot generate",
+            a.model.display()
+        ),
+    }
+}
+
+/// Generation with any decoder: `config_eos` are the model's own end-of-text ids.
+fn decode<M: CausalLm + Module>(
+    a: &Args,
+    model: &M,
+    vocab: usize,
+    config_eos: Vec<u32>,
+    tok: Option<Tokenizer>,
+    tok_path: &Path,
+) -> Result<()> {
     if let Some(t) = &tok {
-        check_tokenizer(t, &model, &tok_path)?;
+        check_tokenizer(t, vocab, tok_path)?;
     }
     let mut prompts = Vec::new();
     for p in &a.prompt {
@@ -85,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
     for p in &a.prompt_ids {
         prompts.push(parse_ids(p)?);
     }
-    let mut eos = model.config.eos_ids();
+    let mut eos = config_eos;
     if let Some(t) = &tok {
         eos.extend(
             ["<|endoftext|>", "<|im_end|>"]
@@ -137,7 +163,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let t0 = Instant::now();
     let out = generate(
-        &model,
+        model,
         &prompts,
         &opts,
         &mut Hooks {
@@ -179,8 +205,8 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// A tokenizer whose ids the model cannot embed is a mismatched pair: say so up front.
-fn check_tokenizer(t: &Tokenizer, model: &Qwen3, path: &Path) -> Result<()> {
-    let (tv, mv) = (t.vocab_size(), model.config.vocab_size);
+fn check_tokenizer(t: &Tokenizer, mv: usize, path: &Path) -> Result<()> {
+    let tv = t.vocab_size();
     if tv > mv {
         bail!(
             "{}: tokenizer has {tv} tokens but the model's config.json has vocab_size {mv}; they do not belong together",

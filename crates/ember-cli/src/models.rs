@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use ember_models::burn::tensor::{DType, Device};
 use ember_models::hf;
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
@@ -42,6 +43,8 @@ impl RunFlags {
 pub enum AnyModel {
     Qwen3(Box<Qwen3>),
     ModernBert(Box<ModernBert>),
+    /// Mamba2, NemotronH or Nemotron-Flash.
+    Hybrid(Box<HybridLM>),
 }
 
 /// Loads an HF model directory of any supported family for inference.
@@ -56,8 +59,11 @@ pub fn load_any(dir: &Path, flags: &RunFlags) -> Result<(AnyModel, Device)> {
         "modernbert" => AnyModel::ModernBert(Box::new(
             ModernBert::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
         )),
+        "mamba2" | "nemotron_h" | "nemotron_flash" => AnyModel::Hybrid(Box::new(
+            HybridLM::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
+        )),
         other => bail!(
-            "{}: field `model_type` is `{other}`, which ember cannot load yet (supported: qwen3, modernbert)",
+            "{}: field `model_type` is `{other}`, which ember cannot load yet (supported: qwen3, modernbert, mamba2, nemotron_h, nemotron_flash)",
             dir.join(hf::CONFIG).display()
         ),
     };
@@ -70,6 +76,10 @@ pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
         (AnyModel::Qwen3(m), device) => Ok((*m, device)),
         (AnyModel::ModernBert(_), _) => bail!(
             "{}: field `model_type` is `modernbert`, an encoder: it has MLM logits (ember forward) but cannot generate",
+            dir.join(hf::CONFIG).display()
+        ),
+        (AnyModel::Hybrid(_), _) => bail!(
+            "{}: a hybrid model works with `ember generate` and `ember forward`, not this command yet",
             dir.join(hf::CONFIG).display()
         ),
     }

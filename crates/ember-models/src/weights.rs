@@ -82,3 +82,36 @@ pub fn export<const D: usize>(out: &mut WeightSink, name: &str, p: &Param<Tensor
     let t = crate::layers::to_dtype(p.val(), burn::tensor::DType::F32);
     out.push((name.to_string(), t.into_data()));
 }
+
+/// Builds a parameter of shape `shape` from a tensor stored as `stored` (same elements; a
+/// conv weight `[c, 1, k]` kept as `[c, k]`).
+pub fn param_as<const D: usize>(
+    src: &mut dyn WeightSource,
+    name: &str,
+    stored: &[usize],
+    shape: [usize; D],
+    init: Init,
+    device: &Device,
+) -> Result<Param<Tensor<D>>> {
+    let data = src.take(name, stored, init)?;
+    let values = data
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))?;
+    Ok(Param::from_tensor(Tensor::from_data(
+        TensorData::new(values, shape.to_vec()),
+        device,
+    )))
+}
+
+/// Emits a tensor under `name` with shape `shape` (the inverse of [`param_as`]), as f32.
+pub fn export_as<const D: usize>(
+    out: &mut WeightSink,
+    name: &str,
+    p: &Param<Tensor<D>>,
+    shape: &[usize],
+) {
+    let t = crate::layers::to_dtype(p.val(), burn::tensor::DType::F32);
+    let values: Vec<f32> = t.into_data().iter::<f32>().collect();
+    out.push((name.to_string(), TensorData::new(values, shape.to_vec())));
+}

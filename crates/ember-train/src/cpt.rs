@@ -296,7 +296,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     );
     let mut feed = MixtureFeed::new(mix, phases, data.seq_len)?;
     let mut evaluators = evaluators(s, &setup, sets, &tok, PromptFormat::Text)?;
-    let mut objective = Supervised::new(&mut feed, s, &setup);
+    let mut objective = Supervised::new(&mut feed, s, &setup.train_dev);
     let summary = run_loop(
         setup,
         LoopSpec {

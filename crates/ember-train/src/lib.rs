@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod cpt;
 pub mod evaluate;
+pub mod hybrid_lm;
 pub mod metrics;
 pub mod mlm;
 pub mod objectives;

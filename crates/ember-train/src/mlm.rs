@@ -59,7 +59,7 @@ fn build_encoder(
     let path = s.path;
     let spec = match stage_model_spec(s)? {
         Some(ModelSpec::ModernBert(c)) => Some(c),
-        Some(ModelSpec::Qwen3(_)) => bail!(
+        Some(ModelSpec::Qwen3(_) | ModelSpec::Hybrid(_)) => bail!(
             "{} [model]: objective = \"mlm\" trains an encoder: set arch = \"modernbert\"",
             path.display()
         ),

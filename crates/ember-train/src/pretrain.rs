@@ -6,13 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::module::Module;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use ember_data::cache::{build_or_reuse, CacheSpec, TokenCache};
 use ember_data::loader::{Batch, PackedLoader};
 use ember_data::{tasks, train_bpe, Source, Tokenizer};
 use ember_models::hf;
-use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::objectives::lm::cross_entropy;
@@ -24,7 +22,7 @@ use crate::stages::{
     check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Objective, Setup,
     StageRun, Summary, Supervised,
 };
-use crate::trainer::scalar;
+use crate::trainer::{scalar, NextTokenModel};
 
 /// Special tokens every ember tokenizer carries; `<|endoftext|>` separates packed documents.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -194,9 +192,9 @@ fn ids(v: &[u32], b: usize, s: usize, device: &Device) -> Tensor<2, Int> {
 
 /// The mean next-token loss of a packed batch, weighted per target when the batch says so
 /// (SFT's assistant-only mask).
-pub fn batch_loss(model: &Qwen3, batch: &Batch, device: &Device) -> Tensor<1> {
+pub fn batch_loss<M: NextTokenModel>(model: &M, batch: &Batch, device: &Device) -> Tensor<1> {
     let (b, s) = (batch.batch, batch.seq_len);
-    let logits = model.forward_packed(
+    let logits = model.packed_logits(
         ids(&batch.inputs, b, s, device),
         ids(&batch.positions, b, s, device),
         batch.segments.as_ref().map(|g| ids(g, b, s, device)),
@@ -209,7 +207,7 @@ pub fn batch_loss(model: &Qwen3, batch: &Batch, device: &Device) -> Tensor<1> {
 }
 
 /// Mean loss over fixed validation batches, without building a graph.
-pub fn eval_loss(model: &Qwen3, batches: &[Batch], device: &Device) -> Result<f64> {
+pub fn eval_loss<M: NextTokenModel>(model: &M, batches: &[Batch], device: &Device) -> Result<f64> {
     let model = model.valid();
     let mut total = 0.0;
     for b in batches {
@@ -313,6 +311,9 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             path.display()
         );
     }
+    if crate::hybrid_lm::is_hybrid(s)? {
+        return crate::hybrid_lm::run(s);
+    }
     match s.stage.objective {
         Some(TrainObjective::Rlp) => {
             crate::rlp::checked_section(s)?;
@@ -350,7 +351,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             &prepared.tokenizer,
             prepared.eos_id,
         )?),
-        _ => Box::new(Supervised::new(&mut feed, s, &setup)),
+        _ => Box::new(Supervised::new(&mut feed, s, &setup.train_dev)),
     };
     run_loop(
         setup,

@@ -10,6 +10,7 @@ use ember_data::prompts::PromptSource;
 use ember_data::sft::{Batching, LossAveraging};
 use ember_data::tasks::DocFormat;
 use ember_data::Source;
+use ember_models::hybrid::stack::HybridConfig;
 use ember_models::modernbert::ModernBertConfig;
 use ember_models::qwen3::Qwen3Config;
 use serde::Deserialize;
@@ -713,6 +714,8 @@ impl TrainSection {
 pub enum ModelSpec {
     Qwen3(Qwen3Config),
     ModernBert(ModernBertConfig),
+    /// `nemotron_flash`, `mamba2` or `nemotron_h`.
+    Hybrid(HybridConfig),
 }
 
 impl Recipe {
@@ -832,7 +835,19 @@ pub fn model_spec(mut table: toml::Table, path: &Path) -> Result<ModelSpec> {
                 &json, &origin,
             )?))
         }
-        other => bail!("{origin}: unknown arch `{other}` (supported: qwen3, modernbert)"),
+        "nemotron_flash" | "mamba2" | "nemotron_h" => {
+            let known = HybridConfig::KNOWN_FIELDS;
+            if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
+                let at = line_of(path, &format!("{k} ="))
+                    .map(|l| format!("{}:{l}: [model]", path.display()))
+                    .unwrap_or(origin);
+                bail!("{at}: unknown key `{k}` for arch {arch}");
+            }
+            Ok(ModelSpec::Hybrid(HybridConfig::from_value(&json, &origin)?))
+        }
+        other => bail!(
+            "{origin}: unknown arch `{other}` (supported: qwen3, modernbert, nemotron_flash, mamba2, nemotron_h)"
+        ),
     }
 }
 

@@ -172,7 +172,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     }
     let mut evaluators = evaluators(s, &setup, sets, &tok, PromptFormat::Chat)?;
     let mut feed = CursorFeed(feed_loader);
-    let mut objective = Supervised::new(&mut feed, s, &setup);
+    let mut objective = Supervised::new(&mut feed, s, &setup.train_dev);
     run_loop(
         setup,
         LoopSpec::single(s, &tok, data_line),

@@ -26,7 +26,7 @@ use crate::recipe::{
     TrainSection,
 };
 use crate::schedule::{LrPlan, Schedule};
-use crate::trainer::{Diverged, TrainModel, Trainer};
+use crate::trainer::{Diverged, NextTokenModel, TrainModel, Trainer};
 
 /// What a finished stage reports.
 #[derive(Debug, Clone)]
@@ -116,18 +116,19 @@ pub struct Supervised<'f> {
 }
 
 impl<'f> Supervised<'f> {
-    pub fn new(feed: &'f mut dyn Feed, s: &StageRun, setup: &Setup) -> Self {
+    /// `device` is the training (autodiff) device batches go to.
+    pub fn new(feed: &'f mut dyn Feed, s: &StageRun, device: &Device) -> Self {
         Self {
             feed,
             accum: s.stage.train.grad_accum,
-            device: setup.train_dev.clone(),
+            device: device.clone(),
             batches: Vec::new(),
         }
     }
 }
 
-impl Objective for Supervised<'_> {
-    fn prepare(&mut self, _model: &Qwen3, step: u64) -> Result<(usize, u64)> {
+impl<M: NextTokenModel> Objective<M> for Supervised<'_> {
+    fn prepare(&mut self, _model: &M, step: u64) -> Result<(usize, u64)> {
         self.batches = (0..self.accum)
             .map(|_| self.feed.next_batch(step))
             .collect::<Result<Vec<_>>>()?;
@@ -135,7 +136,7 @@ impl Objective for Supervised<'_> {
         Ok((self.accum, tokens.sum()))
     }
 
-    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>> {
+    fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>> {
         Ok(batch_loss(model, &self.batches[i], &self.device))
     }
 
@@ -416,6 +417,10 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
     match (from, stage_model_spec(s)?) {
         (_, Some(ModelSpec::ModernBert(_))) => bail!(
             "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
+            path.display()
+        ),
+        (_, Some(ModelSpec::Hybrid(_))) => bail!(
+            "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
             path.display()
         ),
         (Some(dir), Some(ModelSpec::Qwen3(config))) => {
@@ -720,12 +725,12 @@ pub struct ValLoss {
     pub device: Device,
 }
 
-impl Evaluator for ValLoss {
+impl<M: NextTokenModel> Evaluator<M> for ValLoss {
     fn due(&self, step: u64, last: bool) -> bool {
         step > 0 && (last || (self.every > 0 && step.is_multiple_of(self.every)))
     }
 
-    fn evaluate(&mut self, model: &Qwen3, _step: u64) -> Result<(Map<String, Value>, String)> {
+    fn evaluate(&mut self, model: &M, _step: u64) -> Result<(Map<String, Value>, String)> {
         let mut m = Map::new();
         let mut parts = Vec::new();
         let mut sum = 0.0;

@@ -7,8 +7,9 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use ember_models::hf::SaveOptions;
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
@@ -54,6 +55,65 @@ pub trait TrainModel: Module {
     fn flops_per_token(&self, seq: usize) -> f64;
     /// Writes the model as an HF directory (config.json + safetensors).
     fn save_hf(&self, dir: &Path) -> Result<()>;
+    /// Applied after every optimizer step (Nemotron-Flash's weight normalisation).
+    fn after_step(self) -> Self {
+        self
+    }
+}
+
+/// A model trained on next-token loss over packed rows.
+pub trait NextTokenModel: TrainModel {
+    /// Logits `[batch, seq, vocab]` of packed rows: `positions` restart and attention stays
+    /// inside each document when `segments` are given.
+    fn packed_logits(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3>;
+}
+
+impl NextTokenModel for Qwen3 {
+    fn packed_logits(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        self.forward_packed(ids, positions, segments)
+    }
+}
+
+impl TrainModel for HybridLM {
+    fn param_count(&self) -> usize {
+        self.num_params()
+    }
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        HybridLM::flops_per_token(self, seq)
+    }
+    fn save_hf(&self, dir: &Path) -> Result<()> {
+        self.save_pretrained(dir, &SaveOptions::default())
+    }
+    fn after_step(self) -> Self {
+        if self.config.weight_normalization {
+            ember_models::hybrid::weight_norm::normalize(self)
+        } else {
+            self
+        }
+    }
+}
+
+impl NextTokenModel for HybridLM {
+    /// Hybrids read rows as whole sequences (their recurrent state would cross document
+    /// boundaries; stages refuse `doc_masks` for them), so positions and segments are unused.
+    fn packed_logits(
+        &self,
+        ids: Tensor<2, Int>,
+        _positions: Tensor<2, Int>,
+        _segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        self.forward(ids, None)
+    }
 }
 
 impl TrainModel for Qwen3 {
@@ -80,7 +140,7 @@ impl TrainModel for ModernBert {
     }
 }
 
-pub struct Trainer<M: Module> {
+pub struct Trainer<M: TrainModel> {
     model: Option<M>,
     pub optimizer: Optimizer,
     pub schedule: LrPlan,
@@ -89,7 +149,7 @@ pub struct Trainer<M: Module> {
     pub clip_grad_norm: f64,
 }
 
-impl<M: Module> Trainer<M> {
+impl<M: TrainModel> Trainer<M> {
     pub fn new(
         model: M,
         optimizer: Optimizer,
@@ -167,7 +227,7 @@ impl<M: Module> Trainer<M> {
         } else {
             1.0
         };
-        self.model = Some(self.optimizer.step(model, grads, lr, scale));
+        self.model = Some(self.optimizer.step(model, grads, lr, scale).after_step());
         self.step += 1;
         Ok(StepStats {
             loss,

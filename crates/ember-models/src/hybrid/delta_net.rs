@@ -14,7 +14,7 @@ use super::delta_rule::{self, DeltaInputs};
 use super::{causal_conv_silu, l2_normalize, repeat_heads};
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
-use crate::weights::{export, param, Init, WeightSink, WeightSource};
+use crate::weights::{export, export_as, param, param_as, Init, WeightSink, WeightSource};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeltaDims {
@@ -81,10 +81,11 @@ impl GatedDeltaNet {
         device: &Device,
     ) -> Result<Self> {
         let (kd, vd, cd, k) = (d.key_dim(), d.value_dim(), d.conv_dim(), d.conv_kernel);
-        let conv: Param<Tensor<3>> = param(
+        let conv_weight = param_as(
             src,
             &format!("{prefix}.conv1d.weight"),
-            [cd, 1, k],
+            &[cd, 1, k],
+            [cd, k],
             Init::Normal((k as f64).powf(-0.5)),
             device,
         )?;
@@ -107,7 +108,7 @@ impl GatedDeltaNet {
                 std,
                 device,
             )?,
-            conv_weight: Param::from_tensor(conv.val().reshape([cd, k])),
+            conv_weight,
             dt_bias: param(
                 src,
                 &format!("{prefix}.dt_bias"),
@@ -147,8 +148,12 @@ impl GatedDeltaNet {
             .save(&format!("{prefix}.in_proj_qkvz"), out);
         self.in_proj_ba.save(&format!("{prefix}.in_proj_ba"), out);
         let [c, k] = self.conv_weight.dims();
-        let conv = Param::from_tensor(self.conv_weight.val().reshape([c, 1, k]));
-        export(out, &format!("{prefix}.conv1d.weight"), &conv);
+        export_as(
+            out,
+            &format!("{prefix}.conv1d.weight"),
+            &self.conv_weight,
+            &[c, 1, k],
+        );
         export(out, &format!("{prefix}.dt_bias"), &self.dt_bias);
         export(out, &format!("{prefix}.A_log"), &self.a_log);
         export(out, &format!("{prefix}.norm.weight"), &self.norm_weight);
@@ -232,5 +237,145 @@ impl GatedDeltaNet {
             * silu(to_dtype(z, DType::F32));
         self.out_proj
             .forward(to_dtype(o.reshape([b, l, vd]), dtype))
+    }
+}
+
+/// DeltaNet as Nemotron-Flash uses it (FLA's `DeltaNet` layer, names included): separate
+/// `q_proj`, `k_proj`, `v_proj`; a short causal conv (then SiLU) on each; q and k
+/// L2-normalised; β = sigmoid(`b_proj`); the ungated delta rule; a per-head RMSNorm
+/// (`o_norm`); `o_proj`. Keys and values have the same head count.
+#[derive(Module, Debug)]
+pub struct DeltaNet {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub b_proj: Linear,
+    /// `[channels, kernel]` each.
+    pub q_conv: Param<Tensor<2>>,
+    pub k_conv: Param<Tensor<2>>,
+    pub v_conv: Param<Tensor<2>>,
+    pub o_norm: Param<Tensor<1>>,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub dims: DeltaDims,
+}
+
+impl DeltaNet {
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: DeltaDims,
+        std: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (kd, vd, k) = (d.key_dim(), d.value_dim(), d.conv_kernel);
+        let lin = |src: &mut dyn WeightSource, n: &str, i: usize, o: usize| {
+            Linear::load(src, &format!("{prefix}.{n}"), i, o, false, std, device)
+        };
+        let conv = |src: &mut dyn WeightSource, n: &str, ch: usize| -> Result<Param<Tensor<2>>> {
+            param_as(
+                src,
+                &format!("{prefix}.{n}.weight"),
+                &[ch, 1, k],
+                [ch, k],
+                Init::Normal((k as f64).powf(-0.5)),
+                device,
+            )
+        };
+        Ok(Self {
+            q_proj: lin(src, "q_proj", d.hidden, kd)?,
+            k_proj: lin(src, "k_proj", d.hidden, kd)?,
+            v_proj: lin(src, "v_proj", d.hidden, vd)?,
+            b_proj: lin(src, "b_proj", d.hidden, d.v_heads)?,
+            q_conv: conv(src, "q_conv1d", kd)?,
+            k_conv: conv(src, "k_conv1d", kd)?,
+            v_conv: conv(src, "v_conv1d", vd)?,
+            o_norm: param(
+                src,
+                &format!("{prefix}.o_norm.weight"),
+                [d.dv],
+                Init::Ones,
+                device,
+            )?,
+            o_proj: lin(src, "o_proj", vd, d.hidden)?,
+            dims: d,
+        })
+    }
+
+    pub fn save(&self, prefix: &str, out: &mut WeightSink) {
+        for (n, l) in [
+            ("q_proj", &self.q_proj),
+            ("k_proj", &self.k_proj),
+            ("v_proj", &self.v_proj),
+            ("b_proj", &self.b_proj),
+            ("o_proj", &self.o_proj),
+        ] {
+            l.save(&format!("{prefix}.{n}"), out);
+        }
+        for (n, w) in [
+            ("q_conv1d", &self.q_conv),
+            ("k_conv1d", &self.k_conv),
+            ("v_conv1d", &self.v_conv),
+        ] {
+            let [c, k] = w.dims();
+            export_as(out, &format!("{prefix}.{n}.weight"), w, &[c, 1, k]);
+        }
+        export(out, &format!("{prefix}.o_norm.weight"), &self.o_norm);
+    }
+
+    /// As [`GatedDeltaNet::forward`]; the state's conv history holds [q | k | v] channels.
+    pub fn forward(&self, x: Tensor<3>, state: Option<&mut DeltaState>) -> Tensor<3> {
+        let d = self.dims;
+        let [b, l, _] = x.dims();
+        let dtype = x.dtype();
+        let device = x.device();
+        let (kd, vd) = (d.key_dim(), d.value_dim());
+        let mut zero;
+        let st = match state {
+            Some(s) => s,
+            None => {
+                zero = DeltaState::zeros(&d, b, &device);
+                &mut zero
+            }
+        };
+        // One conv history for the three convs, as [q | k | v] channels.
+        let hist = |from: usize, n: usize, input: Tensor<3>, w: Tensor<2>| {
+            let mut h = st.conv.clone().narrow(2, from, n);
+            let y = causal_conv_silu(&mut h, input, w, None);
+            (y, h)
+        };
+        let (q, hq) = hist(0, kd, self.q_proj.forward(x.clone()), self.q_conv.val());
+        let (k, hk) = hist(kd, kd, self.k_proj.forward(x.clone()), self.k_conv.val());
+        let (v, hv) = hist(
+            2 * kd,
+            vd,
+            self.v_proj.forward(x.clone()),
+            self.v_conv.val(),
+        );
+        st.conv = Tensor::cat(vec![hq, hk, hv], 2);
+        let beta = sigmoid(to_dtype(self.b_proj.forward(x), DType::F32));
+        let heads = |m: Tensor<3>, dim: usize| m.reshape([b, l, d.v_heads, dim]).swap_dims(1, 2);
+        let inputs = DeltaInputs {
+            q: heads(
+                l2_normalize(q.reshape([b, l, d.v_heads, d.dk])).reshape([b, l, kd]),
+                d.dk,
+            ),
+            k: heads(
+                l2_normalize(k.reshape([b, l, d.v_heads, d.dk])).reshape([b, l, kd]),
+                d.dk,
+            ),
+            v: heads(v, d.dv),
+            beta: beta.swap_dims(1, 2),
+            g: None,
+        };
+        let o = if l == 1 {
+            delta_rule::recurrent(inputs, &mut st.s)
+        } else {
+            delta_rule::chunked(inputs, d.chunk, &mut st.s)
+        };
+        let o = o.swap_dims(1, 2);
+        let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();
+        let o = o * inv * to_dtype(self.o_norm.val(), DType::F32).reshape([1, 1, 1, d.dv]);
+        self.o_proj.forward(to_dtype(o.reshape([b, l, vd]), dtype))
     }
 }

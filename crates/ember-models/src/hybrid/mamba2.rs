@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, Tensor};
 use super::{causal_conv_silu, repeat_heads, segment_decay};
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
-use crate::weights::{export, param, Init, WeightSink, WeightSource};
+use crate::weights::{export, export_as, param, param_as, Init, WeightSink, WeightSource};
 
 /// Shape and numerics of one mixer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,10 +92,11 @@ impl Mamba2Mixer {
         device: &Device,
     ) -> Result<Self> {
         let (inner, conv_dim, k) = (d.inner(), d.conv_dim(), d.conv_kernel);
-        let conv: Param<Tensor<3>> = param(
+        let conv_weight = param_as(
             src,
             &format!("{prefix}.conv1d.weight"),
-            [conv_dim, 1, k],
+            &[conv_dim, 1, k],
+            [conv_dim, k],
             Init::Normal((k as f64).powf(-0.5)),
             device,
         )?;
@@ -122,7 +123,7 @@ impl Mamba2Mixer {
                 std,
                 device,
             )?,
-            conv_weight: Param::from_tensor(conv.val().reshape([conv_dim, k])),
+            conv_weight,
             conv_bias,
             dt_bias: param(
                 src,
@@ -162,8 +163,12 @@ impl Mamba2Mixer {
     pub fn save(&self, prefix: &str, out: &mut WeightSink) {
         self.in_proj.save(&format!("{prefix}.in_proj"), out);
         let [c, k] = self.conv_weight.dims();
-        let conv = Param::from_tensor(self.conv_weight.val().reshape([c, 1, k]));
-        export(out, &format!("{prefix}.conv1d.weight"), &conv);
+        export_as(
+            out,
+            &format!("{prefix}.conv1d.weight"),
+            &self.conv_weight,
+            &[c, 1, k],
+        );
         if let Some(b) = &self.conv_bias {
             export(out, &format!("{prefix}.conv1d.bias"), b);
         }
@@ -178,10 +183,30 @@ impl Mamba2Mixer {
     /// conv sees the previous inputs, the scan starts from the SSM state) and the state is
     /// advanced. One token takes the recurrent step, longer inputs the chunked scan.
     pub fn forward(&self, x: Tensor<3>, state: Option<&mut Mamba2State>) -> Tensor<3> {
+        self.forward_masked(x, state, None)
+    }
+
+    /// As [`Mamba2Mixer::forward`], with `keep` `[batch, seq]` 0 at left padding: a padded
+    /// position neither writes to nor decays the state (as transformers masks its inputs).
+    pub fn forward_masked(
+        &self,
+        x: Tensor<3>,
+        state: Option<&mut Mamba2State>,
+        keep: Option<Tensor<2>>,
+    ) -> Tensor<3> {
         let d = self.dims;
         let [b, l, _] = x.dims();
         let dtype = x.dtype();
         let (inner, conv_dim) = (d.inner(), d.conv_dim());
+        let mask3 = |t: Tensor<3>| match &keep {
+            Some(k) => t * to_dtype(k.clone(), DType::F32).reshape([b, l, 1]),
+            None => t,
+        };
+        // A padded position's input is zero, as transformers masks it.
+        let x = match &keep {
+            Some(k) => x * k.clone().reshape([b, l, 1]).cast(dtype),
+            None => x,
+        };
         let proj = self.in_proj.forward(x);
         let gate = proj.clone().narrow(2, 0, inner);
         let xbc = proj.clone().narrow(2, inner, conv_dim);
@@ -195,12 +220,12 @@ impl Mamba2Mixer {
                 &mut zero_state
             }
         };
-        let xbc = causal_conv_silu(
+        let xbc = mask3(causal_conv_silu(
             &mut st.conv,
             xbc,
             self.conv_weight.val(),
             self.conv_bias.as_ref().map(|b| b.val()),
-        );
+        ));
         let gs = d.groups * d.state;
         let xs = xbc
             .clone()

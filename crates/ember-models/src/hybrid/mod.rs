@@ -6,6 +6,7 @@ pub mod delta_rule;
 pub mod mamba2;
 pub mod qwen3_next;
 pub mod stack;
+pub mod weight_norm;
 
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, DType, Tensor};

@@ -1,22 +1,27 @@
 //! A hybrid decoder: embeddings, residual blocks `x + mixer(norm(x))` whose mixer is a
-//! Mamba2 SSM, attention or an MLP in the order the config gives, a final norm and the LM
-//! head. It loads and saves transformers' `Mamba2ForCausalLM` (every layer Mamba2) and
-//! `NemotronHForCausalLM` (`layers_block_type` or `hybrid_override_pattern`), whose tensors
-//! share the `backbone.*` naming.
+//! Mamba2 SSM, a DeltaNet, attention or an MLP in the order the config gives, a final norm
+//! and the LM head. It loads and saves transformers' `Mamba2ForCausalLM` (every layer
+//! Mamba2) and `NemotronHForCausalLM` (`layers_block_type` or `hybrid_override_pattern`),
+//! whose tensors share the `backbone.*` naming, and ember's `nemotron_flash` configs
+//! (DeltaNet, Mamba2, attention with RoPE and SwiGLU FFN layers, optional meta tokens and
+//! weight normalisation), written in the same naming.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde_json::Value;
 
+use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
 use crate::hf::{self, Checkpoint, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, KvCache};
 use crate::layers::linear::Linear;
+use crate::layers::mlp::SwiGlu;
 use crate::layers::rms_norm::RmsNorm;
+use crate::layers::rope;
 use crate::weights::{export, param, Init, RandomInit, WeightSink, WeightSource};
 
 /// What a layer mixes with.
@@ -24,7 +29,24 @@ use crate::weights::{export, param, Init, RandomInit, WeightSink, WeightSource};
 pub enum LayerKind {
     Mamba2,
     Attention,
+    /// NemotronH's relu² MLP.
     Mlp,
+    DeltaNet,
+    /// A SwiGLU feed-forward layer (Nemotron-Flash's F).
+    Ffn,
+}
+
+impl LayerKind {
+    /// Nemotron-Flash's names: `deltanet` (D), `m2`, `a`, `f`.
+    pub fn parse_flash(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "deltanet" | "d" => Some(Self::DeltaNet),
+            "m2" | "mamba2" => Some(Self::Mamba2),
+            "a" | "attention" => Some(Self::Attention),
+            "f" | "ffn" => Some(Self::Ffn),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +59,13 @@ pub struct HybridConfig {
     pub attn: AttnDims,
     pub intermediate_size: usize,
     pub mlp_bias: bool,
+    pub delta: DeltaDims,
+    /// RoPE on attention layers (Nemotron-Flash); NemotronH's attention has none.
+    pub rope_theta: Option<f64>,
+    /// Learnable tokens prepended to every sequence (Nemotron-Flash's meta tokens).
+    pub memory_tokens: usize,
+    /// Re-normalise reading rows and writing columns after every optimizer step.
+    pub weight_normalization: bool,
     pub tie_word_embeddings: bool,
     pub initializer_range: f64,
     /// The config.json it came from, written back on save.
@@ -54,7 +83,46 @@ fn float_of(v: &Value) -> Option<f64> {
 }
 
 impl HybridConfig {
-    /// From a `mamba2` or `nemotron_h` config.json.
+    /// The keys a recipe's `[model]` may set for the hybrid architectures.
+    pub const KNOWN_FIELDS: &'static [&'static str] = &[
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "layer_types",
+        "pattern",
+        "layers_block_type",
+        "hybrid_override_pattern",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+        "rms_norm_eps",
+        "layer_norm_epsilon",
+        "num_heads",
+        "state_size",
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "ssm_state_size",
+        "n_groups",
+        "conv_kernel",
+        "chunk_size",
+        "mamba_chunk_size",
+        "linear_num_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "linear_conv_kernel_dim",
+        "linear_chunk_size",
+        "num_memory_tokens",
+        "weight_normalization",
+        "tie_word_embeddings",
+        "initializer_range",
+        "max_position_embeddings",
+        "mlp_hidden_act",
+        "expand",
+    ];
+
+    /// From a `mamba2`, `nemotron_h` or `nemotron_flash` config.json.
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
         let kind = v.get("model_type").and_then(Value::as_str).unwrap_or("");
         let uint = |k: &str, default: Option<usize>| -> Result<usize> {
@@ -151,7 +219,43 @@ impl HybridConfig {
                 }
                 (layers, m)
             }
-            other => bail!("{origin}: model_type `{other}` is not a hybrid (mamba2, nemotron_h)"),
+            "nemotron_flash" => {
+                let names: Vec<String> = match (v.get("layer_types"), v.get("pattern")) {
+                    (Some(Value::Array(a)), _) => a
+                        .iter()
+                        .map(|t| t.as_str().unwrap_or("?").to_string())
+                        .collect(),
+                    (_, Some(Value::String(p))) => {
+                        p.split_whitespace().map(str::to_string).collect()
+                    }
+                    _ => bail!("{origin}: needs `layer_types` (or a `pattern` such as \"D F M2 F A F\")"),
+                };
+                let layers = names
+                    .iter()
+                    .map(|n| {
+                        LayerKind::parse_flash(n).ok_or_else(|| {
+                            anyhow!("{origin}: layer type `{n}` is not one of deltanet (D), m2, a, f")
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let m = Mamba2Dims {
+                    hidden,
+                    heads: uint("mamba_num_heads", Some(2 * hidden / 64))?,
+                    head_dim: uint("mamba_head_dim", Some(64))?,
+                    state: uint("ssm_state_size", Some(128))?,
+                    groups: uint("n_groups", Some(1))?,
+                    conv_kernel: uint("conv_kernel", Some(4))?,
+                    chunk: uint("mamba_chunk_size", Some(128))?,
+                    eps: num("rms_norm_eps", 1e-6),
+                    dt_limit: (0.0, f64::INFINITY),
+                    conv_bias: true,
+                    proj_bias: false,
+                };
+                (layers, m)
+            }
+            other => bail!(
+                "{origin}: model_type `{other}` is not a hybrid (mamba2, nemotron_h, nemotron_flash)"
+            ),
         };
         if mamba.groups == 0 || !mamba.heads.is_multiple_of(mamba.groups) {
             bail!("{origin}: the Mamba2 heads must be a multiple of `n_groups`");
@@ -171,16 +275,37 @@ impl HybridConfig {
         } else {
             attn
         };
+        let flash = kind == "nemotron_flash";
+        let linear_heads = uint("linear_num_heads", Some(heads))?.max(1);
+        let delta = DeltaDims {
+            hidden,
+            k_heads: linear_heads,
+            v_heads: linear_heads,
+            dk: uint("linear_key_head_dim", Some(hidden / linear_heads))?,
+            dv: uint("linear_value_head_dim", Some(hidden / linear_heads))?,
+            conv_kernel: uint("linear_conv_kernel_dim", Some(4))?,
+            chunk: uint("linear_chunk_size", Some(64))?,
+            eps: num("rms_norm_eps", 1e-6),
+        };
+        let eps = if flash {
+            num("rms_norm_eps", 1e-6)
+        } else {
+            num("layer_norm_epsilon", 1e-5)
+        };
         Ok(Self {
             vocab_size: uint("vocab_size", None)?,
             hidden_size: hidden,
             layers,
-            eps: num("layer_norm_epsilon", 1e-5),
+            eps,
             mamba,
             attn,
             intermediate_size: uint("intermediate_size", Some(4 * hidden))?,
             mlp_bias: flag("mlp_bias", false),
-            tie_word_embeddings: flag("tie_word_embeddings", false),
+            delta,
+            rope_theta: flash.then(|| num("rope_theta", 10_000.0)),
+            memory_tokens: uint("num_memory_tokens", Some(0))?,
+            weight_normalization: flag("weight_normalization", false),
+            tie_word_embeddings: flag("tie_word_embeddings", flash),
             initializer_range: num("initializer_range", 0.02),
             source: v.clone(),
         })
@@ -206,6 +331,8 @@ pub enum Mixer {
     Mamba2(Mamba2Mixer),
     Attention(Attention),
     Mlp(Relu2Mlp),
+    DeltaNet(DeltaNet),
+    Ffn(SwiGlu),
 }
 
 #[derive(Module, Debug)]
@@ -218,6 +345,7 @@ pub struct Block {
 #[derive(Debug)]
 pub enum LayerState {
     Ssm(Mamba2State),
+    Delta(DeltaState),
     Kv(KvCache),
     None,
 }
@@ -226,17 +354,84 @@ pub enum LayerState {
 #[derive(Debug)]
 pub struct HybridCache {
     pub layers: Vec<LayerState>,
+    /// Positions written so far, meta tokens included.
     pub len: usize,
+    /// `[batch, max_len]`, true at the left padding of the tokens, as generation gives it.
+    pub pad: Option<Tensor<2, burn::tensor::Bool>>,
+    /// Padding positions at the front of each row, read from `pad` at the first call.
+    pub pad_counts: Option<Vec<usize>>,
+}
+
+impl HybridCache {
+    /// Keeps batch rows `idx` (finished sequences leave the batch).
+    pub fn select_rows(&mut self, idx: &Tensor<1, Int>) {
+        for l in &mut self.layers {
+            match l {
+                LayerState::Ssm(s) => s.select_rows(idx),
+                LayerState::Delta(s) => {
+                    s.conv = s.conv.clone().select(0, idx.clone());
+                    s.s = s.s.clone().select(0, idx.clone());
+                }
+                LayerState::Kv(kv) => kv.select_rows(idx),
+                LayerState::None => {}
+            }
+        }
+        self.pad = self.pad.take().map(|m| m.select(0, idx.clone()));
+        if let Some(counts) = &mut self.pad_counts {
+            let keep: Vec<i64> = idx
+                .to_data()
+                .convert::<i64>()
+                .try_to_vec::<i64>()
+                .unwrap_or_default();
+            *counts = keep.iter().map(|&i| counts[i as usize]).collect();
+        }
+    }
+
+    /// Reads each row's leading padding from `pad` (one host read, before the prefill).
+    fn fix_layout(&mut self) {
+        self.pad_counts = self.pad.as_ref().map(|p| {
+            let [b, w] = p.dims();
+            let v: Vec<bool> = p.to_data().iter::<bool>().collect();
+            (0..b)
+                .map(|r| v[r * w..(r + 1) * w].iter().take_while(|&&x| x).count())
+                .collect()
+        });
+    }
+}
+
+/// Per-row gather indices `[b, width]` for rows whose leading padding is `counts`.
+fn layout_index(
+    counts: &[usize],
+    meta: usize,
+    s: usize,
+    f: impl Fn(usize, usize) -> usize,
+) -> Vec<i64> {
+    counts
+        .iter()
+        .flat_map(|&np| (0..meta + s).map(move |j| (j, np)).collect::<Vec<_>>())
+        .map(|(j, np)| f(j, np) as i64)
+        .collect()
+}
+
+fn index3(idx: Vec<i64>, b: usize, w: usize, h: usize, device: &Device) -> Tensor<3, Int> {
+    Tensor::<2, Int>::from_data(TensorData::new(idx, [b, w]), device)
+        .reshape([b, w, 1])
+        .expand([b, w, h])
 }
 
 #[derive(Module, Debug)]
 pub struct HybridLM {
     pub embeddings: Param<Tensor<2>>,
+    /// `[memory_tokens, hidden]` when the config asks for meta tokens.
+    pub memory: Option<Param<Tensor<2>>>,
     pub layers: Vec<Block>,
     pub norm_f: RmsNorm,
     pub lm_head: Option<Linear>,
     #[module(skip)]
     pub config: HybridConfig,
+    /// Activations run in this dtype (the scans in f32); parameters keep their own.
+    #[module(skip)]
+    pub compute_dtype: DType,
 }
 
 impl HybridLM {
@@ -271,6 +466,21 @@ impl HybridLM {
                         std,
                         device,
                     )?),
+                    LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(
+                        src,
+                        &format!("{p}.mixer"),
+                        c.delta,
+                        std,
+                        device,
+                    )?),
+                    LayerKind::Ffn => Mixer::Ffn(SwiGlu::load(
+                        src,
+                        &format!("{p}.mixer"),
+                        h,
+                        c.intermediate_size,
+                        std,
+                        device,
+                    )?),
                     LayerKind::Mlp => Mixer::Mlp(Relu2Mlp {
                         up_proj: Linear::load(
                             src,
@@ -298,17 +508,54 @@ impl HybridLM {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let memory = (c.memory_tokens > 0)
+            .then(|| {
+                param(
+                    src,
+                    "backbone.memory_tokens",
+                    [c.memory_tokens, h],
+                    Init::Normal(std),
+                    device,
+                )
+            })
+            .transpose()?;
         let norm_f = RmsNorm::load(src, "backbone.norm_f.weight", h, c.eps, device)?;
         let lm_head = (!c.tie_word_embeddings)
             .then(|| Linear::load(src, "lm_head", h, c.vocab_size, false, std, device))
             .transpose()?;
         Ok(Self {
             embeddings,
+            memory,
             layers,
             norm_f,
             lm_head,
             config,
+            compute_dtype: DType::F32,
         })
+    }
+
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// For inference: parameters stored in `dtype` as well.
+    pub fn into_inference_dtype(self, dtype: DType) -> Self {
+        self.map(&mut crate::layers::CastParams(dtype))
+            .with_compute_dtype(dtype)
+    }
+
+    /// End-of-text ids from the config (`eos_token_id`, a number or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match self.config.source.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|v| v as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     pub fn random(config: HybridConfig, seed: u64, device: &Device) -> Result<Self> {
@@ -327,6 +574,9 @@ impl HybridLM {
     pub fn weights(&self) -> WeightSink {
         let mut out = Vec::new();
         export(&mut out, "backbone.embeddings.weight", &self.embeddings);
+        if let Some(m) = &self.memory {
+            export(&mut out, "backbone.memory_tokens", m);
+        }
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("backbone.layers.{i}");
             b.norm.save(&format!("{p}.norm.weight"), &mut out);
@@ -337,6 +587,8 @@ impl HybridLM {
                     m.up_proj.save(&format!("{p}.mixer.up_proj"), &mut out);
                     m.down_proj.save(&format!("{p}.mixer.down_proj"), &mut out);
                 }
+                Mixer::DeltaNet(d) => d.save(&format!("{p}.mixer"), &mut out),
+                Mixer::Ffn(f) => f.save(&format!("{p}.mixer"), &mut out),
             }
         }
         self.norm_f.save("backbone.norm_f.weight", &mut out);
@@ -350,7 +602,8 @@ impl HybridLM {
         hf::save(dir, &self.config.source, self.weights(), opts)
     }
 
-    /// An empty decoding state for `batch` rows of up to `max_len` tokens.
+    /// An empty decoding state for `batch` rows of up to `max_len` tokens (meta tokens
+    /// excluded: they are added here).
     pub fn new_cache(&self, batch: usize, max_len: usize, device: &Device) -> HybridCache {
         let c = &self.config;
         let layers = c
@@ -358,41 +611,133 @@ impl HybridLM {
             .iter()
             .map(|k| match k {
                 LayerKind::Mamba2 => LayerState::Ssm(Mamba2State::zeros(&c.mamba, batch, device)),
+                LayerKind::DeltaNet => {
+                    LayerState::Delta(DeltaState::zeros(&c.delta, batch, device))
+                }
                 LayerKind::Attention => LayerState::Kv(KvCache::new(
                     batch,
                     c.attn.kv_heads,
-                    max_len,
+                    max_len + c.memory_tokens,
                     c.attn.head_dim,
                     self.embeddings.val().dtype(),
                     device,
                 )),
-                LayerKind::Mlp => LayerState::None,
+                LayerKind::Mlp | LayerKind::Ffn => LayerState::None,
             })
             .collect();
-        HybridCache { layers, len: 0 }
+        HybridCache {
+            layers,
+            len: 0,
+            pad: None,
+            pad_counts: None,
+        }
     }
 
-    /// Every layer's input and the final norm's output (transformers' `hidden_states`).
+    /// Every layer's input and the final norm's output (transformers' `hidden_states`), at
+    /// the tokens' positions (meta tokens, when the model has them, are prepended to a fresh
+    /// sequence and left out of the outputs).
     pub fn hidden_states(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: Option<&mut HybridCache>,
+    ) -> Vec<Tensor<3>> {
+        self.hidden_states_at(input_ids, cache)
+    }
+
+    /// As [`HybridLM::hidden_states`]; a cache made for left-padded rows (`pad`) lays each
+    /// row out as [padding | meta tokens | tokens], so that padding comes before everything a
+    /// row's recurrent layers see and its positions count from its first meta token.
+    pub fn hidden_states_at(
         &self,
         input_ids: Tensor<2, Int>,
         mut cache: Option<&mut HybridCache>,
     ) -> Vec<Tensor<3>> {
         let [b, s] = input_ids.dims();
-        let h = self.config.hidden_size;
+        let c = &self.config;
+        let h = c.hidden_size;
+        let device = input_ids.device();
         let mut x = self
             .embeddings
             .val()
             .select(0, input_ids.reshape([b * s]))
             .reshape([b, s, h]);
+        x = crate::layers::to_dtype(x, self.compute_dtype);
         let start = cache.as_ref().map_or(0, |c| c.len);
+        if start == 0 {
+            if let Some(c) = cache.as_deref_mut() {
+                c.fix_layout();
+            }
+        }
+        let counts = cache.as_ref().and_then(|c| c.pad_counts.clone());
+        let padded = counts.as_ref().is_some_and(|v| v.iter().any(|&n| n > 0));
+        // Meta tokens open every sequence: after its padding, before its first token.
+        let meta = match &self.memory {
+            Some(m) if start == 0 => {
+                let n = c.memory_tokens;
+                let m = crate::layers::to_dtype(m.val(), self.compute_dtype);
+                x = Tensor::cat(vec![m.reshape([1, n, h]).expand([b, n, h]), x], 1);
+                if let (true, Some(counts)) = (padded, &counts) {
+                    let idx = layout_index(counts, n, s, |j, np| {
+                        if j < np {
+                            n + j
+                        } else if j < np + n {
+                            j - np
+                        } else {
+                            j
+                        }
+                    });
+                    x = x.gather(1, index3(idx, b, n + s, h, &device));
+                }
+                n
+            }
+            _ => 0,
+        };
+        let len = x.dims()[1];
+        let rope_t = c.rope_theta.map(|theta| {
+            let pos: Vec<i64> = (0..b)
+                .flat_map(|r| {
+                    let np = counts.as_ref().map_or(0, |v| v[r]);
+                    (start..start + len).map(move |j| j.saturating_sub(np) as i64)
+                })
+                .collect();
+            let pos = Tensor::<2, Int>::from_data(TensorData::new(pos, [b, len]), &device);
+            rope::tables(theta, c.attn.head_dim, pos, DType::F32, &device)
+        });
+        // Left padding over the cache's positions so far, and this call's share of it.
+        let pad = counts.as_ref().filter(|_| padded).map(|v| {
+            let m: Vec<bool> = v
+                .iter()
+                .flat_map(|&np| (0..start + len).map(move |j| j < np))
+                .collect();
+            Tensor::<2, burn::tensor::Bool>::from_data(
+                TensorData::new(m, [b, start + len]),
+                &device,
+            )
+        });
+        let keep = pad
+            .as_ref()
+            .map(|p| p.clone().narrow(1, start, len).bool_not().float());
         let mut out = vec![x.clone()];
         for (i, block) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let y = block.norm.forward(x.clone());
             let y = match (&block.mixer, state) {
-                (Mixer::Mamba2(m), Some(LayerState::Ssm(st))) => m.forward(y, Some(st)),
+                (Mixer::Mamba2(m), Some(LayerState::Ssm(st))) => {
+                    m.forward_masked(y, Some(st), keep.clone())
+                }
                 (Mixer::Mamba2(m), _) => m.forward(y, None),
+                (Mixer::DeltaNet(m), Some(LayerState::Delta(st))) => {
+                    // A zero input leaves the delta-rule state as it was.
+                    let y = match &keep {
+                        Some(k) => {
+                            let dtype = y.dtype();
+                            y * k.clone().reshape([b, len, 1]).cast(dtype)
+                        }
+                        None => y,
+                    };
+                    m.forward(y, Some(st))
+                }
+                (Mixer::DeltaNet(m), _) => m.forward(y, None),
                 (Mixer::Attention(a), state) => {
                     let cache = match state {
                         Some(LayerState::Kv(kv)) => Some((kv, start)),
@@ -400,22 +745,52 @@ impl HybridLM {
                     };
                     let mut ctx = AttnContext {
                         cache,
-                        key_pad: None,
+                        key_pad: pad.clone(),
                         block: None,
                     };
-                    a.forward(y, None, &mut ctx)
+                    a.forward(y, rope_t.as_ref(), &mut ctx)
                 }
                 (Mixer::Mlp(m), _) => m.forward(y),
+                (Mixer::Ffn(f), _) => f.forward(y),
             };
             x = x + y;
             out.push(x.clone());
         }
         if let Some(c) = cache {
-            c.len += s;
+            c.len += len;
         }
         let last = out.len() - 1;
         out[last] = self.norm_f.forward(x);
+        if meta > 0 {
+            out = match (&counts, padded) {
+                // Back to the tokens' own layout: [padding | tokens].
+                (Some(counts), true) => {
+                    let idx = layout_index(counts, 0, s, |t, np| if t < np { t } else { t + meta });
+                    out.into_iter()
+                        .map(|t| t.gather(1, index3(idx.clone(), b, s, h, &device)))
+                        .collect()
+                }
+                _ => out.into_iter().map(|t| t.narrow(1, meta, s)).collect(),
+            };
+        }
         out
+    }
+
+    /// Training FLOPs per token at sequence length `seq`: 6 × (the layers' parameters plus
+    /// the head's hidden × vocab, counted even when tied) plus 12 · heads · head_dim · seq per
+    /// attention layer. The scans' own work (O(chunk) per token in Mamba2 and DeltaNet
+    /// layers) is not counted, so MFU from this is a lower bound.
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        let layers: usize = self.layers.iter().map(|b| b.num_params()).sum();
+        let c = &self.config;
+        let attn = c
+            .layers
+            .iter()
+            .filter(|k| **k == LayerKind::Attention)
+            .count();
+        let head = c.vocab_size * c.hidden_size;
+        6.0 * (layers + head) as f64
+            + 12.0 * (attn * c.attn.heads * c.attn.head_dim) as f64 * seq as f64
     }
 
     /// Logits `[batch, seq, vocab]`; with a cache, the tokens continue it.
@@ -428,5 +803,51 @@ impl HybridLM {
             Some(head) => head.forward(h),
             None => crate::layers::linear::linear(h, self.embeddings.val(), None),
         }
+    }
+}
+
+impl crate::generate::CausalLm for HybridLM {
+    type Cache = HybridCache;
+
+    fn device(&self) -> Device {
+        self.embeddings.val().device()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn new_cache(
+        &self,
+        batch: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, burn::tensor::Bool>>,
+    ) -> HybridCache {
+        let mut c = HybridLM::new_cache(self, batch, max_len, &self.embeddings.val().device());
+        c.pad = key_pad;
+        c
+    }
+
+    fn step(
+        &self,
+        ids: Tensor<2, Int>,
+        _positions: Tensor<2, Int>,
+        cache: &mut HybridCache,
+    ) -> Tensor<2> {
+        let h = self
+            .hidden_states_at(ids, Some(cache))
+            .pop()
+            .expect("at least the embeddings");
+        let [b, s, _] = h.dims();
+        let last = h.narrow(1, s - 1, 1);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(last),
+            None => crate::layers::linear::linear(last, self.embeddings.val(), None),
+        };
+        logits.reshape([b, self.config.vocab_size])
+    }
+
+    fn keep_rows(cache: &mut HybridCache, idx: &Tensor<1, Int>) {
+        cache.select_rows(idx);
     }
 }

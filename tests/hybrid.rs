@@ -1,0 +1,274 @@
+//! The Nemotron-Flash-style stack (DeltaNet, Mamba2, attention with RoPE, SwiGLU FFN, meta
+//! tokens, weight normalisation): cached decoding against recomputation, batched left-padded
+//! generation against one prompt at a time, HF-layout save and load, the normalisation
+//! after a step, and `ember train` on a hybrid recipe.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
+use ember_models::hybrid::stack::{HybridConfig, HybridLM};
+
+use crate::cli::assert_one_line_error;
+use crate::common::*;
+use crate::train::{losses, train};
+
+fn flash_config(meta: usize, weight_norm: bool) -> HybridConfig {
+    let v = serde_json::json!({
+        "model_type": "nemotron_flash", "vocab_size": 64, "hidden_size": 32,
+        "intermediate_size": 64, "pattern": "D F M2 F A F",
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 8, "mamba_chunk_size": 4,
+        "linear_num_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_chunk_size": 4, "num_memory_tokens": meta, "weight_normalization": weight_norm,
+        "initializer_range": 0.2,
+    });
+    HybridConfig::from_value(&v, "test").unwrap()
+}
+
+fn ids(rows: &[Vec<i64>]) -> Tensor<2, Int> {
+    let (b, s) = (rows.len(), rows[0].len());
+    Tensor::from_data(TensorData::new(rows.concat(), [b, s]), &device())
+}
+
+#[test]
+fn flash_cached_decoding_equals_recomputation() {
+    let dev = device();
+    let model = HybridLM::random(flash_config(3, false), 5, &dev).unwrap();
+    let rows: Vec<Vec<i64>> = (0..2)
+        .map(|r| (0..13).map(|j| (7 * j + 3 * r + 1) % 64).collect())
+        .collect();
+    let full = values(model.forward(ids(&rows), None).narrow(1, 10, 3));
+    let mut cache = model.new_cache(2, 13, &dev);
+    let prefix: Vec<Vec<i64>> = rows.iter().map(|r| r[..10].to_vec()).collect();
+    let mut got = vec![model
+        .forward(ids(&prefix), Some(&mut cache))
+        .narrow(1, 9, 1)];
+    for j in 10..12 {
+        let col: Vec<Vec<i64>> = rows.iter().map(|r| vec![r[j]]).collect();
+        got.push(model.forward(ids(&col), Some(&mut cache)));
+    }
+    // Logits at positions 9, 10, 11 predict tokens 10..12; compare with the full pass.
+    let full9 = values(model.forward(ids(&rows), None).narrow(1, 9, 3));
+    assert_close(
+        "cached vs recomputed",
+        &values(Tensor::cat(got, 1)),
+        &full9,
+        1e-4,
+    );
+    assert_eq!(full.len(), full9.len());
+}
+
+#[test]
+fn flash_batched_left_padded_generation_equals_one_prompt_at_a_time() {
+    let dev = device();
+    let model = HybridLM::random(flash_config(3, false), 9, &dev).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..11).map(|j| (5 * j + 2) % 64).collect(),
+        (0..4).map(|j| (3 * j + 1) % 64).collect(),
+        (0..7).map(|j| (11 * j + 6) % 64).collect(),
+    ];
+    let opts = GenerateOptions {
+        max_new_tokens: vec![6],
+        eos_ids: vec![],
+        pad_id: 0,
+        sampling: Sampling::default(),
+    };
+    let batched = generate(&model, &prompts, &opts, &mut Hooks::default()).unwrap();
+    for (p, got) in prompts.iter().zip(&batched) {
+        let alone = generate(
+            &model,
+            std::slice::from_ref(p),
+            &opts,
+            &mut Hooks::default(),
+        )
+        .unwrap();
+        assert_eq!(got.tokens, alone[0].tokens, "prompt of {} tokens", p.len());
+        for (a, b) in got.logprobs.iter().zip(&alone[0].logprobs) {
+            assert!((a - b).abs() < 1e-4, "log-probs {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn flash_saves_what_it_loads() {
+    let dev = device();
+    let model = HybridLM::random(flash_config(2, false), 3, &dev).unwrap();
+    let dir = temp_dir("flash-save");
+    model
+        .save_pretrained(&dir, &ember_models::hf::SaveOptions::default())
+        .unwrap();
+    let again = HybridLM::from_pretrained(&dir, &dev).unwrap();
+    assert_eq!(again.config.layers, model.config.layers);
+    let rows = vec![(0..9).map(|j| j * 5 % 64).collect::<Vec<i64>>()];
+    assert_eq!(
+        values(model.forward(ids(&rows), None)),
+        values(again.forward(ids(&rows), None))
+    );
+}
+
+#[test]
+fn weight_normalization_leaves_unit_rows_and_columns_after_a_step() {
+    use ember_train::optim::{OptimConfig, Optimizer};
+    use ember_train::schedule::Schedule;
+    use ember_train::trainer::Trainer;
+    let dev = device().autodiff();
+    let model = ember_models::hybrid::weight_norm::normalize(
+        HybridLM::random(flash_config(0, true), 1, &dev).unwrap(),
+    );
+    let optim = OptimConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(model, Optimizer::new(optim), Schedule::constant(1e-2), 0.0);
+    let x =
+        Tensor::<2, Int>::from_data(TensorData::new((0..16).collect::<Vec<i64>>(), [2, 8]), &dev);
+    let embed_before = values(trainer.model().embeddings.val());
+    trainer
+        .train_step(1, |m, _| {
+            Ok(m.forward(x.clone(), None).powi_scalar(2).mean())
+        })
+        .unwrap();
+    let m = trainer.model();
+    let norms = |w: Tensor<2>, axis: usize| values(w.square().sum_dim(axis).sqrt());
+    use ember_models::hybrid::stack::Mixer;
+    let mut checked = 0;
+    for block in &m.layers {
+        match &block.mixer {
+            Mixer::DeltaNet(d) => {
+                for n in norms(d.q_proj.weight.val(), 1) {
+                    assert!((n - 1.0).abs() < 1e-4, "q_proj row norm {n}");
+                }
+                for n in norms(d.o_proj.weight.val(), 0) {
+                    assert!((n - 1.0).abs() < 1e-4, "o_proj column norm {n}");
+                }
+                checked += 1;
+            }
+            Mixer::Ffn(f) => {
+                for n in norms(f.up_proj.weight.val(), 1) {
+                    assert!((n - 1.0).abs() < 1e-4, "up_proj row norm {n}");
+                }
+                for n in norms(f.down_proj.weight.val(), 0) {
+                    assert!((n - 1.0).abs() < 1e-4, "down_proj column norm {n}");
+                }
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked >= 2);
+    // The step moved the embeddings, which are not normalised.
+    let after = values(m.embeddings.val());
+    assert_ne!(after, embed_before);
+    let row = norms(m.embeddings.val(), 1);
+    assert!(row.iter().any(|n| (n - 1.0).abs() > 0.05));
+}
+
+const FLASH: &str = r#"
+[run]
+name = "flash"
+seed = 4
+out_dir = "OUT"
+
+[model]
+arch = "nemotron_flash"
+vocab_size = 259
+hidden_size = 32
+intermediate_size = 64
+pattern = "D F M2 F A F"
+num_attention_heads = 4
+num_key_value_heads = 2
+head_dim = 8
+mamba_num_heads = 4
+mamba_head_dim = 16
+ssm_state_size = 8
+mamba_chunk_size = 8
+linear_num_heads = 2
+linear_key_head_dim = 16
+linear_value_head_dim = 16
+linear_chunk_size = 8
+num_memory_tokens = 4
+weight_normalization = true
+
+[data]
+tokenizer = "byte_level"
+seq_len = 32
+val_fraction = 0.05
+doc_masks = false
+
+[data.generated]
+task = "arithmetic"
+count = 300
+levels = [1, 2]
+
+[train]
+steps = 30
+batch_size = 8
+lr = 1e-2
+weight_decay = 0.0
+warmup_steps = 3
+log_every = 5
+eval_every = 15
+eval_batches = 2
+save_every = 10
+"#;
+
+fn flash_recipe(
+    tag: &str,
+    edit: impl Fn(String) -> String,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = temp_dir(tag);
+    let out = dir.join("runs");
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, edit(FLASH.replace("OUT", out.to_str().unwrap()))).unwrap();
+    (path, out.join("flash"))
+}
+
+#[test]
+fn flash_pretraining_lowers_the_loss_and_resumes_exactly() {
+    let (path, run) = flash_recipe("flash-train", |s| s);
+    let o = train(&path, &[], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let l = losses(&run);
+    let vals: Vec<f64> = l.iter().filter_map(|r| r.2).collect();
+    assert_eq!(vals.len(), 2);
+    let first: f64 = l[..3].iter().map(|r| r.1).sum::<f64>() / 3.0;
+    assert!(first > 4.0, "starts near ln(259): {first}");
+    assert!(
+        vals[1] < first - 1.5,
+        "val loss {vals:?} against a start of {first}"
+    );
+    let model = HybridLM::from_pretrained(&run, &device()).unwrap();
+    assert_eq!(model.config.memory_tokens, 4);
+
+    let (cut, cut_run) = flash_recipe("flash-cut", |s| s);
+    let o = train(&cut, &[], &[("EMBER_FAULT", "abort-after-step:15")]);
+    assert!(!o.status.success(), "the fault did not fire");
+    let o = train(&cut, &["--resume", cut_run.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(losses(&cut_run), l, "resumed hybrid run diverged");
+}
+
+#[test]
+fn flash_recipe_mistakes_are_one_line_errors() {
+    type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
+    let cases: [Case; 3] = [
+        (
+            "flash-docmask",
+            |s| s.replace("doc_masks = false", "doc_masks = true"),
+            &["doc_masks"],
+        ),
+        (
+            "flash-decay",
+            |s| s.replace("weight_decay = 0.0", "weight_decay = 0.1"),
+            &["weight_decay", "weight_normalization"],
+        ),
+        (
+            "flash-layer",
+            |s| s.replace("D F M2 F A F", "D F M3 F"),
+            &["M3"],
+        ),
+    ];
+    for (tag, edit, needles) in cases {
+        let (path, _) = flash_recipe(tag, edit);
+        assert_one_line_error(&train(&path, &[], &[]), needles);
+    }
+}
