@@ -7,9 +7,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
 use ember_models::hybrid::stack::{HybridConfig, HybridLM};
 
-use crate::cli::assert_one_line_error;
 use crate::common::*;
-use crate::train::{losses, train};
+use crate::train::{assert_bad_recipes, losses, recipe_from, train};
 
 fn flash_config(meta: usize, weight_norm: bool) -> HybridConfig {
     let v = serde_json::json!({
@@ -215,11 +214,7 @@ fn flash_recipe(
     tag: &str,
     edit: impl Fn(String) -> String,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = temp_dir(tag);
-    let out = dir.join("runs");
-    let path = dir.join("recipe.toml");
-    std::fs::write(&path, edit(FLASH.replace("OUT", out.to_str().unwrap()))).unwrap();
-    (path, out.join("flash"))
+    recipe_from(tag, FLASH, "flash", edit)
 }
 
 #[test]
@@ -249,26 +244,25 @@ fn flash_pretraining_lowers_the_loss_and_resumes_exactly() {
 
 #[test]
 fn flash_recipe_mistakes_are_one_line_errors() {
-    type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
-    let cases: [Case; 3] = [
-        (
-            "flash-docmask",
-            |s| s.replace("doc_masks = false", "doc_masks = true"),
-            &["doc_masks"],
-        ),
-        (
-            "flash-decay",
-            |s| s.replace("weight_decay = 0.0", "weight_decay = 0.1"),
-            &["weight_decay", "weight_normalization"],
-        ),
-        (
-            "flash-layer",
-            |s| s.replace("D F M2 F A F", "D F M3 F"),
-            &["M3"],
-        ),
-    ];
-    for (tag, edit, needles) in cases {
-        let (path, _) = flash_recipe(tag, edit);
-        assert_one_line_error(&train(&path, &[], &[]), needles);
-    }
+    assert_bad_recipes(
+        FLASH,
+        "flash",
+        &[
+            (
+                "flash-docmask",
+                |s| s.replace("doc_masks = false", "doc_masks = true"),
+                &["doc_masks"],
+            ),
+            (
+                "flash-decay",
+                |s| s.replace("weight_decay = 0.0", "weight_decay = 0.1"),
+                &["weight_decay", "weight_normalization"],
+            ),
+            (
+                "flash-layer",
+                |s| s.replace("D F M2 F A F", "D F M3 F"),
+                &["M3"],
+            ),
+        ],
+    );
 }

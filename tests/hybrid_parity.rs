@@ -166,7 +166,7 @@ fn qwen3_next_gated_deltanet_matches_transformers_prefill_and_decode() {
 /// and a scan continued from a state part-way, all give the same outputs and final state.
 #[test]
 fn mamba2_chunked_and_recurrent_forms_agree() {
-    use ember_models::hybrid::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
+    use ember_models::hybrid::mamba2::{Mamba2Dims, Mamba2Mixer};
     use ember_models::weights::RandomInit;
     let dev = device();
     let dims = |chunk| Mamba2Dims {
@@ -192,27 +192,27 @@ fn mamba2_chunked_and_recurrent_forms_agree() {
     );
     // Recurrent reference: one token at a time.
     let m = mixer(8);
-    let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+    let mut st = m.dims.zero_state(b, &dev);
     let steps: Vec<Tensor<3>> = (0..l)
         .map(|t| m.forward(x.clone().narrow(1, t, 1), Some(&mut st)))
         .collect();
     let recurrent = values(Tensor::cat(steps, 1));
-    let final_state = values(st.ssm.clone());
+    let final_state = values(st.state.clone());
     for chunk in [1, 3, 8, 16, 64] {
         let m = mixer(chunk);
-        let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+        let mut st = m.dims.zero_state(b, &dev);
         let y = values(m.forward(x.clone(), Some(&mut st)));
         assert_close(&format!("chunk {chunk} vs recurrent"), &y, &recurrent, 1e-4);
         assert_close(
             &format!("chunk {chunk} final state"),
-            &values(st.ssm),
+            &values(st.state),
             &final_state,
             1e-4,
         );
     }
     // A prefill of 10 tokens, then the other 13 as one chunked call from that state.
     let m = mixer(4);
-    let mut st = Mamba2State::zeros(&m.dims, b, &dev);
+    let mut st = m.dims.zero_state(b, &dev);
     let first = m.forward(x.clone().narrow(1, 0, 10), Some(&mut st));
     let rest = m.forward(x.clone().narrow(1, 10, l - 10), Some(&mut st));
     assert_close(

@@ -11,9 +11,8 @@ use ember_train::objectives::mlm::{masked_hidden, mlm_loss, MaskSpec};
 use ember_train::optim::{OptimConfig, Optimizer, OptimizerKind};
 use serde_json::Value;
 
-use crate::cli::assert_one_line_error;
 use crate::common::*;
-use crate::train::{losses, train};
+use crate::train::{assert_bad_recipes, losses, recipe_from, train};
 
 fn spec() -> MaskSpec {
     MaskSpec {
@@ -263,11 +262,7 @@ fn mlm_recipe(
     tag: &str,
     edit: impl Fn(String) -> String,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = temp_dir(tag);
-    let out = dir.join("runs");
-    let path = dir.join("recipe.toml");
-    std::fs::write(&path, edit(MLM.replace("OUT", out.to_str().unwrap()))).unwrap();
-    (path, out.join("mlm"))
+    recipe_from(tag, MLM, "mlm", edit)
 }
 
 #[test]
@@ -313,29 +308,28 @@ fn mlm_stage_trains_an_encoder_that_transformers_names_load() {
 
 #[test]
 fn mlm_stage_rejects_bad_settings_in_one_line() {
-    type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
-    let cases: [Case; 3] = [
-        (
-            "mlm-bad-prob",
-            |s| s.replace("mask_prob = 0.3", "mask_prob = 1.5"),
-            &["[mlm]", "mask_prob"],
-        ),
-        (
-            "mlm-bad-arch",
-            |s| {
-                s.replace("arch = \"modernbert\"", "arch = \"qwen3\"")
-                    .replace("global_attn_every_n_layers = 2\nlocal_attention = 8\n", "")
-            },
-            &["arch = \"modernbert\""],
-        ),
-        (
-            "mlm-bad-key",
-            |s| s.replace("local_attention = 8", "local_window = 8"),
-            &["[model]", "local_window"],
-        ),
-    ];
-    for (tag, edit, needles) in cases {
-        let (path, _) = mlm_recipe(tag, edit);
-        assert_one_line_error(&train(&path, &[], &[]), needles);
-    }
+    assert_bad_recipes(
+        MLM,
+        "mlm",
+        &[
+            (
+                "mlm-bad-prob",
+                |s| s.replace("mask_prob = 0.3", "mask_prob = 1.5"),
+                &["[mlm]", "mask_prob"],
+            ),
+            (
+                "mlm-bad-arch",
+                |s| {
+                    s.replace("arch = \"modernbert\"", "arch = \"qwen3\"")
+                        .replace("global_attn_every_n_layers = 2\nlocal_attention = 8\n", "")
+                },
+                &["arch = \"modernbert\""],
+            ),
+            (
+                "mlm-bad-key",
+                |s| s.replace("local_attention = 8", "local_window = 8"),
+                &["[model]", "local_window"],
+            ),
+        ],
+    );
 }

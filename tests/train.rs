@@ -67,6 +67,32 @@ pub(crate) fn recipe(name: &str, extra: &str) -> (PathBuf, PathBuf) {
     (path, out.join("tiny"))
 }
 
+/// Writes `template` as a recipe in a fresh directory (`OUT` replaced by its runs folder,
+/// then `edit` applied); returns the recipe and the run directory `runs/<name>`.
+pub(crate) fn recipe_from(
+    tag: &str,
+    template: &str,
+    name: &str,
+    edit: impl Fn(String) -> String,
+) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(tag);
+    let out = dir.join("runs");
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, edit(template.replace("OUT", out.to_str().unwrap()))).unwrap();
+    (path, out.join(name))
+}
+
+/// A recipe edit and the words its one-line error must contain.
+pub(crate) type BadRecipe = (&'static str, fn(String) -> String, &'static [&'static str]);
+
+/// Each edit of `template` makes `ember train` stop with one error line naming the key.
+pub(crate) fn assert_bad_recipes(template: &str, name: &str, cases: &[BadRecipe]) {
+    for (tag, edit, needles) in cases {
+        let (path, _) = recipe_from(tag, template, name, edit);
+        assert_one_line_error(&train(&path, &[], &[]), needles);
+    }
+}
+
 pub(crate) fn ember_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ember"))
         .args(args)

@@ -5,18 +5,18 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_models::qwen3::Qwen3;
+use ember_models::hybrid::stack::{HybridConfig, HybridLM};
+use ember_models::qwen3::{Qwen3, Qwen3Config};
 use ember_models::rng::Rng;
-use ember_train::metrics::flops_per_token;
 use ember_train::objectives::lm::cross_entropy;
 use ember_train::optim::{OptimConfig, Optimizer};
 use ember_train::pretrain::parse_dtype;
 use ember_train::schedule::Schedule;
-use ember_train::trainer::{scalar, Trainer};
+use ember_train::trainer::{scalar, NextTokenModel, TrainModel, Trainer};
 
-use crate::bench::{append_jsonl, model_config, timed_steps, TimedArgs};
+use crate::bench::{append_jsonl, config_json, timed_steps, Timed, TimedArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,44 +51,97 @@ fn random_batch(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let config = model_config(&a.model_config)?;
+    let (v, origin) = config_json(&a.model_config)?;
     let base = ember_models::device::select(&a.t.device)?;
     let dtype = parse_dtype(&a.t.dtype, &base, "--dtype")?;
     let mut dev = base.clone().autodiff();
     if a.grad_checkpointing {
         dev = dev.gradient_checkpointing();
     }
-    let flops = flops_per_token(&config, a.seq);
-    let params = config.num_params();
-    let vocab = config.vocab_size;
-    let model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
-    let schedule = Schedule::constant(3e-4);
-    let mut trainer = Trainer::new(model, Optimizer::new(OptimConfig::default()), schedule, 1.0);
+    let kind = v
+        .get("model_type")
+        .and_then(|k| k.as_str())
+        .unwrap_or("qwen3");
+    let hybrid = matches!(kind, "nemotron_flash" | "mamba2" | "nemotron_h");
+    if hybrid && a.phases {
+        bail!("--phases: only for qwen3 shapes");
+    }
     let mut rng = Rng::new(0);
-    let r = timed_steps(&a.t, &base, (a.batch, a.seq), (params, flops), &mut || {
-        let (x, y) = random_batch(&mut rng, a.batch, a.seq, vocab, &dev);
-        Ok(trainer
-            .train_step(1, |m, _| {
-                Ok(cross_entropy(m.forward(x.clone()), y.clone(), None))
-            })?
-            .loss)
-    })?;
-    let (tps, step_ms, mfu, first, last) =
-        (r.tokens_per_s, r.step_ms, r.mfu, r.loss_first, r.loss_last);
-    let mut rec = serde_json::json!({"bench": "train", "engine": "ember", "batch": a.batch, "seq": a.seq,
-        "dtype": a.t.dtype, "device": format!("{base:?}"), "tokens_per_s": tps, "step_ms": step_ms,
-        "mfu": mfu, "loss_first": first, "loss_last": last, "params": params,
-        "grad_checkpointing": a.grad_checkpointing});
-    if a.phases {
-        let split = phases(&a, trainer.model(), &mut rng, &base, &dev, step_ms)?;
-        for (k, v) in split {
-            rec[k] = v.into();
-        }
+    let schedule = Schedule::constant(3e-4);
+    let optim = || Optimizer::new(OptimConfig::default());
+    let (r, params, mut extra) = if hybrid {
+        let config = HybridConfig::from_value(&v, &origin)?;
+        let vocab = config.vocab_size;
+        let model = HybridLM::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        let trainer = Trainer::new(model, optim(), schedule, 1.0);
+        let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
+        (r, trainer.model().param_count(), Vec::new())
+    } else {
+        let config = Qwen3Config::from_value(&v, &origin)?;
+        let vocab = config.vocab_size;
+        let model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        let trainer = Trainer::new(model, optim(), schedule, 1.0);
+        let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
+        let split = if a.phases {
+            phases(&a, trainer.model(), &mut rng, &base, &dev, r.step_ms)?
+        } else {
+            Vec::new()
+        };
+        (r, trainer.model().param_count(), split)
+    };
+    let peak_rss = peak_rss_gb();
+    if let Some(gb) = peak_rss {
+        println!("peak resident memory of the process: {gb:.2} GB");
+    }
+    let mut rec = serde_json::json!({"bench": "train", "engine": "ember", "model_type": kind,
+        "batch": a.batch, "seq": a.seq, "dtype": a.t.dtype, "device": format!("{base:?}"),
+        "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms, "mfu": r.mfu,
+        "loss_first": r.loss_first, "loss_last": r.loss_last, "params": params,
+        "grad_checkpointing": a.grad_checkpointing, "peak_rss_gb": peak_rss});
+    for (k, v) in extra.drain(..) {
+        rec[k] = v.into();
     }
     if let Some(p) = &a.t.out {
         append_jsonl(p, &rec)?;
     }
     Ok(())
+}
+
+/// Timed next-token training steps on random tokens; gives the trainer back.
+fn timed_train<M: NextTokenModel>(
+    a: &Args,
+    base: &Device,
+    dev: &Device,
+    mut trainer: Trainer<M>,
+    vocab: usize,
+    rng: &mut Rng,
+) -> Result<(Timed, Trainer<M>)> {
+    let flops = trainer.model().flops_per_token(a.seq);
+    let params = trainer.model().param_count();
+    let r = timed_steps(&a.t, base, (a.batch, a.seq), (params, flops), &mut || {
+        let (x, y) = random_batch(rng, a.batch, a.seq, vocab, dev);
+        let pos = Tensor::<1, Int>::arange(0..a.seq as i64, dev)
+            .reshape([1, a.seq])
+            .expand([a.batch, a.seq]);
+        Ok(trainer
+            .train_step(1, |m, _| {
+                Ok(cross_entropy(
+                    m.packed_logits(x.clone(), pos.clone(), None),
+                    y.clone(),
+                    None,
+                ))
+            })?
+            .loss)
+    })?;
+    Ok((r, trainer))
+}
+
+/// The process's peak resident set (Linux `VmHWM`), in GB.
+fn peak_rss_gb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1e6)
 }
 
 /// Times the step's parts: whole-model forward and forward+backward, then components in

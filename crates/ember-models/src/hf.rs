@@ -42,6 +42,65 @@ pub fn model_type(config: &Value, dir: &Path) -> Result<String> {
         })
 }
 
+/// Typed reads of a config.json's fields, each error naming the file and the field.
+pub struct Fields<'a> {
+    pub v: &'a Value,
+    pub origin: &'a str,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(v: &'a Value, origin: &'a str) -> Self {
+        Self { v, origin }
+    }
+
+    /// A non-negative integer; `default` when absent (an error when there is none).
+    pub fn usize(&self, k: &str, default: Option<usize>) -> Result<usize> {
+        match self.v.get(k) {
+            Some(x) => x
+                .as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| anyhow!("{}: `{k}` must be a non-negative integer", self.origin)),
+            None => default.ok_or_else(|| anyhow!("{}: `{k}` is missing", self.origin)),
+        }
+    }
+
+    /// A float (also `{"__float__": "Infinity"}`, as transformers writes infinities).
+    pub fn f64(&self, k: &str, default: f64) -> f64 {
+        self.v.get(k).and_then(float_of).unwrap_or(default)
+    }
+
+    pub fn bool(&self, k: &str, default: bool) -> bool {
+        self.v.get(k).and_then(Value::as_bool).unwrap_or(default)
+    }
+}
+
+/// A float that config.json may spell `{"__float__": "Infinity"}`.
+pub fn float_of(v: &Value) -> Option<f64> {
+    v.as_f64()
+        .or_else(|| match v.get("__float__").and_then(Value::as_str) {
+            Some("Infinity") => Some(f64::INFINITY),
+            Some("-Infinity") => Some(f64::NEG_INFINITY),
+            _ => None,
+        })
+}
+
+/// Loads `dir` (config.json + safetensors): `parse` reads the config (given the file's name
+/// for errors), `load` builds the model from the checkpoint, and every tensor must be used
+/// except the `ignorable` ones (a tied head's copy).
+pub fn load_dir<C, M>(
+    dir: &Path,
+    parse: impl FnOnce(&Value, &str) -> Result<C>,
+    load: impl FnOnce(C, &mut Checkpoint) -> Result<M>,
+    ignorable: &[&str],
+) -> Result<M> {
+    let v = read_config(dir)?;
+    let config = parse(&v, &dir.join(CONFIG).display().to_string())?;
+    let mut ckpt = Checkpoint::open(dir)?;
+    let model = load(config, &mut ckpt)?;
+    ckpt.finish(ignorable)?;
+    Ok(model)
+}
+
 struct Entry {
     shard: usize,
     dtype: Dtype,

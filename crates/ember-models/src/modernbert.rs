@@ -16,7 +16,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::{json, Value};
 
-use crate::hf::{self, Checkpoint, SaveOptions};
+use crate::hf::{self, SaveOptions};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::rope;
 use crate::layers::to_dtype;
@@ -77,17 +77,10 @@ impl ModernBertConfig {
     /// From an HF `config.json` (`layer_types`, or `global_attn_every_n_layers`; RoPE thetas
     /// from `rope_parameters` or the older `global_rope_theta` / `local_rope_theta`).
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
-        let usize_of = |k: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(k) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("{origin}: `{k}` must be a non-negative integer")),
-                None => default.ok_or_else(|| anyhow!("{origin}: `{k}` is missing")),
-            }
-        };
-        let bool_of = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
-        let f64_of = |k: &str, default: f64| v.get(k).and_then(Value::as_f64).unwrap_or(default);
+        let f = hf::Fields::new(v, origin);
+        let usize_of = |k: &str, default: Option<usize>| f.usize(k, default);
+        let bool_of = |k: &str, default: bool| f.bool(k, default);
+        let f64_of = |k: &str, default: f64| f.f64(k, default);
         let layers = usize_of("num_hidden_layers", None)?;
         let global_layers = match v.get("layer_types").and_then(Value::as_array) {
             Some(types) => {
@@ -515,14 +508,13 @@ impl ModernBert {
 
     /// Loads an HF directory (config.json + safetensors).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
-        let v = hf::read_config(dir)?;
-        let origin = dir.join(hf::CONFIG).display().to_string();
-        let config = ModernBertConfig::from_value(&v, &origin)?;
-        let mut ckpt = Checkpoint::open(dir)?;
-        let model = Self::load(config, &mut ckpt, device)?;
         // The tied decoder's weight is the embedding matrix.
-        ckpt.finish(&["decoder.weight"])?;
-        Ok(model)
+        hf::load_dir(
+            dir,
+            ModernBertConfig::from_value,
+            |c, ckpt| Self::load(c, ckpt, device),
+            &["decoder.weight"],
+        )
     }
 
     /// The additive masks `[batch, 1, seq, seq]` of the global and the local layers from

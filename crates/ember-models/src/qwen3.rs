@@ -12,7 +12,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::hf::{self, Checkpoint, SaveOptions};
+use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, KvCache};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::mlp::SwiGlu;
@@ -401,13 +401,13 @@ impl Qwen3 {
 
     /// Loads an HF directory (config.json + safetensors, sharded or not).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
-        let v = hf::read_config(dir)?;
-        let config = Qwen3Config::from_value(&v, &dir.join(hf::CONFIG).display().to_string())?;
-        let mut ckpt = Checkpoint::open(dir)?;
-        let model = Self::load(config, &mut ckpt, device)?;
         // Tied checkpoints sometimes carry a copy of the embedding as lm_head.weight.
-        ckpt.finish(&["lm_head.weight"])?;
-        Ok(model)
+        hf::load_dir(
+            dir,
+            Qwen3Config::from_value,
+            |c, ckpt| Self::load(c, ckpt, device),
+            &["lm_head.weight"],
+        )
     }
 
     pub fn weights(&self) -> WeightSink {

@@ -5,16 +5,16 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use burn::tensor::Device;
-use ember_models::hf::{self, Checkpoint};
+use ember_models::hf;
 use ember_models::hybrid::stack::HybridLM;
 
 use crate::pretrain::{packed_data, prepare_data};
 use crate::recipe::{ModelSpec, TrainObjective};
 use crate::stages::{
-    check_vocab, run_loop, stage_model_spec, CursorFeed, Evaluator, LoopSpec, Setup, StageRun,
-    Summary, Supervised, ValLoss,
+    check_vocab, load_matching, run_loop, stage_model_spec, CursorFeed, Evaluator, LoopSpec, Setup,
+    StageRun, Summary, Supervised, ValLoss,
 };
 
 const HYBRIDS: [&str; 3] = ["nemotron_flash", "mamba2", "nemotron_h"];
@@ -45,18 +45,12 @@ fn build(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<HybridLM>
         None => None,
     };
     let model = match (from, spec) {
-        (Some(dir), Some(config)) => {
-            let mut ckpt = Checkpoint::open(dir)?;
-            let m = HybridLM::load(config, &mut ckpt, device).map_err(|e| {
-                anyhow!(
-                    "{e:#} (checkpoint {} does not match {} [model])",
-                    dir.display(),
-                    path.display()
-                )
-            })?;
-            ckpt.finish(&["lm_head.weight"])?;
-            m
-        }
+        (Some(dir), Some(config)) => load_matching(
+            dir,
+            path,
+            |ckpt| HybridLM::load(config, ckpt, device),
+            &["lm_head.weight"],
+        )?,
         (Some(dir), None) => HybridLM::from_pretrained(dir, device)?,
         (None, Some(config)) => {
             let norm = config.weight_normalization;

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Result};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use ember_data::loader::Batch;
-use ember_models::hf::{self, Checkpoint};
+use ember_models::hf;
 use ember_models::modernbert::ModernBert;
 use serde_json::{json, Map, Value};
 
@@ -15,8 +15,8 @@ use crate::objectives::mlm::{mlm_loss, step_rng, MaskSpec, Masked};
 use crate::pretrain::{packed_data, prepare_data};
 use crate::recipe::{MlmSection, ModelSpec};
 use crate::stages::{
-    check_common, check_vocab, run_loop, stage_model_spec, CursorFeed, Evaluator, Feed, LoopSpec,
-    Objective, Setup, StageRun, Summary,
+    check_common, check_vocab, load_matching, run_loop, stage_model_spec, CursorFeed, Evaluator,
+    Feed, LoopSpec, Objective, Setup, StageRun, Summary,
 };
 use crate::trainer::scalar;
 
@@ -66,18 +66,12 @@ fn build_encoder(
         None => None,
     };
     match (from, spec) {
-        (Some(dir), Some(config)) => {
-            let mut ckpt = Checkpoint::open(dir)?;
-            let m = ModernBert::load(config, &mut ckpt, device).map_err(|e| {
-                anyhow!(
-                    "{e:#} (checkpoint {} does not match {} [model])",
-                    dir.display(),
-                    path.display()
-                )
-            })?;
-            ckpt.finish(&["decoder.weight"])?;
-            Ok(m)
-        }
+        (Some(dir), Some(config)) => load_matching(
+            dir,
+            path,
+            |ckpt| ModernBert::load(config, ckpt, device),
+            &["decoder.weight"],
+        ),
         (Some(dir), None) => {
             let kind = hf::model_type(&hf::read_config(dir)?, dir)?;
             if kind != "modernbert" {

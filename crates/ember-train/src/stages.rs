@@ -423,18 +423,12 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
             "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
             path.display()
         ),
-        (Some(dir), Some(ModelSpec::Qwen3(config))) => {
-            let mut ckpt = Checkpoint::open(dir)?;
-            let m = Qwen3::load(config, &mut ckpt, device).map_err(|e| {
-                anyhow!(
-                    "{e:#} (checkpoint {} does not match {} [model])",
-                    dir.display(),
-                    path.display()
-                )
-            })?;
-            ckpt.finish(&["lm_head.weight"])?;
-            Ok(m)
-        }
+        (Some(dir), Some(ModelSpec::Qwen3(config))) => load_matching(
+            dir,
+            path,
+            |ckpt| Qwen3::load(config, ckpt, device),
+            &["lm_head.weight"],
+        ),
         (Some(dir), None) => Qwen3::from_pretrained(dir, device),
         (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, s.recipe.run.seed, device),
         (None, None) => bail!(
@@ -442,6 +436,26 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
             path.display()
         ),
     }
+}
+
+/// Loads checkpoint `dir` into the shape a recipe's `[model]` gives (`load`), saying which
+/// two disagree when they do; every tensor must be used except `ignorable` ones.
+pub fn load_matching<M>(
+    dir: &Path,
+    recipe: &Path,
+    load: impl FnOnce(&mut Checkpoint) -> Result<M>,
+    ignorable: &[&str],
+) -> Result<M> {
+    let mut ckpt = Checkpoint::open(dir)?;
+    let m = load(&mut ckpt).map_err(|e| {
+        anyhow!(
+            "{e:#} (checkpoint {} does not match {} [model])",
+            dir.display(),
+            recipe.display()
+        )
+    })?;
+    ckpt.finish(ignorable)?;
+    Ok(m)
 }
 
 /// The stage's own `[stage.model]`, else the recipe's `[model]`, if either is given.

@@ -11,10 +11,12 @@ use burn::tensor::activation::{sigmoid, silu, softplus};
 use burn::tensor::{DType, Device, Tensor};
 
 use super::delta_rule::{self, DeltaInputs};
-use super::{causal_conv_silu, l2_normalize, repeat_heads};
+use super::{
+    causal_conv_silu, conv_param, export_conv, l2_normalize, repeat_heads, RecurrentState,
+};
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
-use crate::weights::{export, export_as, param, param_as, Init, WeightSink, WeightSource};
+use crate::weights::{export, param, Init, WeightSink, WeightSource};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeltaDims {
@@ -41,20 +43,19 @@ impl DeltaDims {
     }
 }
 
-/// Decoding state: conv history `[batch, kernel − 1, conv_dim]` and the delta-rule state
+/// Decoding state: conv history over [q | k | v] and the delta-rule state
 /// `[batch, v_heads, dk, dv]`.
-#[derive(Debug, Clone)]
-pub struct DeltaState {
-    pub conv: Tensor<3>,
-    pub s: Tensor<4>,
-}
+pub type DeltaState = RecurrentState;
 
-impl DeltaState {
-    pub fn zeros(d: &DeltaDims, batch: usize, device: &Device) -> Self {
-        Self {
-            conv: Tensor::zeros([batch, d.conv_kernel - 1, d.conv_dim()], device),
-            s: Tensor::zeros([batch, d.v_heads, d.dk, d.dv], device),
-        }
+impl DeltaDims {
+    pub fn zero_state(&self, batch: usize, device: &Device) -> DeltaState {
+        RecurrentState::zeros(
+            batch,
+            self.conv_kernel,
+            self.conv_dim(),
+            [self.v_heads, self.dk, self.dv],
+            device,
+        )
     }
 }
 
@@ -81,14 +82,7 @@ impl GatedDeltaNet {
         device: &Device,
     ) -> Result<Self> {
         let (kd, vd, cd, k) = (d.key_dim(), d.value_dim(), d.conv_dim(), d.conv_kernel);
-        let conv_weight = param_as(
-            src,
-            &format!("{prefix}.conv1d.weight"),
-            &[cd, 1, k],
-            [cd, k],
-            Init::Normal((k as f64).powf(-0.5)),
-            device,
-        )?;
+        let conv_weight = conv_param(src, &format!("{prefix}.conv1d.weight"), cd, k, device)?;
         Ok(Self {
             in_proj_qkvz: Linear::load(
                 src,
@@ -147,13 +141,7 @@ impl GatedDeltaNet {
         self.in_proj_qkvz
             .save(&format!("{prefix}.in_proj_qkvz"), out);
         self.in_proj_ba.save(&format!("{prefix}.in_proj_ba"), out);
-        let [c, k] = self.conv_weight.dims();
-        export_as(
-            out,
-            &format!("{prefix}.conv1d.weight"),
-            &self.conv_weight,
-            &[c, 1, k],
-        );
+        export_conv(out, &format!("{prefix}.conv1d.weight"), &self.conv_weight);
         export(out, &format!("{prefix}.dt_bias"), &self.dt_bias);
         export(out, &format!("{prefix}.A_log"), &self.a_log);
         export(out, &format!("{prefix}.norm.weight"), &self.norm_weight);
@@ -186,7 +174,7 @@ impl GatedDeltaNet {
         let st = match state {
             Some(s) => s,
             None => {
-                zero = DeltaState::zeros(&d, b, &device);
+                zero = d.zero_state(b, &device);
                 &mut zero
             }
         };
@@ -225,9 +213,9 @@ impl GatedDeltaNet {
             g: Some(g.swap_dims(1, 2)),
         };
         let o = if l == 1 {
-            delta_rule::recurrent(inputs, &mut st.s)
+            delta_rule::recurrent(inputs, &mut st.state)
         } else {
-            delta_rule::chunked(inputs, d.chunk, &mut st.s)
+            delta_rule::chunked(inputs, d.chunk, &mut st.state)
         };
         let o = o.swap_dims(1, 2); // [b, l, v_heads, dv]
         let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();
@@ -273,14 +261,7 @@ impl DeltaNet {
             Linear::load(src, &format!("{prefix}.{n}"), i, o, false, std, device)
         };
         let conv = |src: &mut dyn WeightSource, n: &str, ch: usize| -> Result<Param<Tensor<2>>> {
-            param_as(
-                src,
-                &format!("{prefix}.{n}.weight"),
-                &[ch, 1, k],
-                [ch, k],
-                Init::Normal((k as f64).powf(-0.5)),
-                device,
-            )
+            conv_param(src, &format!("{prefix}.{n}.weight"), ch, k, device)
         };
         Ok(Self {
             q_proj: lin(src, "q_proj", d.hidden, kd)?,
@@ -317,8 +298,7 @@ impl DeltaNet {
             ("k_conv1d", &self.k_conv),
             ("v_conv1d", &self.v_conv),
         ] {
-            let [c, k] = w.dims();
-            export_as(out, &format!("{prefix}.{n}.weight"), w, &[c, 1, k]);
+            export_conv(out, &format!("{prefix}.{n}.weight"), w);
         }
         export(out, &format!("{prefix}.o_norm.weight"), &self.o_norm);
     }
@@ -334,7 +314,7 @@ impl DeltaNet {
         let st = match state {
             Some(s) => s,
             None => {
-                zero = DeltaState::zeros(&d, b, &device);
+                zero = d.zero_state(b, &device);
                 &mut zero
             }
         };
@@ -369,9 +349,9 @@ impl DeltaNet {
             g: None,
         };
         let o = if l == 1 {
-            delta_rule::recurrent(inputs, &mut st.s)
+            delta_rule::recurrent(inputs, &mut st.state)
         } else {
-            delta_rule::chunked(inputs, d.chunk, &mut st.s)
+            delta_rule::chunked(inputs, d.chunk, &mut st.state)
         };
         let o = o.swap_dims(1, 2);
         let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();

@@ -12,10 +12,12 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{DType, Device, Tensor};
 
-use super::{causal_conv_silu, repeat_heads, segment_decay};
+use super::{
+    causal_conv_silu, conv_param, export_conv, repeat_heads, segment_decay, RecurrentState,
+};
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
-use crate::weights::{export, export_as, param, param_as, Init, WeightSink, WeightSource};
+use crate::weights::{export, param, Init, WeightSink, WeightSource};
 
 /// Shape and numerics of one mixer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,26 +47,19 @@ impl Mamba2Dims {
     }
 }
 
-/// A mixer's decoding state: the last `conv_kernel − 1` conv inputs `[batch, K−1, conv_dim]`
-/// and the SSM state `[batch, heads, head_dim, state]` (f32).
-#[derive(Debug, Clone)]
-pub struct Mamba2State {
-    pub conv: Tensor<3>,
-    pub ssm: Tensor<4>,
-}
+/// A mixer's decoding state: the last `conv_kernel − 1` conv inputs and the SSM state
+/// `[batch, heads, head_dim, state]`.
+pub type Mamba2State = RecurrentState;
 
-impl Mamba2State {
-    pub fn zeros(d: &Mamba2Dims, batch: usize, device: &Device) -> Self {
-        Self {
-            conv: Tensor::zeros([batch, d.conv_kernel - 1, d.conv_dim()], device),
-            ssm: Tensor::zeros([batch, d.heads, d.head_dim, d.state], device),
-        }
-    }
-
-    /// Keeps batch rows `idx` (finished sequences leave the batch).
-    pub fn select_rows(&mut self, idx: &Tensor<1, burn::tensor::Int>) {
-        self.conv = self.conv.clone().select(0, idx.clone());
-        self.ssm = self.ssm.clone().select(0, idx.clone());
+impl Mamba2Dims {
+    pub fn zero_state(&self, batch: usize, device: &Device) -> Mamba2State {
+        RecurrentState::zeros(
+            batch,
+            self.conv_kernel,
+            self.conv_dim(),
+            [self.heads, self.head_dim, self.state],
+            device,
+        )
     }
 }
 
@@ -92,14 +87,7 @@ impl Mamba2Mixer {
         device: &Device,
     ) -> Result<Self> {
         let (inner, conv_dim, k) = (d.inner(), d.conv_dim(), d.conv_kernel);
-        let conv_weight = param_as(
-            src,
-            &format!("{prefix}.conv1d.weight"),
-            &[conv_dim, 1, k],
-            [conv_dim, k],
-            Init::Normal((k as f64).powf(-0.5)),
-            device,
-        )?;
+        let conv_weight = conv_param(src, &format!("{prefix}.conv1d.weight"), conv_dim, k, device)?;
         let conv_bias = d
             .conv_bias
             .then(|| {
@@ -162,13 +150,7 @@ impl Mamba2Mixer {
 
     pub fn save(&self, prefix: &str, out: &mut WeightSink) {
         self.in_proj.save(&format!("{prefix}.in_proj"), out);
-        let [c, k] = self.conv_weight.dims();
-        export_as(
-            out,
-            &format!("{prefix}.conv1d.weight"),
-            &self.conv_weight,
-            &[c, 1, k],
-        );
+        export_conv(out, &format!("{prefix}.conv1d.weight"), &self.conv_weight);
         if let Some(b) = &self.conv_bias {
             export(out, &format!("{prefix}.conv1d.bias"), b);
         }
@@ -216,7 +198,7 @@ impl Mamba2Mixer {
         let st = match state {
             Some(s) => s,
             None => {
-                zero_state = Mamba2State::zeros(&d, b, &device);
+                zero_state = d.zero_state(b, &device);
                 &mut zero_state
             }
         };
@@ -282,9 +264,9 @@ impl Mamba2Mixer {
         let decay = (dt.clone() * a.reshape([1, h])).exp().reshape([b, h, 1, 1]);
         let dbx =
             (x.clone() * dt.reshape([b, h, 1])).reshape([b, h, p, 1]) * bm.reshape([b, h, 1, n]);
-        st.ssm = st.ssm.clone() * decay + dbx;
+        st.state = st.state.clone() * decay + dbx;
         let y = st
-            .ssm
+            .state
             .clone()
             .matmul(cm.reshape([b, h, n, 1]))
             .reshape([b, h, p]);
@@ -292,7 +274,7 @@ impl Mamba2Mixer {
         (y + x * dskip).reshape([b, 1, h, p])
     }
 
-    /// The chunked SSD scan over `[b, l, heads, ..]`, from and into `st.ssm`.
+    /// The chunked SSD scan over `[b, l, heads, ..]`, from and into `st.state`.
     fn scan(
         &self,
         x: Tensor<4>,
@@ -338,14 +320,14 @@ impl Mamba2Mixer {
         let to_end = (last.clone() - acum.clone()).exp().reshape([b, c, h, t, 1]);
         let states = xc.swap_dims(3, 4).matmul(bc * to_end);
         // 3. Across chunks: the state entering chunk i, from the initial state and chunks < i.
-        let init = st.ssm.clone().reshape([b, 1, h, p, n]);
+        let init = st.state.clone().reshape([b, 1, h, p, n]);
         let all = Tensor::cat(vec![init, states], 1).reshape([b, c + 1, h, p * n]);
         let ends = last.reshape([b, c, h]).permute([0, 2, 1]); // [b, h, c]
         let ends = Tensor::cat(vec![Tensor::zeros([b, h, 1], &device), ends], 2).cumsum(2);
         let decay_across =
             segment_decay(ends.reshape([b, h, 1, c + 1])).reshape([b, h, c + 1, c + 1]);
         let entering = decay_across.matmul(all.permute([0, 2, 1, 3])); // [b, h, c+1, p·n]
-        st.ssm = entering.clone().narrow(2, c, 1).reshape([b, h, p, n]);
+        st.state = entering.clone().narrow(2, c, 1).reshape([b, h, p, n]);
         let entering = entering
             .narrow(2, 0, c)
             .reshape([b, h, c, p, n])

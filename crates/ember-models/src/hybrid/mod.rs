@@ -9,7 +9,7 @@ pub mod stack;
 pub mod weight_norm;
 
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use crate::layers::to_dtype;
 
@@ -66,4 +66,64 @@ pub fn repeat_heads(x: Tensor<4>, per: usize) -> Tensor<4> {
     x.reshape([b, l, g, 1, d])
         .expand([b, l, g, per, d])
         .reshape([b, l, g * per, d])
+}
+
+/// A recurrent layer's decoding state: the conv history `[batch, kernel − 1, channels]` and
+/// its per-head state matrix `[batch, heads, a, b]` (Mamba2: head_dim × state; DeltaNet:
+/// dk × dv), in f32.
+#[derive(Debug, Clone)]
+pub struct RecurrentState {
+    pub conv: Tensor<3>,
+    pub state: Tensor<4>,
+}
+
+impl RecurrentState {
+    pub fn zeros(
+        batch: usize,
+        kernel: usize,
+        channels: usize,
+        heads: [usize; 3],
+        device: &Device,
+    ) -> Self {
+        let [h, a, b] = heads;
+        Self {
+            conv: Tensor::zeros([batch, kernel - 1, channels], device),
+            state: Tensor::zeros([batch, h, a, b], device),
+        }
+    }
+
+    /// Keeps batch rows `idx` (finished sequences leave the batch).
+    pub fn select_rows(&mut self, idx: &Tensor<1, Int>) {
+        self.conv = self.conv.clone().select(0, idx.clone());
+        self.state = self.state.clone().select(0, idx.clone());
+    }
+}
+
+/// A depthwise conv weight stored as transformers does, `[channels, 1, kernel]`, held as
+/// `[channels, kernel]`.
+pub fn conv_param(
+    src: &mut dyn crate::weights::WeightSource,
+    name: &str,
+    channels: usize,
+    kernel: usize,
+    device: &Device,
+) -> anyhow::Result<burn::module::Param<Tensor<2>>> {
+    crate::weights::param_as(
+        src,
+        name,
+        &[channels, 1, kernel],
+        [channels, kernel],
+        crate::weights::Init::Normal((kernel as f64).powf(-0.5)),
+        device,
+    )
+}
+
+/// Writes a [`conv_param`] back as `[channels, 1, kernel]`.
+pub fn export_conv(
+    out: &mut crate::weights::WeightSink,
+    name: &str,
+    p: &burn::module::Param<Tensor<2>>,
+) {
+    let [c, k] = p.dims();
+    crate::weights::export_as(out, name, p, &[c, 1, k]);
 }

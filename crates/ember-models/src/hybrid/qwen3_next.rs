@@ -14,7 +14,7 @@ use burn::tensor::{DType, Device, Int, Tensor};
 use serde_json::Value;
 
 use super::delta_net::{DeltaDims, DeltaState, GatedDeltaNet};
-use crate::hf::{self, Checkpoint};
+use crate::hf;
 use crate::layers::attention::{repeat_kv, KvCache};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::mlp::SwiGlu;
@@ -41,16 +41,9 @@ pub struct Qwen3NextConfig {
 
 impl Qwen3NextConfig {
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
-        let uint = |k: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(k) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("{origin}: `{k}` must be a non-negative integer")),
-                None => default.ok_or_else(|| anyhow!("{origin}: `{k}` is missing")),
-            }
-        };
-        let num = |k: &str, default: f64| v.get(k).and_then(Value::as_f64).unwrap_or(default);
+        let f = hf::Fields::new(v, origin);
+        let uint = |k: &str, default: Option<usize>| f.usize(k, default);
+        let num = |k: &str, default: f64| f.f64(k, default);
         let layers = uint("num_hidden_layers", None)?;
         let types = v
             .get("layer_types")
@@ -357,12 +350,12 @@ impl Qwen3Next {
     }
 
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
-        let v = hf::read_config(dir)?;
-        let config = Qwen3NextConfig::from_value(&v, &dir.join(hf::CONFIG).display().to_string())?;
-        let mut ckpt = Checkpoint::open(dir)?;
-        let model = Self::load(config, &mut ckpt, device)?;
-        ckpt.finish(&["lm_head.weight"])?;
-        Ok(model)
+        hf::load_dir(
+            dir,
+            Qwen3NextConfig::from_value,
+            |c, ckpt| Self::load(c, ckpt, device),
+            &["lm_head.weight"],
+        )
     }
 
     pub fn new_cache(&self, batch: usize, max_len: usize, device: &Device) -> Qwen3NextCache {
@@ -381,7 +374,7 @@ impl Qwen3Next {
                         device,
                     ))
                 } else {
-                    NextState::Delta(DeltaState::zeros(&c.delta, batch, device))
+                    NextState::Delta(c.delta.zero_state(batch, device))
                 }
             })
             .collect();

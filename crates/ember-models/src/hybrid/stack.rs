@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
-use crate::hf::{self, Checkpoint, SaveOptions};
+use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, KvCache};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::SwiGlu;
@@ -72,16 +72,6 @@ pub struct HybridConfig {
     pub source: Value,
 }
 
-/// A float that config.json may spell `{"__float__": "Infinity"}`.
-fn float_of(v: &Value) -> Option<f64> {
-    v.as_f64()
-        .or_else(|| match v.get("__float__").and_then(Value::as_str) {
-            Some("Infinity") => Some(f64::INFINITY),
-            Some("-Infinity") => Some(f64::NEG_INFINITY),
-            _ => None,
-        })
-}
-
 impl HybridConfig {
     /// The keys a recipe's `[model]` may set for the hybrid architectures.
     pub const KNOWN_FIELDS: &'static [&'static str] = &[
@@ -125,23 +115,16 @@ impl HybridConfig {
     /// From a `mamba2`, `nemotron_h` or `nemotron_flash` config.json.
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
         let kind = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let uint = |k: &str, default: Option<usize>| -> Result<usize> {
-            match v.get(k) {
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("{origin}: `{k}` must be a non-negative integer")),
-                None => default.ok_or_else(|| anyhow!("{origin}: `{k}` is missing")),
-            }
-        };
-        let num = |k: &str, default: f64| v.get(k).and_then(float_of).unwrap_or(default);
-        let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
+        let f = hf::Fields::new(v, origin);
+        let uint = |k: &str, default: Option<usize>| f.usize(k, default);
+        let num = |k: &str, default: f64| f.f64(k, default);
+        let flag = |k: &str, default: bool| f.bool(k, default);
         let hidden = uint("hidden_size", None)?;
         let limit = |min: f64| {
             let l = v.get("time_step_limit").and_then(Value::as_array);
             let hi = l
                 .and_then(|a| a.get(1))
-                .and_then(float_of)
+                .and_then(hf::float_of)
                 .unwrap_or(f64::INFINITY);
             (min, hi)
         };
@@ -152,7 +135,7 @@ impl HybridConfig {
                     .get("time_step_limit")
                     .and_then(Value::as_array)
                     .and_then(|a| a.first())
-                    .and_then(float_of)
+                    .and_then(hf::float_of)
                     .unwrap_or(0.0);
                 let heads = uint("num_heads", None)?;
                 let m = Mamba2Dims {
@@ -370,11 +353,7 @@ impl HybridCache {
     pub fn select_rows(&mut self, idx: &Tensor<1, Int>) {
         for l in &mut self.layers {
             match l {
-                LayerState::Ssm(s) => s.select_rows(idx),
-                LayerState::Delta(s) => {
-                    s.conv = s.conv.clone().select(0, idx.clone());
-                    s.s = s.s.clone().select(0, idx.clone());
-                }
+                LayerState::Ssm(s) | LayerState::Delta(s) => s.select_rows(idx),
                 LayerState::Kv(kv) => kv.select_rows(idx),
                 LayerState::None => {}
             }
@@ -566,12 +545,12 @@ impl HybridLM {
     }
 
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
-        let v = hf::read_config(dir)?;
-        let config = HybridConfig::from_value(&v, &dir.join(hf::CONFIG).display().to_string())?;
-        let mut ckpt = Checkpoint::open(dir)?;
-        let model = Self::load(config, &mut ckpt, device)?;
-        ckpt.finish(&["lm_head.weight"])?;
-        Ok(model)
+        hf::load_dir(
+            dir,
+            HybridConfig::from_value,
+            |c, ckpt| Self::load(c, ckpt, device),
+            &["lm_head.weight"],
+        )
     }
 
     pub fn weights(&self) -> WeightSink {
@@ -613,10 +592,8 @@ impl HybridLM {
             .layers
             .iter()
             .map(|k| match k {
-                LayerKind::Mamba2 => LayerState::Ssm(Mamba2State::zeros(&c.mamba, batch, device)),
-                LayerKind::DeltaNet => {
-                    LayerState::Delta(DeltaState::zeros(&c.delta, batch, device))
-                }
+                LayerKind::Mamba2 => LayerState::Ssm(c.mamba.zero_state(batch, device)),
+                LayerKind::DeltaNet => LayerState::Delta(c.delta.zero_state(batch, device)),
                 LayerKind::Attention => LayerState::Kv(KvCache::new(
                     batch,
                     c.attn.kv_heads,
