@@ -19,6 +19,16 @@ use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
 use crate::weights::{export, param, Init, WeightSink, WeightSource};
 
+/// What the SSM scans, per head: x `[b, l, heads, head_dim]`, dt `[b, l, heads]`, A
+/// `[heads]`, B and C `[b, l, heads, state]`, in f32.
+struct SsmInputs {
+    x: Tensor<4>,
+    dt: Tensor<3>,
+    a: Tensor<1>,
+    bm: Tensor<4>,
+    cm: Tensor<4>,
+}
+
 /// Shape and numerics of one mixer.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Mamba2Dims {
@@ -220,12 +230,21 @@ impl Mamba2Mixer {
             1.0,
         )
         .clamp(d.dt_limit.0, d.dt_limit.1);
-        let a = to_dtype(self.a_log.val(), DType::F32).exp().neg();
-        let y = if l == 1 {
-            self.step(xs, dt, a, bm, cm, st)
-        } else {
-            self.scan(xs, dt, a, bm, cm, st)
+        let inputs = SsmInputs {
+            x: xs,
+            dt: mask3(dt),
+            a: to_dtype(self.a_log.val(), DType::F32).exp().neg(),
+            bm,
+            cm,
         };
+        let skip =
+            inputs.x.clone() * to_dtype(self.d.val(), DType::F32).reshape([1, 1, d.heads, 1]);
+        let y = skip
+            + if l == 1 {
+                self.step(inputs, st)
+            } else {
+                self.scan(inputs, st)
+            };
         let y = self.gated_norm(y.reshape([b, l, inner]), to_dtype(gate, DType::F32));
         self.out_proj.forward(to_dtype(y, dtype))
     }
@@ -246,16 +265,9 @@ impl Mamba2Mixer {
             * to_dtype(self.norm_weight.val(), DType::F32).reshape([1, 1, inner])
     }
 
-    /// One token: h ← h·exp(dt·A) + dt·x⊗B, y = h·C + D·x. Inputs `[b, 1, ..]`.
-    fn step(
-        &self,
-        x: Tensor<4>,
-        dt: Tensor<3>,
-        a: Tensor<1>,
-        bm: Tensor<4>,
-        cm: Tensor<4>,
-        st: &mut Mamba2State,
-    ) -> Tensor<4> {
+    /// One token: h ← h·exp(dt·A) + dt·x⊗B, y = h·C. Inputs `[b, 1, ..]`.
+    fn step(&self, i: SsmInputs, st: &mut Mamba2State) -> Tensor<4> {
+        let SsmInputs { x, dt, a, bm, cm } = i;
         let d = self.dims;
         let [b, _, h, p] = x.dims();
         let n = d.state;
@@ -270,20 +282,12 @@ impl Mamba2Mixer {
             .clone()
             .matmul(cm.reshape([b, h, n, 1]))
             .reshape([b, h, p]);
-        let dskip = to_dtype(self.d.val(), DType::F32).reshape([1, h, 1]);
-        (y + x * dskip).reshape([b, 1, h, p])
+        y.reshape([b, 1, h, p])
     }
 
     /// The chunked SSD scan over `[b, l, heads, ..]`, from and into `st.state`.
-    fn scan(
-        &self,
-        x: Tensor<4>,
-        dt: Tensor<3>,
-        a: Tensor<1>,
-        bm: Tensor<4>,
-        cm: Tensor<4>,
-        st: &mut Mamba2State,
-    ) -> Tensor<4> {
+    fn scan(&self, i: SsmInputs, st: &mut Mamba2State) -> Tensor<4> {
+        let SsmInputs { x, dt, a, bm, cm } = i;
         let d = self.dims;
         let [b, l, h, p] = x.dims();
         let n = d.state;
@@ -299,8 +303,6 @@ impl Mamba2Mixer {
                 Tensor::cat(vec![v, Tensor::zeros([b, pad, x1, x2], &device)], 1)
             }
         };
-        let dskip = to_dtype(self.d.val(), DType::F32).reshape([1, 1, h, 1]);
-        let skip = x.clone() * dskip;
         // Discretised inputs, padded with zeros (a zero step neither decays nor adds).
         let xdt = pad_seq(x * dt.clone().reshape([b, l, h, 1]));
         let adt = pad_seq((dt * a.reshape([1, 1, h])).reshape([b, l, h, 1])).reshape([b, c, t, h]);
@@ -337,6 +339,6 @@ impl Mamba2Mixer {
         let y = (y_diag + y_off)
             .permute([0, 1, 3, 2, 4])
             .reshape([b, c * t, h, p]);
-        y.narrow(1, 0, l) + skip
+        y.narrow(1, 0, l)
     }
 }
