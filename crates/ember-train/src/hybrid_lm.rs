@@ -10,7 +10,7 @@ use burn::tensor::Device;
 use ember_models::hf;
 use ember_models::hybrid::stack::HybridLM;
 
-use crate::pretrain::{packed_data, prepare_data};
+use crate::pretrain::{packed_data, prepare_data, val_sets};
 use crate::recipe::{ModelSpec, TrainObjective};
 use crate::stages::{
     check_vocab, load_matching, run_loop, stage_model_spec, CursorFeed, Evaluator, LoopSpec, Setup,
@@ -112,14 +112,11 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     )?;
     check_vocab(setup.model.config.vocab_size, &prepared.tokenizer, path)?;
     let (loader, val) = packed_data(&prepared, data, tcfg, recipe.run.seed)?;
-    let mut evaluators: Vec<Box<dyn Evaluator<HybridLM>>> = Vec::new();
-    if !val.is_empty() {
-        evaluators.push(Box::new(ValLoss {
-            sets: vec![(String::new(), val)],
-            every: tcfg.eval_every,
-            device: setup.base.clone(),
-        }));
-    }
+    let sets = val_sets(val);
+    let mut evaluators: Vec<Box<dyn Evaluator<HybridLM>>> =
+        ValLoss::boxed(sets, tcfg.eval_every, &setup.base)
+            .into_iter()
+            .collect();
     let kinds: Vec<String> = setup
         .model
         .config

@@ -15,8 +15,8 @@ use crate::objectives::mlm::{mlm_loss, step_rng, MaskSpec, Masked};
 use crate::pretrain::{packed_data, prepare_data};
 use crate::recipe::{MlmSection, ModelSpec};
 use crate::stages::{
-    check_common, check_vocab, load_matching, run_loop, stage_model_spec, CursorFeed, Evaluator,
-    Feed, LoopSpec, Objective, Setup, StageRun, Summary,
+    check_common, check_vocab, load_matching, periodic_due, run_loop, stage_model_spec, CursorFeed,
+    Evaluator, Feed, LoopSpec, Objective, Setup, StageRun, Summary,
 };
 use crate::trainer::scalar;
 
@@ -233,7 +233,7 @@ struct MlmVal {
 
 impl Evaluator<ModernBert> for MlmVal {
     fn due(&self, step: u64, last: bool) -> bool {
-        step > 0 && (last || (self.every > 0 && step.is_multiple_of(self.every)))
+        periodic_due(self.every, step, last)
     }
 
     fn evaluate(&mut self, model: &ModernBert, _step: u64) -> Result<(Map<String, Value>, String)> {

@@ -300,6 +300,15 @@ pub fn packed_data(
     Ok((loader, val))
 }
 
+/// One unnamed validation set of `val`, or none when it is empty.
+pub fn val_sets(val: Vec<Batch>) -> Vec<(String, Vec<Batch>)> {
+    if val.is_empty() {
+        vec![]
+    } else {
+        vec![(String::new(), val)]
+    }
+}
+
 /// A pretraining stage: packed documents, next-token loss.
 pub fn run(s: &StageRun) -> Result<Summary> {
     let (recipe, path) = (s.recipe, s.path);
@@ -332,11 +341,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     )?;
     setup.adopt_tokenizer(&prepared.tokenizer, prepared.eos_id, path)?;
     let (loader, val) = packed_data(&prepared, data, tcfg, recipe.run.seed)?;
-    let sets = if val.is_empty() {
-        vec![]
-    } else {
-        vec![(String::new(), val)]
-    };
+    let sets = val_sets(val);
     let mut evaluators = evaluators(s, &setup, sets, &prepared.tokenizer, PromptFormat::Text)?;
     let data_line = format!(
         "{} train tokens ({} val)",

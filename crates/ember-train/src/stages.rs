@@ -717,14 +717,10 @@ pub fn evaluators<'a>(
     tok: &'a Tokenizer,
     format: PromptFormat,
 ) -> Result<Vec<Box<dyn Evaluator + 'a>>> {
-    let mut out: Vec<Box<dyn Evaluator + 'a>> = Vec::new();
-    if !sets.is_empty() {
-        out.push(Box::new(ValLoss {
-            sets,
-            every: s.stage.train.eval_every,
-            device: setup.base.clone(),
-        }));
-    }
+    let mut out: Vec<Box<dyn Evaluator + 'a>> =
+        ValLoss::boxed(sets, s.stage.train.eval_every, &setup.base)
+            .into_iter()
+            .collect();
     if let Some(ev) = crate::evaluate::task_evaluator(s, tok, format)? {
         out.push(ev);
     }
@@ -739,9 +735,32 @@ pub struct ValLoss {
     pub device: Device,
 }
 
+impl ValLoss {
+    /// The evaluator of `sets`, none when there are none (no validation data).
+    pub fn boxed<'a, M: NextTokenModel>(
+        sets: Vec<(String, Vec<Batch>)>,
+        every: u64,
+        device: &Device,
+    ) -> Option<Box<dyn Evaluator<M> + 'a>> {
+        (!sets.is_empty()).then(|| {
+            Box::new(ValLoss {
+                sets,
+                every,
+                device: device.clone(),
+            }) as Box<dyn Evaluator<M> + 'a>
+        })
+    }
+}
+
+/// Whether a periodic held-out evaluation runs after `step`: every `every` steps and at the
+/// end, never before training.
+pub fn periodic_due(every: u64, step: u64, last: bool) -> bool {
+    step > 0 && (last || (every > 0 && step.is_multiple_of(every)))
+}
+
 impl<M: NextTokenModel> Evaluator<M> for ValLoss {
     fn due(&self, step: u64, last: bool) -> bool {
-        step > 0 && (last || (self.every > 0 && step.is_multiple_of(self.every)))
+        periodic_due(self.every, step, last)
     }
 
     fn evaluate(&mut self, model: &M, _step: u64) -> Result<(Map<String, Value>, String)> {
