@@ -2,6 +2,7 @@
 
 #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
 mod backends;
+mod book;
 mod cli;
 mod common;
 mod data;

@@ -2,16 +2,24 @@
 
 use anyhow::Result;
 
-use crate::train::RecipeArgs;
+use crate::train::{report_dry_run, RecipeArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     recipe: RecipeArgs,
+    /// Stop after this stage (the stages before it run first, or are skipped when complete).
+    #[arg(long, value_name = "STAGE")]
+    until: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let r = a.recipe;
-    ember_train::pipeline::run(&r.recipe, &r.overrides, &r.device)?;
+    let until = a.until.as_deref();
+    if r.dry_run {
+        let lines = ember_train::dry_run::stages(&r.recipe, &r.overrides, until)?;
+        return report_dry_run(&r, &lines);
+    }
+    ember_train::pipeline::run(&r.recipe, &r.overrides, &r.device, until)?;
     Ok(())
 }

@@ -57,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
         );
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let rows = pipeline::run(&a.recipe, &a.overrides, &a.device)?;
+    let rows = pipeline::run(&a.recipe, &a.overrides, &a.device, None)?;
     if let Some(pre) = rows
         .iter()
         .filter(|r| r.kind == StageKind::Pretrain)

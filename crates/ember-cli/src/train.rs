@@ -16,6 +16,10 @@ pub struct RecipeArgs {
     /// auto, cpu, vulkan, wgpu or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Check the recipe and every file it names, print what each stage would run, and
+    /// stop without training.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -28,11 +32,29 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.recipe.dry_run {
+        let lines = ember_train::dry_run::single(&a.recipe.recipe, &a.recipe.overrides)?;
+        return report_dry_run(&a.recipe, &lines);
+    }
     pretrain::train(&TrainArgs {
         recipe: a.recipe.recipe,
         overrides: a.recipe.overrides,
         device: a.recipe.device,
         resume: a.resume,
     })?;
+    Ok(())
+}
+
+/// Prints a dry run's stage lines and its verdict.
+pub fn report_dry_run(r: &RecipeArgs, lines: &[String]) -> Result<()> {
+    for l in lines {
+        println!("{l}");
+    }
+    println!(
+        "{}: ok (dry run: {} stage{} checked, nothing trained)",
+        r.recipe.display(),
+        lines.len(),
+        if lines.len() == 1 { "" } else { "s" }
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod cpt;
+pub mod dry_run;
 pub mod evaluate;
 pub mod hybrid_lm;
 pub mod metrics;
@@ -20,5 +21,6 @@ pub mod rollout;
 pub mod schedule;
 pub mod sft;
 pub mod stages;
+pub mod step_cap;
 pub mod tensors_io;
 pub mod trainer;

@@ -212,16 +212,37 @@ fn stage_ref(p: &Path, earlier: &[StageSection], root: &Path) -> PathBuf {
     }
 }
 
-/// Runs every stage of the recipe; returns the report rows and writes `report.md`.
-pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageReport>> {
-    let recipe = Recipe::load_with(path, overrides)?;
-    check(&recipe, path)?;
+/// A stage as it will run: `init_from`, the teacher and the reference resolved to
+/// directories, and the architecture inherited from the stage it starts from.
+pub struct PlannedStage {
+    pub stage: StageSection,
+    pub dir: PathBuf,
+    /// Optimizer steps (a cpt stage's from its phases).
+    pub steps: u64,
+}
+
+/// The recipe's stages up to and including `until` (all when None), resolved.
+pub fn plan(recipe: &Recipe, path: &Path, until: Option<&str>) -> Result<Vec<PlannedStage>> {
+    let last = match until {
+        None => recipe.stage.len() - 1,
+        Some(name) => recipe
+            .stage
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = recipe.stage.iter().map(|s| s.name.as_str()).collect();
+                anyhow::anyhow!(
+                    "{}: --until {name}: no such stage (stages: {})",
+                    path.display(),
+                    names.join(", ")
+                )
+            })?,
+    };
     let root = recipe.run_dir();
     let mut previous: Option<PathBuf> = None;
-    let mut rows = Vec::new();
     let mut shapes: Vec<Option<toml::Table>> = Vec::new();
-    for (i, st) in recipe.stage.iter().enumerate() {
-        let dir = root.join(&st.name);
+    let mut planned = Vec::new();
+    for (i, st) in recipe.stage[..=last].iter().enumerate() {
         let earlier = &recipe.stage[..i];
         let mut stage = st.clone();
         let train = &mut stage.train;
@@ -248,15 +269,36 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
             d.reference = d.reference.as_deref().map(|p| stage_ref(p, earlier, &root));
         }
         let steps = stage_steps(&stage, path)?;
+        let dir = root.join(&st.name);
+        previous = Some(dir.clone());
+        planned.push(PlannedStage { stage, dir, steps });
+    }
+    Ok(planned)
+}
+
+/// Runs the recipe's stages (up to and including `until`, when given); returns the report
+/// rows and writes `report.md`.
+pub fn run(
+    path: &Path,
+    overrides: &[String],
+    device: &str,
+    until: Option<&str>,
+) -> Result<Vec<StageReport>> {
+    let recipe = Recipe::load_with(path, overrides)?;
+    check(&recipe, path)?;
+    let root = recipe.run_dir();
+    let mut rows = Vec::new();
+    for (i, p) in plan(&recipe, path, until)?.into_iter().enumerate() {
+        let PlannedStage { stage, dir, steps } = p;
+        let (name, kind) = (stage.name.clone(), stage.kind);
         let mut summary = None;
         if complete(&dir, steps) {
-            eprintln!("stage {} ({}): complete, skipping", i + 1, st.name);
+            eprintln!("stage {} ({name}): complete, skipping", i + 1);
         } else {
             let resume = dir.join("checkpoints").exists().then(|| dir.clone());
             eprintln!(
-                "stage {} ({}): {}",
+                "stage {} ({name}): {}",
                 i + 1,
-                st.name,
                 if resume.is_some() {
                     "resuming"
                 } else {
@@ -268,13 +310,12 @@ pub fn run(path: &Path, overrides: &[String], device: &str) -> Result<Vec<StageR
                 path,
                 stage,
                 run_dir: dir.clone(),
-                title: format!("{} / {}", recipe.run.name, st.name),
+                title: format!("{} / {name}", recipe.run.name),
                 device: device.to_string(),
                 resume,
             })?);
         }
-        rows.push(report_row(&dir, &st.name, st.kind, summary)?);
-        previous = Some(dir);
+        rows.push(report_row(&dir, &name, kind, summary)?);
     }
     let text = render(&rows, &format!("{}: pipeline report", recipe.run.name));
     ember_models::hf::write_atomic(&root.join(REPORT), text.as_bytes())?;

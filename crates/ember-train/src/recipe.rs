@@ -724,8 +724,14 @@ impl Recipe {
     }
 
     /// Loads a recipe and applies `key.path=value` overrides (the value is read as TOML,
-    /// or as a plain string when it is not valid TOML).
+    /// or as a plain string when it is not valid TOML), then `EMBER_MAX_STEPS`.
     pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut recipe = Self::load_overridden(path, overrides)?;
+        crate::step_cap::apply_env(&mut recipe)?;
+        Ok(recipe)
+    }
+
+    fn load_overridden(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow!("{}: cannot read recipe ({e})", path.display()))?;
         let recipe = Self::parse(&text, path)?;
