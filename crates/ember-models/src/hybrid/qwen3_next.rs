@@ -399,7 +399,7 @@ impl Qwen3Next {
         let pos = Tensor::<1, Int>::arange(start as i64..(start + s) as i64, &device)
             .reshape([1, s])
             .expand([b, s]);
-        let rope_t = rope::tables(c.rope_theta, c.rotary_dim, pos, DType::F32, &device);
+        let rope_t = rope::tables(c.rope_theta, c.rotary_dim, pos, x.dtype(), &device);
         let mut out = vec![x.clone()];
         for (i, layer) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);

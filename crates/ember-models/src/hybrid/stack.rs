@@ -681,7 +681,8 @@ impl HybridLM {
                 })
                 .collect();
             let pos = Tensor::<2, Int>::from_data(TensorData::new(pos, [b, len]), &device);
-            rope::tables(theta, c.attn.head_dim, pos, DType::F32, &device)
+            // In the compute dtype, as the attention's q and k (angles stay f32).
+            rope::tables(theta, c.attn.head_dim, pos, self.compute_dtype, &device)
         });
         // Left padding over the cache's positions so far, and this call's share of it.
         let pad = counts.as_ref().filter(|_| padded).map(|v| {
