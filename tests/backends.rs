@@ -29,6 +29,10 @@ fn gpu_backends_match_transformers() {
             }
         };
         ran += 1;
+        crate::fused::check_linear_cross_entropy(&dev.clone().autodiff(), DType::F32, 1e-4);
+        eprintln!("{name}: fused linear cross-entropy matches the full-logits loss");
+        crate::fused::check_blocked_attention(&dev.clone().autodiff(), DType::F32, 1e-4);
+        eprintln!("{name}: blocked attention matches dense attention");
         let fx = load_fixtures("qwen3");
         let model = Qwen3::from_pretrained(&fixture_dir("qwen3"), &dev).unwrap();
         let ours = values(model.forward(fx["input_ids"].ids(&dev)));

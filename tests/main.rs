@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod data;
 mod distill;
+mod fused;
 mod hf_interop;
 mod hybrid;
 mod hybrid_parity;

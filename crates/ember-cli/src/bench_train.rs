@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_models::hybrid::stack::{HybridConfig, HybridLM};
 use ember_models::qwen3::{Qwen3, Qwen3Config};
 use ember_models::rng::Rng;
+use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
 use ember_train::objectives::lm::cross_entropy;
 use ember_train::optim::{OptimConfig, Optimizer};
 use ember_train::pretrain::parse_dtype;
@@ -34,6 +35,14 @@ pub struct Args {
     /// Also time forward-only and forward+backward, to split the step.
     #[arg(long)]
     phases: bool,
+    /// Compute the loss from the full `[tokens, vocab]` logits, as before the fused
+    /// chunked head + cross-entropy that training uses (for comparison).
+    #[arg(long)]
+    unfused_ce: bool,
+    /// Train with Burn's dense attention (O(seq²) memory) instead of the blocked attention
+    /// with its own backward (for comparison).
+    #[arg(long)]
+    dense_attention: bool,
 }
 
 fn random_batch(
@@ -72,14 +81,16 @@ pub fn run(a: Args) -> Result<()> {
     let (r, params, mut extra) = if hybrid {
         let config = HybridConfig::from_value(&v, &origin)?;
         let vocab = config.vocab_size;
-        let model = HybridLM::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        let mut model = HybridLM::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        model.dense_attention = a.dense_attention;
         let trainer = Trainer::new(model, optim(), schedule, 1.0);
         let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
         (r, trainer.model().param_count(), Vec::new())
     } else {
         let config = Qwen3Config::from_value(&v, &origin)?;
         let vocab = config.vocab_size;
-        let model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        let mut model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
+        model.dense_attention = a.dense_attention;
         let trainer = Trainer::new(model, optim(), schedule, 1.0);
         let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
         let split = if a.phases {
@@ -97,7 +108,8 @@ pub fn run(a: Args) -> Result<()> {
         "batch": a.batch, "seq": a.seq, "dtype": a.t.dtype, "device": format!("{base:?}"),
         "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms, "mfu": r.mfu,
         "loss_first": r.loss_first, "loss_last": r.loss_last, "params": params,
-        "grad_checkpointing": a.grad_checkpointing, "peak_rss_gb": peak_rss});
+        "grad_checkpointing": a.grad_checkpointing, "peak_rss_gb": peak_rss,
+        "fused_ce": !a.unfused_ce, "dense_attention": a.dense_attention});
     for (k, v) in extra.drain(..) {
         rec[k] = v.into();
     }
@@ -125,10 +137,22 @@ fn timed_train<M: NextTokenModel>(
             .expand([a.batch, a.seq]);
         Ok(trainer
             .train_step(1, |m, _| {
-                Ok(cross_entropy(
-                    m.packed_logits(x.clone(), pos.clone(), None),
-                    y.clone(),
+                if a.unfused_ce {
+                    return Ok(cross_entropy(
+                        m.packed_logits(x.clone(), pos.clone(), None),
+                        y.clone(),
+                        None,
+                    ));
+                }
+                let hidden = m.packed_hidden(x.clone(), pos.clone(), None);
+                let dim = hidden.dims()[2];
+                let n = a.batch * a.seq;
+                Ok(linear_cross_entropy(
+                    hidden.reshape([n, dim]),
+                    m.head_weight(),
+                    y.clone().reshape([n]),
                     None,
+                    chunk_rows(vocab),
                 ))
             })?
             .loss)

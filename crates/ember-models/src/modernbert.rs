@@ -17,6 +17,8 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::{json, Value};
 
 use crate::hf::{self, SaveOptions};
+use crate::layers::attention::FLASH_BLOCK;
+use crate::layers::flash;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::rope;
 use crate::layers::to_dtype;
@@ -359,7 +361,7 @@ impl EncoderLayer {
         x: Tensor<3>,
         heads: usize,
         rope_t: &rope::RopeTables,
-        mask: Tensor<4>,
+        mask: &LayerMask,
     ) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let d = h / heads;
@@ -379,8 +381,13 @@ impl EncoderLayer {
         let q = rope::apply(to_dtype(part(0), DType::F32), rope_t);
         let k = rope::apply(to_dtype(part(1), DType::F32), rope_t);
         let v = to_dtype(part(2), DType::F32);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5) + mask;
-        let attn = softmax(scores, 3).matmul(v);
+        let attn = match mask {
+            LayerMask::Additive(mask) => {
+                let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5) + mask.clone();
+                softmax(scores, 3).matmul(v)
+            }
+            LayerMask::Blocked(spec) => flash::attention(q, k, v, spec, FLASH_BLOCK),
+        };
         let attn = to_dtype(attn.swap_dims(1, 2).reshape([b, s, h]), dtype);
         let x = x + self.wo.forward(attn);
         let hidden = self.wi.forward(self.mlp_norm.forward(x.clone()));
@@ -391,6 +398,23 @@ impl EncoderLayer {
         );
         x.clone() + self.mlp_wo.forward(gelu(input) * gate)
     }
+}
+
+/// How a layer's attention is masked: a dense additive mask (inference, parity with
+/// transformers' eager path), or a described one for the blocked training attention.
+// Two of these exist per forward pass, so their size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum LayerMask {
+    Additive(Tensor<4>),
+    Blocked(flash::MaskSpec),
+}
+
+/// Which keys each query sees, for every layer.
+enum Visibility {
+    /// `[batch, queries, keys]`, true where visible.
+    Dense(Tensor<3, Bool>),
+    /// Packed rows: every key of the query's document (`None`: the whole row).
+    Documents(Option<Tensor<2, Int>>),
 }
 
 #[derive(Module, Debug)]
@@ -407,6 +431,10 @@ pub struct ModernBert {
     /// Activations and matmuls run in this dtype; parameters keep their own.
     #[module(skip)]
     pub compute_dtype: DType,
+    /// Train with Burn's dense attention (O(seq²) memory) instead of the blocked one, to
+    /// compare the two.
+    #[module(skip)]
+    pub dense_attention: bool,
 }
 
 impl ModernBert {
@@ -453,6 +481,7 @@ impl ModernBert {
             decoder_bias,
             config,
             compute_dtype: DType::F32,
+            dense_attention: false,
         })
     }
 
@@ -539,6 +568,42 @@ impl ModernBert {
         (additive(visible), additive(local))
     }
 
+    /// The global and the local layers' masks. Training (`tracked`) on packed rows uses the
+    /// blocked attention, whose masks are described rather than built.
+    fn layer_masks(
+        &self,
+        visible: Visibility,
+        tracked: bool,
+        [b, s]: [usize; 2],
+    ) -> (LayerMask, LayerMask) {
+        let visible = match visible {
+            Visibility::Documents(segments) if tracked && !self.dense_attention => {
+                let spec = |window| flash::MaskSpec {
+                    causal: false,
+                    window,
+                    segments: segments.clone(),
+                    key_pad: None,
+                };
+                let half = self.config.local_attention / 2;
+                return (
+                    LayerMask::Blocked(spec(None)),
+                    LayerMask::Blocked(spec(Some(half))),
+                );
+            }
+            Visibility::Documents(Some(seg)) => {
+                let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
+                let k = seg.reshape([b, 1, s]).expand([b, s, s]);
+                q.equal(k)
+            }
+            Visibility::Documents(None) => {
+                Tensor::<3, Bool>::full([b, s, s], true, &self.tok_embeddings.val().device())
+            }
+            Visibility::Dense(v) => v,
+        };
+        let (global, local) = self.masks(visible);
+        (LayerMask::Additive(global), LayerMask::Additive(local))
+    }
+
     /// Every layer's input and the final norm's output (the last entry), as transformers'
     /// `hidden_states`, for a padded batch: every query sees the valid keys, as in
     /// transformers' eager path.
@@ -557,14 +622,14 @@ impl ModernBert {
         let pos = Tensor::<1, Int>::arange(0..s as i64, &device)
             .reshape([1, s])
             .expand([b, s]);
-        self.layers_out(input_ids, pos, visible)
+        self.layers_out(input_ids, pos, Visibility::Dense(visible))
     }
 
     fn layers_out(
         &self,
         input_ids: Tensor<2, Int>,
         positions: Tensor<2, Int>,
-        visible: Tensor<3, Bool>,
+        visible: Visibility,
     ) -> Vec<Tensor<3>> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
@@ -575,7 +640,7 @@ impl ModernBert {
             .select(0, input_ids.reshape([b * s]))
             .reshape([b, s, c.hidden_size]);
         let mut x = self.embed_norm.forward(to_dtype(x, self.compute_dtype));
-        let (global_mask, local_mask) = self.masks(visible);
+        let (global_mask, local_mask) = self.layer_masks(visible, x.is_tracked(), [b, s]);
         let d = c.head_dim();
         let global_rope = rope::tables(
             c.global_rope_theta,
@@ -588,9 +653,9 @@ impl ModernBert {
         let mut out = vec![x.clone()];
         for layer in &self.layers {
             let (t, m) = if layer.global {
-                (&global_rope, global_mask.clone())
+                (&global_rope, &global_mask)
             } else {
-                (&local_rope, local_mask.clone())
+                (&local_rope, &local_mask)
             };
             x = layer.forward(x, c.num_attention_heads, t, m);
             out.push(x.clone());
@@ -609,15 +674,7 @@ impl ModernBert {
         positions: Tensor<2, Int>,
         segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        let [b, s] = input_ids.dims();
-        let visible = match segments {
-            Some(seg) => {
-                let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
-                let k = seg.reshape([b, 1, s]).expand([b, s, s]);
-                q.equal(k)
-            }
-            None => Tensor::<3, Bool>::full([b, s, s], true, &input_ids.device()),
-        };
+        let visible = Visibility::Documents(segments);
         self.layers_out(input_ids, positions, visible)
             .pop()
             .expect("at least the embeddings")

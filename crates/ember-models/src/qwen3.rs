@@ -310,6 +310,10 @@ pub struct Qwen3 {
     /// training), and are cast inside the ops.
     #[module(skip)]
     pub compute_dtype: DType,
+    /// Train with Burn's dense attention (O(seq²) memory) instead of the blocked one, to
+    /// compare the two.
+    #[module(skip)]
+    pub dense_attention: bool,
 }
 
 /// Per-layer KV caches plus the padding mask of the batch they hold.
@@ -391,6 +395,7 @@ impl Qwen3 {
             lm_head,
             config,
             compute_dtype: DType::F32,
+            dense_attention: false,
         })
     }
 
@@ -474,7 +479,11 @@ impl Qwen3 {
         cache: Option<&mut Qwen3Cache>,
         opts: ForwardOptions,
     ) -> ForwardOutput {
-        self.forward_inner(input_ids, positions, key_pad, None, cache, opts)
+        let (x, hidden_states) = self.body(input_ids, positions, key_pad, None, cache, opts);
+        ForwardOutput {
+            logits: self.head(x),
+            hidden_states,
+        }
     }
 
     /// The training forward over packed rows: `segments` (`[batch, seq]`, a document id
@@ -486,32 +495,52 @@ impl Qwen3 {
         positions: Tensor<2, Int>,
         segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        let block = segments.map(|seg| {
-            let [b, s] = seg.dims();
-            let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
-            let k = seg.reshape([b, 1, s]).expand([b, s, s]);
-            q.not_equal(k)
-        });
-        self.forward_inner(
+        self.head(self.forward_packed_hidden(input_ids, positions, segments))
+    }
+
+    /// [`Self::forward_packed`] without the head: the final norm's output `[batch, seq,
+    /// hidden]`, for losses that apply the head themselves chunk by chunk.
+    pub fn forward_packed_hidden(
+        &self,
+        input_ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        let (x, _) = self.body(
             input_ids,
             positions,
             None,
-            block,
+            segments,
             None,
             ForwardOptions::default(),
-        )
-        .logits
+        );
+        x
     }
 
-    fn forward_inner(
+    /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
+    pub fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(h) => h.weight.val(),
+            None => self.embed_tokens.val(),
+        }
+    }
+
+    /// Logits of final hidden states.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        linear(x, self.head_weight(), None)
+    }
+
+    /// Everything but the head: the final norm's output (only the last position's with
+    /// `last_only`) and the hidden states `opts` asks for.
+    fn body(
         &self,
         input_ids: Tensor<2, Int>,
         positions: Tensor<2, Int>,
         key_pad: Option<Tensor<2, Bool>>,
-        block: Option<Tensor<3, Bool>>,
+        segments: Option<Tensor<2, Int>>,
         cache: Option<&mut Qwen3Cache>,
         opts: ForwardOptions,
-    ) -> ForwardOutput {
+    ) -> (Tensor<3>, Vec<Tensor<3>>) {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
         let c = &self.config;
@@ -536,7 +565,8 @@ impl Qwen3 {
                     let mut ctx = AttnContext {
                         cache: Some((kv, start)),
                         key_pad: key_pad.clone(),
-                        block: block.clone(),
+                        segments: segments.clone(),
+                        dense: self.dense_attention,
                     };
                     x = layer.forward(x, &rope_t, &mut ctx);
                 }
@@ -546,7 +576,8 @@ impl Qwen3 {
                 let mut ctx = AttnContext {
                     cache: None,
                     key_pad,
-                    block,
+                    segments,
+                    dense: self.dense_attention,
                 };
                 for layer in &self.layers {
                     if opts.hidden_states {
@@ -563,14 +594,7 @@ impl Qwen3 {
         if opts.last_only && s > 1 {
             x = x.narrow(1, s - 1, 1);
         }
-        let logits = match &self.lm_head {
-            Some(h) => h.forward(x),
-            None => linear(x, self.embed_tokens.val(), None),
-        };
-        ForwardOutput {
-            logits,
-            hidden_states: hidden,
-        }
+        (x, hidden)
     }
 }
 

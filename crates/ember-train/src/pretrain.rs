@@ -13,7 +13,7 @@ use ember_data::{tasks, train_bpe, Source, Tokenizer};
 use ember_models::hf;
 use serde_json::json;
 
-use crate::objectives::lm::cross_entropy;
+use crate::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
 use crate::recipe::{
     line_of, DataSection, GeneratedData, PromptFormat, Recipe, TrainObjective, TrainSection,
 };
@@ -194,16 +194,20 @@ fn ids(v: &[u32], b: usize, s: usize, device: &Device) -> Tensor<2, Int> {
 /// (SFT's assistant-only mask).
 pub fn batch_loss<M: NextTokenModel>(model: &M, batch: &Batch, device: &Device) -> Tensor<1> {
     let (b, s) = (batch.batch, batch.seq_len);
-    let logits = model.packed_logits(
+    let hidden = model.packed_hidden(
         ids(&batch.inputs, b, s, device),
         ids(&batch.positions, b, s, device),
         batch.segments.as_ref().map(|g| ids(g, b, s, device)),
     );
+    let dim = hidden.dims()[2];
+    let head = model.head_weight();
+    let rows = chunk_rows(head.dims()[0]);
     let weights = batch
         .weights
         .as_ref()
-        .map(|w| Tensor::from_data(TensorData::new(w.clone(), [b, s]), device));
-    cross_entropy(logits, ids(&batch.targets, b, s, device), weights)
+        .map(|w| Tensor::from_data(TensorData::new(w.clone(), [b * s]), device));
+    let targets = ids(&batch.targets, b, s, device).reshape([b * s]);
+    linear_cross_entropy(hidden.reshape([b * s, dim]), head, targets, weights, rows)
 }
 
 /// Mean loss over fixed validation batches, without building a graph.

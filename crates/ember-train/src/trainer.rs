@@ -10,6 +10,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Int, Tensor};
 use ember_models::hf::SaveOptions;
 use ember_models::hybrid::stack::HybridLM;
+use ember_models::layers::linear::linear;
 use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
@@ -63,24 +64,45 @@ pub trait TrainModel: Module {
 
 /// A model trained on next-token loss over packed rows.
 pub trait NextTokenModel: TrainModel {
-    /// Logits `[batch, seq, vocab]` of packed rows: `positions` restart and attention stays
-    /// inside each document when `segments` are given.
-    fn packed_logits(
+    /// The final norm's output `[batch, seq, hidden]` over packed rows: `positions` restart
+    /// and attention stays inside each document when `segments` are given.
+    fn packed_hidden(
         &self,
         ids: Tensor<2, Int>,
         positions: Tensor<2, Int>,
         segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3>;
-}
 
-impl NextTokenModel for Qwen3 {
+    /// The LM head's matrix, `[vocab, hidden]`.
+    fn head_weight(&self) -> Tensor<2>;
+
+    /// Logits `[batch, seq, vocab]` of packed rows.
     fn packed_logits(
         &self,
         ids: Tensor<2, Int>,
         positions: Tensor<2, Int>,
         segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        self.forward_packed(ids, positions, segments)
+        linear(
+            self.packed_hidden(ids, positions, segments),
+            self.head_weight(),
+            None,
+        )
+    }
+}
+
+impl NextTokenModel for Qwen3 {
+    fn packed_hidden(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
+    ) -> Tensor<3> {
+        self.forward_packed_hidden(ids, positions, segments)
+    }
+
+    fn head_weight(&self) -> Tensor<2> {
+        Qwen3::head_weight(self)
     }
 }
 
@@ -106,13 +128,17 @@ impl TrainModel for HybridLM {
 impl NextTokenModel for HybridLM {
     /// Hybrids read rows as whole sequences (their recurrent state would cross document
     /// boundaries; stages refuse `doc_masks` for them), so positions and segments are unused.
-    fn packed_logits(
+    fn packed_hidden(
         &self,
         ids: Tensor<2, Int>,
         _positions: Tensor<2, Int>,
         _segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        self.forward(ids, None)
+        self.final_hidden(ids, None)
+    }
+
+    fn head_weight(&self) -> Tensor<2> {
+        HybridLM::head_weight(self)
     }
 }
 

@@ -414,6 +414,10 @@ pub struct HybridLM {
     /// Activations run in this dtype (the scans in f32); parameters keep their own.
     #[module(skip)]
     pub compute_dtype: DType,
+    /// Train with Burn's dense attention (O(seq²) memory) instead of the blocked one, to
+    /// compare the two.
+    #[module(skip)]
+    pub dense_attention: bool,
 }
 
 impl HybridLM {
@@ -513,6 +517,7 @@ impl HybridLM {
             lm_head,
             config,
             compute_dtype: DType::F32,
+            dense_attention: false,
         })
     }
 
@@ -727,7 +732,8 @@ impl HybridLM {
                     let mut ctx = AttnContext {
                         cache,
                         key_pad: pad.clone(),
-                        block: None,
+                        segments: None,
+                        dense: self.dense_attention,
                     };
                     a.forward(y, rope_t.as_ref(), &mut ctx)
                 }
@@ -776,13 +782,27 @@ impl HybridLM {
 
     /// Logits `[batch, seq, vocab]`; with a cache, the tokens continue it.
     pub fn forward(&self, input_ids: Tensor<2, Int>, cache: Option<&mut HybridCache>) -> Tensor<3> {
-        let h = self
-            .hidden_states(input_ids, cache)
+        let h = self.final_hidden(input_ids, cache);
+        crate::layers::linear::linear(h, self.head_weight(), None)
+    }
+
+    /// The final norm's output `[batch, seq, hidden]`, for losses that apply the head
+    /// themselves.
+    pub fn final_hidden(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: Option<&mut HybridCache>,
+    ) -> Tensor<3> {
+        self.hidden_states(input_ids, cache)
             .pop()
-            .expect("at least the embeddings");
+            .expect("at least the embeddings")
+    }
+
+    /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
+    pub fn head_weight(&self) -> Tensor<2> {
         match &self.lm_head {
-            Some(head) => head.forward(h),
-            None => crate::layers::linear::linear(h, self.embeddings.val(), None),
+            Some(h) => h.weight.val(),
+            None => self.embeddings.val(),
         }
     }
 }
@@ -821,10 +841,7 @@ impl crate::generate::CausalLm for HybridLM {
             .expect("at least the embeddings");
         let [b, s, _] = h.dims();
         let last = h.narrow(1, s - 1, 1);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(last),
-            None => crate::layers::linear::linear(last, self.embeddings.val(), None),
-        };
+        let logits = crate::layers::linear::linear(last, self.head_weight(), None);
         logits.reshape([b, self.config.vocab_size])
     }
 

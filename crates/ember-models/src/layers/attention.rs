@@ -4,8 +4,9 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Device, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
+use super::flash;
 use super::linear::Linear;
 use super::rms_norm::RmsNorm;
 use super::rope::{self, RopeTables};
@@ -90,9 +91,23 @@ pub struct AttnContext<'a> {
     pub cache: Option<(&'a mut KvCache, usize)>,
     /// `[batch, keys]`, true where the key is padding and must be ignored.
     pub key_pad: Option<Tensor<2, Bool>>,
-    /// `[batch, queries, keys]`, true where a query must not see a key (on top of the causal
-    /// mask), e.g. across document boundaries in packed sequences.
-    pub block: Option<Tensor<3, Bool>>,
+    /// `[batch, seq]` document id per token of packed rows: queries see only keys of their
+    /// own document (on top of the causal mask).
+    pub segments: Option<Tensor<2, Int>>,
+    /// Train with Burn's dense attention instead of the blocked one.
+    pub dense: bool,
+}
+
+/// Key block of the training attention (`flash`): its transient scores are
+/// `batch × heads × seq × FLASH_BLOCK` in f32.
+pub const FLASH_BLOCK: usize = 512;
+
+/// `[b, s, s]`, true where a query and a key lie in different documents.
+fn document_block(seg: Tensor<2, Int>) -> Tensor<3, Bool> {
+    let [b, s] = seg.dims();
+    let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
+    let k = seg.reshape([b, 1, s]).expand([b, s, s]);
+    q.not_equal(k)
 }
 
 impl Attention {
@@ -243,7 +258,17 @@ impl Attention {
         let n_rep = h / hkv;
         let pad = ctx.key_pad.as_ref().map(|m| m.clone().slice([0..b, 0..t]));
 
-        let out = if s == 1 {
+        let training = q.is_tracked() || k.is_tracked();
+        let out = if training && ctx.cache.is_none() && !ctx.dense {
+            // Training: blocked attention with its own backward, memory linear in length.
+            let spec = flash::MaskSpec {
+                causal: true,
+                window: None,
+                segments: ctx.segments.clone(),
+                key_pad: pad,
+            };
+            flash::attention(q, k, v, &spec, FLASH_BLOCK)
+        } else if s == 1 {
             // One query per row: fold the query heads that share a KV head into the query
             // length, so GQA needs no copy of the cache and no causal mask.
             let q = q.reshape([b, hkv, n_rep, d]);
@@ -253,7 +278,10 @@ impl Attention {
             let k = repeat_kv(k, n_rep);
             let v = repeat_kv(v, n_rep);
             let pad = pad.map(|m| m.reshape([b, 1, 1, t]).expand([b, 1, s, t]));
-            let block = ctx.block.as_ref().map(|m| m.clone().reshape([b, 1, s, t]));
+            let block = ctx
+                .segments
+                .clone()
+                .map(|g| document_block(g).reshape([b, 1, s, t]));
             let mask = match (pad, block) {
                 (Some(p), Some(k)) => Some(p.bool_or(k)),
                 (p, k) => p.or(k),

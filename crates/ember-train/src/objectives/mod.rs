@@ -2,6 +2,7 @@
 
 pub mod distill;
 pub mod grpo;
+pub mod linear_ce;
 pub mod lm;
 pub mod mlm;
 pub mod rlp;

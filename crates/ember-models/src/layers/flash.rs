@@ -1,0 +1,335 @@
+//! Memory-efficient attention for training: a forward over key blocks with an online softmax
+//! that keeps only the output and each row's log-sum-exp, and its own backward that
+//! recomputes each block's probabilities from them (FlashAttention's algorithm, run as
+//! tensor ops so every backend has it). Memory is `O(seq × block)` per layer instead of the
+//! `O(seq²)` score, softmax and mask tensors that Burn's autodiff keeps for its attention.
+//!
+//! Masks are described, never materialised: causal, a symmetric sliding window, document
+//! ids for packed rows, and key padding. GQA reads each KV head once per block.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
+
+use super::attention::repeat_kv;
+use super::to_dtype;
+
+/// Which keys each query may see, besides every key in its block.
+#[derive(Clone, Debug, Default)]
+pub struct MaskSpec {
+    /// Key position ≤ query position.
+    pub causal: bool,
+    /// |query position − key position| ≤ this (ModernBERT's local layers: half the window).
+    pub window: Option<usize>,
+    /// `[batch, seq]` document id per token: queries see keys of their own document only.
+    pub segments: Option<Tensor<2, Int>>,
+    /// `[batch, keys]`, true where the key is padding.
+    pub key_pad: Option<Tensor<2, Bool>>,
+}
+
+impl MaskSpec {
+    fn inner(&self) -> Self {
+        Self {
+            causal: self.causal,
+            window: self.window,
+            segments: self.segments.clone().map(|t| t.inner()),
+            key_pad: self.key_pad.clone().map(|t| t.inner()),
+        }
+    }
+
+    /// The query rows that can see any key of `k0..k1` (out of `s` queries at positions
+    /// equal to the keys').
+    fn rows(&self, k0: usize, k1: usize, s: usize) -> (usize, usize) {
+        let lo = match (self.causal, self.window) {
+            (true, _) => k0,
+            (false, Some(w)) => k0.saturating_sub(w),
+            (false, None) => 0,
+        };
+        let hi = match self.window {
+            Some(w) => (k1 + w).min(s),
+            None => s,
+        };
+        (lo.min(s), hi)
+    }
+
+    /// `[b, 1, rows, keys]`, true where query `r0 + i` must not see key `k0 + j`.
+    fn blocked(
+        &self,
+        b: usize,
+        (r0, r1): (usize, usize),
+        (k0, k1): (usize, usize),
+        device: &burn::tensor::Device,
+    ) -> Option<Tensor<4, Bool>> {
+        let (nr, nk) = (r1 - r0, k1 - k0);
+        let mut out: Option<Tensor<4, Bool>> = None;
+        let mut add = |m: Tensor<4, Bool>| {
+            out = Some(match out.take() {
+                Some(o) => o.bool_or(m),
+                None => m,
+            })
+        };
+        if self.causal || self.window.is_some() {
+            let qi = Tensor::<1, Int>::arange(r0 as i64..r1 as i64, device).reshape([1, 1, nr, 1]);
+            let kj = Tensor::<1, Int>::arange(k0 as i64..k1 as i64, device).reshape([1, 1, 1, nk]);
+            let delta = qi.expand([1, 1, nr, nk]) - kj.expand([1, 1, nr, nk]);
+            if self.causal {
+                add(delta.clone().lower_elem(0).expand([b, 1, nr, nk]));
+            }
+            if let Some(w) = self.window {
+                add(delta.abs().greater_elem(w as i64).expand([b, 1, nr, nk]));
+            }
+        }
+        if let Some(seg) = &self.segments {
+            let sq = seg
+                .clone()
+                .narrow(1, r0, nr)
+                .reshape([b, 1, nr, 1])
+                .expand([b, 1, nr, nk]);
+            let sk = seg
+                .clone()
+                .narrow(1, k0, nk)
+                .reshape([b, 1, 1, nk])
+                .expand([b, 1, nr, nk]);
+            add(sq.not_equal(sk));
+        }
+        if let Some(pad) = &self.key_pad {
+            add(pad
+                .clone()
+                .narrow(1, k0, nk)
+                .reshape([b, 1, 1, nk])
+                .expand([b, 1, nr, nk]));
+        }
+        out
+    }
+}
+
+/// Scores of query rows against one key block, in f32, masked entries at −∞-like values
+/// (their probabilities are zeroed separately, so a fully masked row stays finite).
+fn scores(q: Tensor<4>, k: Tensor<4>, scale: f64) -> Tensor<4> {
+    to_dtype(q.matmul(k.swap_dims(2, 3)), DType::F32) * scale
+}
+
+/// The forward pass on tensors without autodiff: the output in `q`'s dtype and the
+/// log-sum-exp of every query row, `[b, h, s, 1]` in f32.
+pub fn forward(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: &MaskSpec,
+    block: usize,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, h, s, d] = q.dims();
+    let [_, hkv, t, _] = k.dims();
+    let n_rep = h / hkv;
+    let device = q.device();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut m = Tensor::<4>::full([b, h, s, 1], -1e30, &device);
+    let mut l = Tensor::<4>::zeros([b, h, s, 1], &device);
+    let mut acc = Tensor::<4>::zeros([b, h, s, d], &device);
+    for k0 in (0..t).step_by(block) {
+        let k1 = (k0 + block).min(t);
+        let (r0, r1) = mask.rows(k0, k1, s);
+        if r0 >= r1 {
+            continue;
+        }
+        let kb = repeat_kv(k.clone().narrow(2, k0, k1 - k0), n_rep);
+        let vb = repeat_kv(v.clone().narrow(2, k0, k1 - k0), n_rep);
+        let sc = scores(q.clone().narrow(2, r0, r1 - r0), kb, scale);
+        let blocked = mask.blocked(b, (r0, r1), (k0, k1), &device);
+        let sc = match &blocked {
+            Some(bl) => sc.mask_fill(bl.clone().expand([b, h, r1 - r0, k1 - k0]), -1e30),
+            None => sc,
+        };
+        let m_old = m.clone().narrow(2, r0, r1 - r0);
+        let m_new = m_old.clone().max_pair(sc.clone().max_dim(3));
+        let p = (sc - m_new.clone()).exp();
+        let p = match blocked {
+            Some(bl) => p.mask_fill(bl.expand([b, h, r1 - r0, k1 - k0]), 0.0),
+            None => p,
+        };
+        let alpha = (m_old - m_new.clone()).exp();
+        let l_new = l.clone().narrow(2, r0, r1 - r0) * alpha.clone() + p.clone().sum_dim(3);
+        let pv = to_dtype(to_dtype(p, vb.dtype()).matmul(vb), DType::F32);
+        let acc_new = acc.clone().narrow(2, r0, r1 - r0) * alpha + pv;
+        m = m.slice_assign([0..b, 0..h, r0..r1, 0..1], m_new);
+        l = l.slice_assign([0..b, 0..h, r0..r1, 0..1], l_new);
+        acc = acc.slice_assign([0..b, 0..h, r0..r1, 0..d], acc_new);
+    }
+    // A row that sees no key gets output 0 and log-sum-exp +∞-like, so its backward is 0.
+    let seen = l.clone().greater_elem(0.0);
+    let out = acc / l.clone().clamp_min(1e-30);
+    let lse = (m + l.clamp_min(1e-30).log()).mask_fill(seen.bool_not(), 1e30);
+    (to_dtype(out, q.dtype()), lse)
+}
+
+/// The backward pass: gradients of `q`, `k`, `v` (in their dtypes) given the output
+/// gradient `dout`, recomputing each key block's probabilities from the saved log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    out: Tensor<4>,
+    lse: Tensor<4>,
+    dout: Tensor<4>,
+    mask: &MaskSpec,
+    block: usize,
+) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let [b, h, s, d] = q.dims();
+    let [_, hkv, t, _] = k.dims();
+    let n_rep = h / hkv;
+    let device = q.device();
+    let dtype = q.dtype();
+    let scale = 1.0 / (d as f64).sqrt();
+    let dout = to_dtype(dout, dtype);
+    let delta = (to_dtype(dout.clone(), DType::F32) * to_dtype(out, DType::F32)).sum_dim(3);
+    let mut dq = Tensor::<4>::zeros([b, h, s, d], &device);
+    let (mut dks, mut dvs) = (Vec::new(), Vec::new());
+    for k0 in (0..t).step_by(block) {
+        let k1 = (k0 + block).min(t);
+        let nk = k1 - k0;
+        let (r0, r1) = mask.rows(k0, k1, s);
+        if r0 >= r1 {
+            dks.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, k.dtype())));
+            dvs.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, v.dtype())));
+            continue;
+        }
+        let nr = r1 - r0;
+        let kb = repeat_kv(k.clone().narrow(2, k0, nk), n_rep);
+        let vb = repeat_kv(v.clone().narrow(2, k0, nk), n_rep);
+        let qr = q.clone().narrow(2, r0, nr);
+        let dor = dout.clone().narrow(2, r0, nr);
+        let p = (scores(qr.clone(), kb.clone(), scale) - lse.clone().narrow(2, r0, nr)).exp();
+        let p = match mask.blocked(b, (r0, r1), (k0, k1), &device) {
+            Some(bl) => p.mask_fill(bl.expand([b, h, nr, nk]), 0.0),
+            None => p,
+        };
+        let dv = to_dtype(p.clone(), dtype)
+            .swap_dims(2, 3)
+            .matmul(dor.clone());
+        let dp = to_dtype(dor.matmul(vb.swap_dims(2, 3)), DType::F32);
+        let ds = to_dtype(p * (dp - delta.clone().narrow(2, r0, nr)) * scale, dtype);
+        let dq_r = dq.clone().narrow(2, r0, nr) + to_dtype(ds.clone().matmul(kb), DType::F32);
+        dq = dq.slice_assign([0..b, 0..h, r0..r1, 0..d], dq_r);
+        let dk = ds.swap_dims(2, 3).matmul(qr);
+        // The query heads that share a KV head add their gradients.
+        let group = |g: Tensor<4>| {
+            to_dtype(g, DType::F32)
+                .reshape([b, hkv, n_rep, nk, d])
+                .sum_dim(2)
+                .reshape([b, hkv, nk, d])
+        };
+        dks.push(to_dtype(group(dk), k.dtype()));
+        dvs.push(to_dtype(group(dv), v.dtype()));
+    }
+    (
+        to_dtype(dq, dtype),
+        Tensor::cat(dks, 2),
+        Tensor::cat(dvs, 2),
+    )
+}
+
+#[derive(Debug)]
+struct FlashBackward {
+    block: usize,
+}
+
+type FlashState = (
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<4>,
+    Tensor<4>,
+    MaskSpec,
+);
+
+impl<B: Backend> Backward<B, 3> for FlashBackward
+where
+    DispatchTensor: DispatchKindConversion<B>,
+{
+    type State = FlashState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (q, k, v, out, lse, mask) = ops.state;
+        let dout = Tensor::<4>::from_primitive::<B>(grads.consume::<B>(&ops.node));
+        let (dq, dk, dv) = backward(q, k, v, out, lse, dout, &mask, self.block);
+        for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                let g = g
+                    .try_into_primitive::<B>()
+                    .expect("gradient on the inner backend");
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Attention on autodiff backend `Autodiff<B, C>`: forward on the inner backend, and a
+/// node in the graph whose backward is [`backward`]. `None` when the tensors live elsewhere.
+fn tracked<B: Backend, C: CheckpointStrategy>(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: &MaskSpec,
+    block: usize,
+) -> Option<Tensor<4>>
+where
+    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
+{
+    let prim = |t: &Tensor<4>| t.clone().try_into_primitive::<Autodiff<B, C>>().ok();
+    let (qa, ka, va) = (prim(q)?, prim(k)?, prim(v)?);
+    let guards = [qa.node(), ka.node(), va.node()];
+    let (qi, ki, vi) = (
+        Tensor::<4>::from_primitive::<B>(qa.into_primitive()),
+        Tensor::<4>::from_primitive::<B>(ka.into_primitive()),
+        Tensor::<4>::from_primitive::<B>(va.into_primitive()),
+    );
+    let mask = mask.inner();
+    let (out, lse) = forward(qi.clone(), ki.clone(), vi.clone(), &mask, block);
+    let out_prim = out.clone().try_into_primitive::<B>().ok()?;
+    let node = match (FlashBackward { block })
+        .prepare::<C>(guards)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((qi, ki, vi, out, lse, mask), out_prim),
+        OpsKind::UnTracked(prep) => prep.finish(out_prim),
+    };
+    Some(Tensor::<4>::from_primitive::<Autodiff<B, C>>(node))
+}
+
+/// [`tracked`] for one backend and checkpointing strategy.
+type Attempt = fn(&Tensor<4>, &Tensor<4>, &Tensor<4>, &MaskSpec, usize) -> Option<Tensor<4>>;
+
+/// Attention `softmax(q·kᵀ/√d + mask)·v` over `q` `[b, heads, s, d]` and `k`, `v`
+/// `[b, kv_heads, s, d]` (keys at the queries' positions), in key blocks of `block`. With
+/// autodiff, its backward is the blocked one above; without, it is the blocked forward.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: &MaskSpec,
+    block: usize,
+) -> Tensor<4> {
+    let block = block.max(1);
+    if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
+        return forward(q.inner(), k.inner(), v.inner(), &mask.inner(), block).0;
+    }
+    let attempts: &[Attempt] = &[
+        tracked::<burn::backend::Flex, NoCheckpointing>,
+        tracked::<burn::backend::Flex, BalancedCheckpointing>,
+        #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+        tracked::<burn::backend::Cube, NoCheckpointing>,
+        #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
+        tracked::<burn::backend::Cube, BalancedCheckpointing>,
+    ];
+    attempts
+        .iter()
+        .find_map(|f| f(&q, &k, &v, mask, block))
+        .expect("flash attention: tensors on an autodiff backend this build does not know")
+}
