@@ -73,6 +73,7 @@ pub fn main() -> i32 {
         }));
     }
     let cli = Cli::parse();
+    ember_models::device::configure_kernel_cache();
     let result = match cli.command {
         Command::Quickstart(a) => quickstart::run(a),
         Command::Train(a) => train::run(a),

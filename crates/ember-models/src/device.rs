@@ -8,6 +8,31 @@ use anyhow::{bail, Result};
 #[allow(unused_imports)]
 use burn::tensor::{Device, DeviceType};
 
+/// Keeps compiled GPU kernels (CUDA's PTX) and autotune results on disk, under
+/// `~/.cache/cubecl` or the directory `EMBER_KERNEL_CACHE` names, so that a second run skips
+/// the first one's compilation; `EMBER_KERNEL_CACHE=off` turns it off. A `cubecl.toml` in
+/// the working directory or above is read first, as cubecl would. Call it before any device
+/// is used: the configuration is fixed at first use. CUDA builds only (see Cargo.toml).
+pub fn configure_kernel_cache() {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl_runtime::config::cache::CacheConfig;
+        use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let setting = std::env::var("EMBER_KERNEL_CACHE").unwrap_or_default();
+        if setting == "off" {
+            return;
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.compilation.cache = true;
+        config.environment.path = match setting.as_str() {
+            "" => CacheConfig::Global,
+            dir => CacheConfig::Directory(dir.into()),
+        };
+        // Another caller having fixed the configuration first is not an error.
+        let _ = CubeClRuntimeConfig::try_set(config);
+    }
+}
+
 /// Backends this binary was built with.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut v = vec!["cpu"];

@@ -242,7 +242,7 @@ pub fn generate<M: CausalLm + Module>(
         M::keep_rows(&mut cache, &idx);
         logits = logits.select(0, idx);
     }
-    let mut sampler = Sampler::new(&opts.sampling, &device);
+    let mut sampler = Sampler::new(&opts.sampling);
 
     while !active.is_empty() {
         let (toks, lps) = sampler.sample(logits)?;
@@ -299,13 +299,23 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(cfg: &Sampling, device: &Device) -> Self {
-        // Pure temperature sampling draws its Gumbel noise on the device.
-        device.seed(cfg.seed);
+    fn new(cfg: &Sampling) -> Self {
         Self {
             cfg: cfg.clone(),
             rng: Rng::new(cfg.seed),
         }
+    }
+
+    /// Uniform noise in (0, 1] drawn on the device (pure temperature sampling's Gumbel noise
+    /// never leaves it). The device has one generator per process, so each draw re-seeds it
+    /// from this sampler's own stream under a lock: two generations running at once (tests,
+    /// a library user's threads) then each get their seed's samples, whatever the
+    /// interleaving.
+    fn uniform(&mut self, shape: [usize; 2], device: &Device) -> Tensor<2> {
+        static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        device.seed(self.rng.next_u64());
+        Tensor::<2>::random(shape, Distribution::Uniform(1e-20, 1.0), device)
     }
 
     /// Samples one token per row of `logits` `[rows, vocab]`; returns tokens and log-probs.
@@ -316,20 +326,16 @@ impl Sampler {
         if c.temperature == 0.0 {
             let tok = logits.clone().argmax(1);
             let lp = logits.clone().gather(1, tok.clone()) - logsumexp(logits);
-            return Ok((ints(tok), floats(lp)));
+            return Ok(read_tokens(tok, lp));
         }
         let z = logits / c.temperature as f64;
         let lse = logsumexp(z.clone());
         if c.top_k == 0 && c.top_p >= 1.0 {
             // Gumbel-max: argmax(z + G) is an exact sample from softmax(z).
-            let u = Tensor::<2>::random(
-                [rows, vocab],
-                Distribution::Uniform(1e-20, 1.0),
-                &z.device(),
-            );
+            let u = self.uniform([rows, vocab], &z.device());
             let tok = (z.clone() - u.log().neg().log()).argmax(1);
             let lp = z.gather(1, tok.clone()) - lse;
-            return Ok((ints(tok), floats(lp)));
+            return Ok(read_tokens(tok, lp));
         }
         let k = if c.top_k > 0 {
             c.top_k.min(vocab)
@@ -402,6 +408,13 @@ impl Sampler {
 fn logsumexp(x: Tensor<2>) -> Tensor<2> {
     let m = x.clone().max_dim(1);
     (x - m.clone()).exp().sum_dim(1).log() + m
+}
+
+/// Sampled ids and their log-probs (`[rows, 1]` each), read in one transfer: the decode
+/// step's only wait for the device. Ids travel as f32, exact below 2²⁴.
+fn read_tokens(tok: Tensor<2, Int>, lp: Tensor<2>) -> (Vec<u32>, Vec<f32>) {
+    let both = floats(Tensor::cat(vec![tok.float(), lp], 1));
+    both.chunks(2).map(|p| (p[0] as u32, p[1])).unzip()
 }
 
 fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<u32> {
