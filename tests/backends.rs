@@ -30,7 +30,8 @@ fn gpu_backends_match_transformers() {
         };
         ran += 1;
         crate::fused::check_linear_cross_entropy(&dev.clone().autodiff(), DType::F32, 1e-4);
-        eprintln!("{name}: fused linear cross-entropy matches the full-logits loss");
+        crate::fused::check_linear_logprobs(&dev.clone().autodiff(), DType::F32, 1e-4);
+        eprintln!("{name}: fused linear cross-entropy and log-probs match the full logits");
         crate::fused::check_blocked_attention(&dev.clone().autodiff(), DType::F32, 1e-4);
         eprintln!("{name}: blocked attention matches dense attention");
         let fx = load_fixtures("qwen3");

@@ -3,8 +3,8 @@
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use ember_models::layers::linear::linear;
-use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
-use ember_train::objectives::lm::cross_entropy;
+use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy, linear_logprobs};
+use ember_train::objectives::lm::{cross_entropy, token_logprobs};
 use ember_train::trainer::NextTokenModel;
 
 use crate::common::*;
@@ -71,6 +71,58 @@ pub(crate) fn check_linear_cross_entropy(dev: &Device, dtype: DType, tol: f64) {
             assert!(dw <= tol, "{what}: d head differs by {dw:.2e}");
         }
     }
+}
+
+/// Fused log-probs and entropies, and the gradients of a PPO-like ratio loss through them,
+/// against [`token_logprobs`] of the full logits on `dev`.
+pub(crate) fn check_linear_logprobs(dev: &Device, dtype: DType, tol: f64) {
+    let (n, d, v) = (37, 16, 50);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let hidden0 = Tensor::<2>::random([n, d], normal, dev);
+    let head0 = Tensor::<2>::random([v, d], normal, dev) * 0.5;
+    let targets: Vec<i32> = (0..n).map(|i| ((i * 11 + 5) % v) as i32).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), dev);
+    let adv = Tensor::<1>::random([n], normal, dev);
+    for temperature in [1.0, 0.7] {
+        for chunk in [1, 5, 37, 100] {
+            let run = |fused: bool| {
+                let hidden = hidden0.clone().require_grad();
+                let head = head0.clone().require_grad();
+                let h = hidden.clone().cast(dtype);
+                let (logp, entropy) = if fused {
+                    linear_logprobs(h, head.clone(), targets.clone(), temperature, chunk)
+                } else {
+                    let logits = linear(h.reshape([1, n, d]), head.clone(), None);
+                    let (lp, e) =
+                        token_logprobs(logits, targets.clone().reshape([1, n]), temperature);
+                    (lp.reshape([n]), e.reshape([n]))
+                };
+                // A ratio against the detached log-probs, as the clipped surrogate has.
+                let ratio = (logp.clone() - logp.clone().detach() + 0.1).exp();
+                let g = (ratio * adv.clone()).sum().backward();
+                let grad = |t: &Tensor<2>| values(t.grad(&g).unwrap().cast(DType::F32));
+                [values(logp), values(entropy), grad(&hidden), grad(&head)]
+            };
+            let (ours, reference) = (run(true), run(false));
+            for (part, (a, r)) in ["logp", "entropy", "d hidden", "d head"]
+                .iter()
+                .zip(ours.iter().zip(&reference))
+            {
+                let e = rel_diff(a, r);
+                assert!(
+                    e <= tol,
+                    "{dtype:?} T={temperature} chunk={chunk}: {part} differs by {e:.2e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_linear_logprobs_match_the_full_logits_and_their_gradients() {
+    let dev = device().autodiff();
+    check_linear_logprobs(&dev, DType::F32, 1e-5);
+    check_linear_logprobs(&dev, DType::BF16, 2e-2);
 }
 
 #[test]

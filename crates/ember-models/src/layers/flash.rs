@@ -7,16 +7,10 @@
 //! Masks are described, never materialised: causal, a symmetric sliding window, document
 //! ids for packed rows, and key padding. GQA reads each KV head once per block.
 
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{
-    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
-};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Backend, DispatchKindConversion, DispatchTensor};
 use burn::tensor::{Bool, DType, Int, Tensor};
 
 use super::attention::repeat_kv;
+use super::custom_grad::{self, TensorBackward};
 use super::to_dtype;
 
 /// Which keys each query may see, besides every key in its block.
@@ -239,72 +233,23 @@ struct FlashBackward {
     block: usize,
 }
 
-type FlashState = (
-    Tensor<4>,
-    Tensor<4>,
-    Tensor<4>,
-    Tensor<4>,
-    Tensor<4>,
-    MaskSpec,
-);
+impl TensorBackward<3, 4, 4> for FlashBackward {
+    /// q, k, v, the output and its log-sum-exp, the mask.
+    type State = (
+        Tensor<4>,
+        Tensor<4>,
+        Tensor<4>,
+        Tensor<4>,
+        Tensor<4>,
+        MaskSpec,
+    );
 
-impl<B: Backend> Backward<B, 3> for FlashBackward
-where
-    DispatchTensor: DispatchKindConversion<B>,
-{
-    type State = FlashState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (q, k, v, out, lse, mask) = ops.state;
-        let dout = Tensor::<4>::from_primitive::<B>(grads.consume::<B>(&ops.node));
+    fn backward(&self, state: Self::State, dout: Tensor<4>) -> [Tensor<4>; 3] {
+        let (q, k, v, out, lse, mask) = state;
         let (dq, dk, dv) = backward(q, k, v, out, lse, dout, &mask, self.block);
-        for (parent, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
-            if let Some(node) = parent {
-                let g = g
-                    .try_into_primitive::<B>()
-                    .expect("gradient on the inner backend");
-                grads.register::<B>(node.id, g);
-            }
-        }
+        [dq, dk, dv]
     }
 }
-
-/// Attention on autodiff backend `Autodiff<B, C>`: forward on the inner backend, and a
-/// node in the graph whose backward is [`backward`]. `None` when the tensors live elsewhere.
-fn tracked<B: Backend, C: CheckpointStrategy>(
-    q: &Tensor<4>,
-    k: &Tensor<4>,
-    v: &Tensor<4>,
-    mask: &MaskSpec,
-    block: usize,
-) -> Option<Tensor<4>>
-where
-    DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
-{
-    let prim = |t: &Tensor<4>| t.clone().try_into_primitive::<Autodiff<B, C>>().ok();
-    let (qa, ka, va) = (prim(q)?, prim(k)?, prim(v)?);
-    let guards = [qa.node(), ka.node(), va.node()];
-    let (qi, ki, vi) = (
-        Tensor::<4>::from_primitive::<B>(qa.into_primitive()),
-        Tensor::<4>::from_primitive::<B>(ka.into_primitive()),
-        Tensor::<4>::from_primitive::<B>(va.into_primitive()),
-    );
-    let mask = mask.inner();
-    let (out, lse) = forward(qi.clone(), ki.clone(), vi.clone(), &mask, block);
-    let out_prim = out.clone().try_into_primitive::<B>().ok()?;
-    let node = match (FlashBackward { block })
-        .prepare::<C>(guards)
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((qi, ki, vi, out, lse, mask), out_prim),
-        OpsKind::UnTracked(prep) => prep.finish(out_prim),
-    };
-    Some(Tensor::<4>::from_primitive::<Autodiff<B, C>>(node))
-}
-
-/// [`tracked`] for one backend and checkpointing strategy.
-type Attempt = fn(&Tensor<4>, &Tensor<4>, &Tensor<4>, &MaskSpec, usize) -> Option<Tensor<4>>;
 
 /// Attention `softmax(q·kᵀ/√d + mask)·v` over `q` `[b, heads, s, d]` and `k`, `v`
 /// `[b, kv_heads, s, d]` (keys at the queries' positions), in key blocks of `block`. With
@@ -317,19 +262,9 @@ pub fn attention(
     block: usize,
 ) -> Tensor<4> {
     let block = block.max(1);
-    if !(q.is_tracked() || k.is_tracked() || v.is_tracked()) {
-        return forward(q.inner(), k.inner(), v.inner(), &mask.inner(), block).0;
-    }
-    let attempts: &[Attempt] = &[
-        tracked::<burn::backend::Flex, NoCheckpointing>,
-        tracked::<burn::backend::Flex, BalancedCheckpointing>,
-        #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
-        tracked::<burn::backend::Cube, NoCheckpointing>,
-        #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "cuda"))]
-        tracked::<burn::backend::Cube, BalancedCheckpointing>,
-    ];
-    attempts
-        .iter()
-        .find_map(|f| f(&q, &k, &v, mask, block))
-        .expect("flash attention: tensors on an autodiff backend this build does not know")
+    let mask = mask.inner();
+    custom_grad::apply(FlashBackward { block }, [q, k, v], |[q, k, v]| {
+        let (out, lse) = forward(q.clone(), k.clone(), v.clone(), &mask, block);
+        (out.clone(), (q, k, v, out, lse, mask.clone()))
+    })
 }

@@ -1,6 +1,7 @@
 //! Building blocks shared by the model files.
 
 pub mod attention;
+pub mod custom_grad;
 pub mod flash;
 pub mod linear;
 pub mod mlp;

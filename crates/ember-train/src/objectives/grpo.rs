@@ -15,7 +15,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use ember_models::qwen3::Qwen3;
 use serde::{Deserialize, Serialize};
 
-use crate::objectives::lm::token_logprobs;
+use crate::objectives::linear_ce::{chunk_rows, linear_logprobs};
 use crate::trainer::scalar;
 
 /// Added to the group's standard deviation so a group with equal rewards gets zero
@@ -370,11 +370,8 @@ pub fn policy_loss(
 ) -> Result<(Tensor<1>, LossSums)> {
     let device = model.embed_tokens.val().device();
     let t = RowTensors::new(rows, &device);
-    let (logp, entropy) = token_logprobs(
-        model.forward(t.inputs.clone()),
-        t.targets.clone(),
-        cfg.temperature,
-    );
+    let (logp, entropy) =
+        model_logprobs(model, t.inputs.clone(), t.targets.clone(), cfg.temperature);
     let weight: f64 = rows
         .iter()
         .map(|r| r.weight as f64 * r.completion_len() as f64)
@@ -403,11 +400,38 @@ pub fn policy_loss(
     Ok((loss, sums))
 }
 
+/// Log-probs of `targets` `[rows, len]` after `inputs` under `model` at `temperature`
+/// (with a graph when the model has one) and the entropies, through the fused head: the
+/// `[rows, len, vocab]` logits never exist whole.
+fn model_logprobs(
+    model: &Qwen3,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    temperature: f64,
+) -> (Tensor<2>, Tensor<2>) {
+    let [b, s] = inputs.dims();
+    let pos = Tensor::<1, Int>::arange(0..s as i64, &inputs.device())
+        .reshape([1, s])
+        .expand([b, s]);
+    let hidden = model.forward_packed_hidden(inputs, pos, None);
+    let dim = hidden.dims()[2];
+    let head = model.head_weight();
+    let rows = chunk_rows(head.dims()[0]);
+    let (logp, entropy) = linear_logprobs(
+        hidden.reshape([b * s, dim]),
+        head,
+        targets.reshape([b * s]),
+        temperature,
+        rows,
+    );
+    (logp.reshape([b, s]), entropy.reshape([b, s]))
+}
+
 /// Each row's completion log-probs under `model` at `temperature`, without a graph (the
 /// reference model's pass).
 pub fn completion_logprobs(model: &Qwen3, rows: &[PolicyRow], temperature: f64) -> Vec<Vec<f32>> {
     let t = RowTensors::new(rows, &model.embed_tokens.val().device());
-    let (logp, _) = token_logprobs(model.forward(t.inputs), t.targets, temperature);
+    let (logp, _) = model_logprobs(model, t.inputs, t.targets, temperature);
     let [_, l] = logp.dims();
     let v: Vec<f32> = logp.into_data().iter::<f32>().collect();
     rows.iter()

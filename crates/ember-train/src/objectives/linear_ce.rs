@@ -12,6 +12,7 @@
 //! non-linearly before `backward()`, which every objective here respects.
 
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
+use ember_models::layers::custom_grad::{self, TensorBackward};
 use ember_models::layers::to_dtype;
 
 /// Logit elements per chunk: 128 MiB of f32 logits, and about as much again for their
@@ -87,4 +88,106 @@ pub fn linear_cross_entropy(
     let surrogate = (to_dtype(hidden, DType::F32) * to_dtype(d_hidden, DType::F32)).sum()
         + (to_dtype(head, DType::F32) * d_head).sum();
     surrogate.clone() - surrogate.detach() + loss
+}
+
+/// Each token's log-prob of its target under `softmax(hidden @ headᵀ / temperature)`,
+/// `[tokens]` in f32 with a graph when the inputs have one, and the entropy of that
+/// distribution at each token, without one; the policy-gradient losses' inputs. Chunked
+/// like [`linear_cross_entropy`], but with a backward of its own ([`LogprobBackward`]), since
+/// the gradient those losses send back to each log-prob is only known in the backward pass.
+/// Equal to [`super::lm::token_logprobs`] of the full logits.
+pub fn linear_logprobs(
+    hidden: Tensor<2>,
+    head: Tensor<2>,
+    targets: Tensor<1, Int>,
+    temperature: f64,
+    chunk_rows: usize,
+) -> (Tensor<1>, Tensor<1>) {
+    let op = LogprobBackward {
+        temperature: if temperature > 0.0 { temperature } else { 1.0 },
+        chunk_rows: chunk_rows.max(1),
+    };
+    let targets = targets.inner();
+    let mut entropy = None;
+    let logp = custom_grad::apply(op.clone(), [hidden, head], |[h, w]| {
+        let (mut logps, mut lses, mut ents) = (Vec::new(), Vec::new(), Vec::new());
+        for (start, len) in op.chunks(h.dims()[0]) {
+            let z = op.scaled_logits(&h, &w, start, len);
+            let lse = logsumexp(z.clone());
+            let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
+            logps.push((z.clone().gather(1, t) - lse.clone()).reshape([len]));
+            let p = (z.clone() - lse.clone()).exp();
+            ents.push((lse.clone() - (p * z).sum_dim(1)).reshape([len]));
+            lses.push(lse);
+        }
+        entropy = Some(Tensor::cat(ents, 0));
+        let lse = Tensor::cat(lses, 0);
+        (Tensor::cat(logps, 0), (h, w, targets.clone(), lse))
+    });
+    (logp, entropy.expect("the forward ran"))
+}
+
+/// The head's backward for [`linear_logprobs`]: with `g` the gradient of each log-prob and
+/// `z` the scaled logits, d logp/dz = onehot − softmax(z), recomputed chunk by chunk.
+#[derive(Clone, Debug)]
+struct LogprobBackward {
+    temperature: f64,
+    chunk_rows: usize,
+}
+
+impl LogprobBackward {
+    fn chunks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> {
+        let step = self.chunk_rows;
+        (0..n).step_by(step).map(move |s| (s, step.min(n - s)))
+    }
+
+    /// Rows `start..start + len` of `hidden @ headᵀ / temperature`, in f32.
+    fn scaled_logits(&self, h: &Tensor<2>, w: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
+        let hc = h.clone().narrow(0, start, len);
+        let w = to_dtype(w.clone(), hc.dtype());
+        let z = to_dtype(hc.matmul(w.transpose()), DType::F32);
+        if self.temperature != 1.0 {
+            z / self.temperature
+        } else {
+            z
+        }
+    }
+}
+
+impl TensorBackward<2, 2, 1> for LogprobBackward {
+    /// hidden, head, targets, and each token's log-sum-exp of its scaled logits.
+    type State = (Tensor<2>, Tensor<2>, Tensor<1, Int>, Tensor<2>);
+
+    fn backward(&self, (h, w, targets, lse): Self::State, g: Tensor<1>) -> [Tensor<2>; 2] {
+        let dtype = h.dtype();
+        let wc = to_dtype(w.clone(), dtype);
+        let mut d_hidden = Vec::new();
+        let mut d_head: Option<Tensor<2>> = None;
+        for (start, len) in self.chunks(h.dims()[0]) {
+            let z = self.scaled_logits(&h, &w, start, len);
+            let p = (z - lse.clone().narrow(0, start, len)).exp();
+            let gc = to_dtype(g.clone(), DType::F32)
+                .narrow(0, start, len)
+                .reshape([len, 1])
+                / self.temperature;
+            let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
+            let dz = (p * gc.clone().neg()).scatter(1, t, gc, IndexingUpdateOp::Add);
+            let dz = to_dtype(dz, dtype);
+            d_hidden.push(dz.clone().matmul(wc.clone()));
+            let hc = h.clone().narrow(0, start, len);
+            let dw = to_dtype(dz.transpose().matmul(hc), DType::F32);
+            d_head = Some(match d_head {
+                Some(acc) => acc + dw,
+                None => dw,
+            });
+        }
+        let d_head = d_head.unwrap_or_else(|| Tensor::zeros(w.dims(), &w.device()));
+        [Tensor::cat(d_hidden, 0), to_dtype(d_head, w.dtype())]
+    }
+}
+
+/// `[rows, 1]` log-sum-exp of each row.
+fn logsumexp(z: Tensor<2>) -> Tensor<2> {
+    let max = z.clone().max_dim(1);
+    (z - max.clone()).exp().sum_dim(1).log() + max
 }
