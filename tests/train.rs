@@ -720,3 +720,52 @@ fn a_pipeline_chains_stages_skips_finished_ones_and_resumes_partial_ones() {
     assert_eq!(losses(&root2.join("easy")), easy);
     assert_eq!(losses(&root2.join("hard")), hard);
 }
+
+#[test]
+fn independent_stages_run_side_by_side_with_the_same_results() {
+    // "solo" has a model of its own and "hard" continues "easy", so with two jobs "solo"
+    // trains beside "easy"; every stage's losses must equal the one-at-a-time run's.
+    let write = |tag: &str| {
+        let (path, root) = pipeline_recipe(tag);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        let hard = text.find("\n[[stage]]\nname = \"hard\"").unwrap();
+        let solo = "\n[[stage]]\nname = \"solo\"\nkind = \"pretrain\"\n[stage.model]\narch = \"qwen3\"\n\
+            vocab_size = 259\nhidden_size = 16\nintermediate_size = 32\nnum_hidden_layers = 1\n\
+            num_attention_heads = 1\nnum_key_value_heads = 1\nhead_dim = 16\nmax_position_embeddings = 128\n\
+            tie_word_embeddings = true\n[stage.data]\nseq_len = 32\nval_fraction = 0.05\n\
+            [stage.data.generated]\ntask = \"arithmetic\"\ncount = 200\nlevels = [2]\n\
+            [stage.train]\nsteps = 5\nbatch_size = 4\nlr = 1e-2\nlog_every = 1\n";
+        text.insert_str(hard, solo);
+        // The file ends in hard's [stage.train].
+        let text = text + "init_from = \"easy\"\n";
+        std::fs::write(&path, text).unwrap();
+        (path, root)
+    };
+    let (p1, root1) = write("pipeline-jobs1");
+    let (p2, root2) = write("pipeline-jobs2");
+    let o = ember_env(&["pipeline", p1.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ember_env(&["pipeline", p2.to_str().unwrap(), "--jobs", "2"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    // Both first stages started before either finished.
+    let first_done = err.find("done:").expect("a stage finished");
+    assert!(
+        err[..first_done].contains("stage 1 (easy): starting")
+            && err[..first_done].contains("stage 2 (solo): starting"),
+        "{err}"
+    );
+    for stage in ["easy", "solo", "hard"] {
+        let (a, b) = (losses(&root1.join(stage)), losses(&root2.join(stage)));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "{stage}: losses differ between one and two jobs");
+    }
+    // "hard" started from "easy", not from "solo" (whose shape differs) nor from scratch.
+    let (easy, hard) = (losses(&root2.join("easy")), losses(&root2.join("hard")));
+    assert!(
+        hard[0].1 < easy[0].1 - 0.5,
+        "{} vs {}",
+        hard[0].1,
+        easy[0].1
+    );
+}

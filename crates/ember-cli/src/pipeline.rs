@@ -11,6 +11,10 @@ pub struct Args {
     /// Stop after this stage (the stages before it run first, or are skipped when complete).
     #[arg(long, value_name = "STAGE")]
     until: Option<String>,
+    /// Stages to run at once where they do not depend on each other (a student's chain
+    /// beside the main model's). Their results are the same as one at a time.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -20,6 +24,6 @@ pub fn run(a: Args) -> Result<()> {
         let lines = ember_train::dry_run::stages(&r.recipe, &r.overrides, until)?;
         return report_dry_run(&r, &lines);
     }
-    ember_train::pipeline::run(&r.recipe, &r.overrides, &r.device, until)?;
+    ember_train::pipeline::run(&r.recipe, &r.overrides, &r.device, until, a.jobs)?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ember_models::qwen3::Qwen3Config;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::plot::{write_svg, Series};
@@ -151,27 +151,55 @@ impl MetricsLog {
     }
 }
 
+thread_local! {
+    /// The stage this thread trains, when a pipeline runs several at once.
+    static STAGE_LABEL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Names the stage the calling thread runs, so that its progress can be told apart from a
+/// stage running beside it.
+pub fn set_stage_label(label: Option<String>) {
+    STAGE_LABEL.with(|l| *l.borrow_mut() = label);
+}
+
+fn stage_label() -> Option<String> {
+    STAGE_LABEL.with(|l| l.borrow().clone())
+}
+
+/// Every bar of the process, drawn together (stages can run side by side).
+fn bars() -> &'static MultiProgress {
+    static BARS: std::sync::OnceLock<MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
+
 /// The progress bar, or plain lines when stderr is not a terminal (CI logs).
 pub struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
+    /// ` [stage]` after each plain line (lines start with `step` for log filters).
+    suffix: String,
 }
 
 impl Progress {
     pub fn new(start: u64, total: u64) -> Self {
+        let label = stage_label();
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = ProgressBar::new(total);
+            let b = bars().add(ProgressBar::new(total));
             b.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
+                    "{spinner} {prefix}[{elapsed_precise}] {bar:30} {pos}/{len} {msg} ETA {eta}",
                 )
                 .expect("valid template"),
             );
+            if let Some(l) = &label {
+                b.set_prefix(format!("{l} "));
+            }
             b.set_position(start);
             b.enable_steady_tick(Duration::from_millis(250));
             b
         });
-        Self { bar, total }
+        let suffix = label.map(|l| format!(" [{l}]")).unwrap_or_default();
+        Self { bar, total, suffix }
     }
 
     pub fn update(&self, step: u64, msg: String, print_line: bool) {
@@ -180,7 +208,7 @@ impl Progress {
                 b.set_position(step);
                 b.set_message(msg);
             }
-            None if print_line => eprintln!("step {step}/{} {msg}", self.total),
+            None if print_line => eprintln!("step {step}/{} {msg}{}", self.total, self.suffix),
             None => {}
         }
     }

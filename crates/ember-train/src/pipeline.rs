@@ -276,46 +276,122 @@ pub fn plan(recipe: &Recipe, path: &Path, until: Option<&str>) -> Result<Vec<Pla
     Ok(planned)
 }
 
-/// Runs the recipe's stages (up to and including `until`, when given); returns the report
-/// rows and writes `report.md`.
+/// For each planned stage, the earlier stages it reads: the one it starts from, its teacher
+/// and its reference.
+fn dependencies(planned: &[PlannedStage]) -> Vec<Vec<usize>> {
+    planned
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let t = &p.stage.train;
+            let d = p.stage.distill.as_ref();
+            let reads: Vec<&Path> = t
+                .init_from
+                .as_deref()
+                .into_iter()
+                .chain(d.map(|d| d.teacher.as_path()))
+                .chain(d.and_then(|d| d.reference.as_deref()))
+                .collect();
+            (0..i)
+                .filter(|&j| reads.contains(&planned[j].dir.as_path()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs the recipe's stages (up to and including `until`, when given), `jobs` at a time
+/// where they do not depend on each other (a student's chain beside the main model's);
+/// returns the report rows, in recipe order, and writes `report.md`. A stage's results do
+/// not depend on what runs beside it.
 pub fn run(
     path: &Path,
     overrides: &[String],
     device: &str,
     until: Option<&str>,
+    jobs: usize,
 ) -> Result<Vec<StageReport>> {
     let recipe = Recipe::load_with(path, overrides)?;
     check(&recipe, path)?;
     let root = recipe.run_dir();
-    let mut rows = Vec::new();
-    for (i, p) in plan(&recipe, path, until)?.into_iter().enumerate() {
-        let PlannedStage { stage, dir, steps } = p;
-        let (name, kind) = (stage.name.clone(), stage.kind);
-        let mut summary = None;
-        if complete(&dir, steps) {
+    let planned = plan(&recipe, path, until)?;
+    let deps = dependencies(&planned);
+    let n = planned.len();
+    // None: not started; Some(None): running; Some(Some(result)): done.
+    let mut state: Vec<Option<Option<Result<Option<Summary>>>>> = (0..n).map(|_| None).collect();
+    let run_one = |i: usize| -> Result<Option<Summary>> {
+        let PlannedStage { stage, dir, steps } = &planned[i];
+        let name = &stage.name;
+        if complete(dir, *steps) {
             eprintln!("stage {} ({name}): complete, skipping", i + 1);
-        } else {
-            let resume = dir.join("checkpoints").exists().then(|| dir.clone());
-            eprintln!(
-                "stage {} ({name}): {}",
-                i + 1,
-                if resume.is_some() {
-                    "resuming"
-                } else {
-                    "starting"
-                }
-            );
-            summary = Some(run_stage(&StageRun {
-                recipe: &recipe,
-                path,
-                stage,
-                run_dir: dir.clone(),
-                title: format!("{} / {name}", recipe.run.name),
-                device: device.to_string(),
-                resume,
-            })?);
+            return Ok(None);
         }
-        rows.push(report_row(&dir, &name, kind, summary)?);
+        let resume = dir.join("checkpoints").exists().then(|| dir.clone());
+        let how = if resume.is_some() {
+            "resuming"
+        } else {
+            "starting"
+        };
+        eprintln!("stage {} ({name}): {how}", i + 1);
+        crate::metrics::set_stage_label(Some(name.clone()));
+        let out = run_stage(&StageRun {
+            recipe: &recipe,
+            path,
+            stage: stage.clone(),
+            run_dir: dir.clone(),
+            title: format!("{} / {name}", recipe.run.name),
+            device: device.to_string(),
+            resume,
+        });
+        crate::metrics::set_stage_label(None);
+        out.map(Some)
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut running = 0;
+        let mut failed = false;
+        loop {
+            // Start every stage whose inputs are done, in recipe order, up to `jobs`.
+            for i in 0..n {
+                let ready = state[i].is_none()
+                    && deps[i]
+                        .iter()
+                        .all(|&j| matches!(state[j], Some(Some(Ok(_)))));
+                if running >= jobs.max(1) || failed {
+                    break;
+                }
+                if ready {
+                    state[i] = Some(None);
+                    running += 1;
+                    let tx = tx.clone();
+                    let run_one = &run_one;
+                    scope.spawn(move || {
+                        let _ = tx.send((i, run_one(i)));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let (i, result) = rx.recv().expect("a running stage reports back");
+            running -= 1;
+            failed |= result.is_err();
+            state[i] = Some(Some(result));
+        }
+    });
+    let mut rows = Vec::new();
+    for (i, st) in state.into_iter().enumerate() {
+        let p = &planned[i];
+        match st {
+            Some(Some(Ok(summary))) => {
+                rows.push(report_row(&p.dir, &p.stage.name, p.stage.kind, summary)?)
+            }
+            Some(Some(Err(e))) => return Err(e),
+            // Not run: an earlier stage failed (its error is returned above, first).
+            _ => {}
+        }
+    }
+    if rows.len() < n {
+        bail!("{}: a stage failed; the pipeline stopped", path.display());
     }
     let text = render(&rows, &format!("{}: pipeline report", recipe.run.name));
     ember_models::hf::write_atomic(&root.join(REPORT), text.as_bytes())?;
