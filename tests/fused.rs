@@ -76,7 +76,7 @@ pub(crate) fn check_linear_cross_entropy(dev: &Device, dtype: DType, tol: f64) {
 /// Fused log-probs and entropies, and the gradients of a PPO-like ratio loss through them,
 /// against [`token_logprobs`] of the full logits on `dev`.
 pub(crate) fn check_linear_logprobs(dev: &Device, dtype: DType, tol: f64) {
-    let (n, d, v) = (37, 16, 50);
+    let (n, d, v): (usize, usize, usize) = (37, 16, 50);
     let normal = Distribution::Normal(0.0, 1.0);
     let hidden0 = Tensor::<2>::random([n, d], normal, dev);
     let head0 = Tensor::<2>::random([v, d], normal, dev) * 0.5;
