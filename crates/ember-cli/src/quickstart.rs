@@ -91,6 +91,12 @@ pub fn run(a: Args) -> Result<()> {
                 100.0 * f
             );
         }
+        if let Some((first, last)) = r.reward {
+            eprintln!(
+                "{}: mean reward {first:.3} over the first tenth of the steps, {last:.3} over the last (each step's problems are new to the model)",
+                r.name
+            );
+        }
         if let Some((first, last)) = r.info_gain {
             eprintln!(
                 "{}: mean information gain {first:.3} nats over the first tenth of the steps, {last:.3} over the last",
