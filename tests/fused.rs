@@ -53,6 +53,21 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
     max_abs_diff(a, b) / scale
 }
 
+/// Each named part of `ours` within `tol` of `reference`, relative to the reference's largest
+/// magnitude.
+fn assert_parts_close(
+    what: &str,
+    names: &[&str],
+    ours: &[Vec<f64>],
+    reference: &[Vec<f64>],
+    tol: f64,
+) {
+    for (part, (a, r)) in names.iter().zip(ours.iter().zip(reference)) {
+        let e = rel_diff(a, r);
+        assert!(e <= tol, "{what}: {part} differs by {e:.2e}");
+    }
+}
+
 /// The fused loss's value and both gradients against the full-logits loss on `dev`.
 pub(crate) fn check_linear_cross_entropy(dev: &Device, dtype: DType, tol: f64) {
     for weighted in [false, true] {
@@ -65,10 +80,7 @@ pub(crate) fn check_linear_cross_entropy(dev: &Device, dtype: DType, tol: f64) {
                 (lf - lu).abs() <= tol * lu.abs(),
                 "{what}: loss {lf} vs {lu}"
             );
-            let dh = rel_diff(&hf, &hu);
-            let dw = rel_diff(&wf, &wu);
-            assert!(dh <= tol, "{what}: d hidden differs by {dh:.2e}");
-            assert!(dw <= tol, "{what}: d head differs by {dw:.2e}");
+            assert_parts_close(&what, &["d hidden", "d head"], &[hf, wf], &[hu, wu], tol);
         }
     }
 }
@@ -104,16 +116,9 @@ pub(crate) fn check_linear_logprobs(dev: &Device, dtype: DType, tol: f64) {
                 [values(logp), values(entropy), grad(&hidden), grad(&head)]
             };
             let (ours, reference) = (run(true), run(false));
-            for (part, (a, r)) in ["logp", "entropy", "d hidden", "d head"]
-                .iter()
-                .zip(ours.iter().zip(&reference))
-            {
-                let e = rel_diff(a, r);
-                assert!(
-                    e <= tol,
-                    "{dtype:?} T={temperature} chunk={chunk}: {part} differs by {e:.2e}"
-                );
-            }
+            let what = format!("{dtype:?} T={temperature} chunk={chunk}");
+            let names = ["logp", "entropy", "d hidden", "d head"];
+            assert_parts_close(&what, &names, &ours, &reference, tol);
         }
     }
 }
@@ -340,16 +345,8 @@ pub(crate) fn check_blocked_attention(dev: &Device, dtype: DType, tol: f64) {
         // Blocks that split the 13 positions unevenly, one block, and one-key blocks.
         for block in [4, 13, 1] {
             let [ours, reference] = attention_pair(dev, dtype, case, block);
-            for (part, (a, r)) in ["output", "dq", "dk", "dv"]
-                .iter()
-                .zip(ours.iter().zip(&reference))
-            {
-                let e = rel_diff(a, r);
-                assert!(
-                    e <= tol,
-                    "{dtype:?} {name} block {block}: {part} differs by {e:.2e}"
-                );
-            }
+            let what = format!("{dtype:?} {name} block {block}");
+            assert_parts_close(&what, &["output", "dq", "dk", "dv"], &ours, &reference, tol);
         }
     }
 }

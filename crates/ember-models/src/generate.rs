@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use burn::module::Module;
 use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData};
 
-use crate::layers::to_dtype;
+use crate::layers::{logsumexp, to_dtype};
 use crate::qwen3::{ForwardOptions, Qwen3, Qwen3Cache};
 use crate::rng::Rng;
 
@@ -403,11 +403,6 @@ impl Sampler {
         }
         (cand[keep - 1].1, cand[keep - 1].0)
     }
-}
-
-fn logsumexp(x: Tensor<2>) -> Tensor<2> {
-    let m = x.clone().max_dim(1);
-    (x - m.clone()).exp().sum_dim(1).log() + m
 }
 
 /// Sampled ids and their log-probs (`[rows, 1]` each), read in one transfer: the decode

@@ -17,7 +17,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::{json, Value};
 
 use crate::hf::{self, SaveOptions};
-use crate::layers::attention::FLASH_BLOCK;
+use crate::layers::attention::{document_block, FLASH_BLOCK};
 use crate::layers::flash;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::rope;
@@ -590,11 +590,7 @@ impl ModernBert {
                     LayerMask::Blocked(spec(Some(half))),
                 );
             }
-            Visibility::Documents(Some(seg)) => {
-                let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
-                let k = seg.reshape([b, 1, s]).expand([b, s, s]);
-                q.equal(k)
-            }
+            Visibility::Documents(Some(seg)) => document_block(seg).bool_not(),
             Visibility::Documents(None) => {
                 Tensor::<3, Bool>::full([b, s, s], true, &self.tok_embeddings.val().device())
             }

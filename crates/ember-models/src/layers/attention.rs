@@ -103,7 +103,7 @@ pub struct AttnContext<'a> {
 pub const FLASH_BLOCK: usize = 512;
 
 /// `[b, s, s]`, true where a query and a key lie in different documents.
-fn document_block(seg: Tensor<2, Int>) -> Tensor<3, Bool> {
+pub fn document_block(seg: Tensor<2, Int>) -> Tensor<3, Bool> {
     let [b, s] = seg.dims();
     let q = seg.clone().reshape([b, s, 1]).expand([b, s, s]);
     let k = seg.reshape([b, 1, s]).expand([b, s, s]);

@@ -19,6 +19,12 @@ pub fn to_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     }
 }
 
+/// `[rows, 1]` log-sum-exp of each row of `x` `[rows, n]`, shifted by the row maximum.
+pub fn logsumexp(x: Tensor<2>) -> Tensor<2> {
+    let m = x.clone().max_dim(1);
+    (x - m.clone()).exp().sum_dim(1).log() + m
+}
+
 /// Stores every float parameter in a dtype (inference in bf16 without casting f32 masters
 /// in each op).
 pub struct CastParams(pub burn::tensor::DType);

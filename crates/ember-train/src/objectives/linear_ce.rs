@@ -13,7 +13,7 @@
 
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 use ember_models::layers::custom_grad::{self, TensorBackward};
-use ember_models::layers::to_dtype;
+use ember_models::layers::{logsumexp, to_dtype};
 
 /// Logit elements per chunk: 128 MiB of f32 logits, and about as much again for their
 /// softmax and gradient.
@@ -184,10 +184,4 @@ impl TensorBackward<2, 2, 1> for LogprobBackward {
         let d_head = d_head.unwrap_or_else(|| Tensor::zeros(w.dims(), &w.device()));
         [Tensor::cat(d_hidden, 0), to_dtype(d_head, w.dtype())]
     }
-}
-
-/// `[rows, 1]` log-sum-exp of each row.
-fn logsumexp(z: Tensor<2>) -> Tensor<2> {
-    let max = z.clone().max_dim(1);
-    (z - max.clone()).exp().sum_dim(1).log() + max
 }
