@@ -10,8 +10,12 @@
 #
 # Sizes, from the environment (defaults: the issue's, for an H100):
 #   CONFIG=benches/configs/qwen3-0.6b.json  TRAIN_BATCH=4 TRAIN_SEQ=2048 LONG_SEQ=8192 STEPS=10
-#   GEN_BATCHES=1,32,256 NEW_TOKENS=128  RL_PROMPTS=64 RL_GROUP=8 RL_NEW=512 RL_MICRO=8
+#   GEN_BATCHES=1,32,256 NEW_TOKENS=128 PROFILE_TOKENS=32  RL_PROMPTS=64 RL_GROUP=8 RL_NEW=512 RL_MICRO=8
 #   BUDGET_S=540 (the whole run)  EMBER (the binary; default target/release/ember)
+#   PARTS=all, or a comma list of: train (ember's step and its warm start), torch (both
+#   training references), generate, rl, long, profile
+# On an H100 (2026-11-26) ember's first 0.6B training step took 115 s of kernel compilation,
+# so all parts need more than one 15-minute device session: choose PARTS to fit one.
 # A smoke run on a CPU:
 #   CONFIG=benches/configs/qwen3-tiny.json TRAIN_BATCH=1 TRAIN_SEQ=128 LONG_SEQ=256 STEPS=2 \
 #   GEN_BATCHES=1,2 NEW_TOKENS=8 RL_PROMPTS=2 RL_GROUP=2 RL_NEW=8 benches/throughput.sh cpu f32
@@ -23,12 +27,16 @@ cd "$(dirname "$0")/.."
 device=${1:-cuda}; dtype=${2:-bf16}
 cfg=${CONFIG:-benches/configs/qwen3-0.6b.json}
 ember=${EMBER:-target/release/ember}
-dir=${OUT:-$(mktemp -d /tmp/ember-throughput-XXXX)}
+dir=${OUT:-$(mktemp -d /tmp/ember-throughput-XXXX)}; mkdir -p "$dir"
 out="$dir/throughput.jsonl"; : >"$out"
 start=$(date +%s); budget=${BUDGET_S:-540}
-# A fresh kernel cache, so that the first ember run below is a cold start.
+# A fresh kernel cache, so that the first ember run below is a cold start (builds with the
+# `kernel-cache` feature; others ignore it and both starts are cold).
 export EMBER_KERNEL_CACHE="$dir/kernel-cache"
 rm -rf "$EMBER_KERNEL_CACHE"
+
+# want GROUP: whether PARTS asks for GROUP.
+want() { [[ ,${PARTS:-all}, == *,all,* || ,${PARTS:-all}, == *,$1,* ]]; }
 
 # part NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S seconds and at most what is left
 # of the budget, logging to $dir/NAME.log and noting a timeout or failure in the JSONL.
@@ -54,24 +62,32 @@ common=(--model-config "$cfg" --device "$device" --dtype "$dtype" --out "$out")
 tb=${TRAIN_BATCH:-4}; ts=${TRAIN_SEQ:-2048}; steps=${STEPS:-10}
 # 1. Training. The first ember process compiles every kernel: its first step is the cold
 # start; the short second process below reads them back from the cache: the warm start.
-part train-ember 200 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --warmup 2
-part start-warm 60 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps 1 --warmup 1
-part train-torch 90 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps"
-part train-torch-compile 180 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --compile
+want train && part train-ember 240 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --warmup 2
+want train && part start-warm 120 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps 1 --warmup 1
+want torch && part train-torch 60 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps"
+want torch && part train-torch-compile 130 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --compile
 # 2. Generation.
 gb=${GEN_BATCHES:-1,32,256}; nt=${NEW_TOKENS:-128}
-part generate-ember 90 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
+want generate && part generate-ember 60 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
   ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
-part generate-torch 120 python3 benches/reference/generate_hf.py "${common[@]}" --batch "$gb" --new-tokens "$nt"
+want generate && part generate-torch 70 python3 benches/reference/generate_hf.py "${common[@]}" --batch "$gb" --new-tokens "$nt"
 # 3. One RLVR step: G completions of each prompt, then one update on them.
 rl=(--prompts "${RL_PROMPTS:-64}" --group "${RL_GROUP:-8}" --new-tokens "${RL_NEW:-512}" --prompt-len 64
     --train --micro "${RL_MICRO:-8}")
-part rl-ember 150 "$ember" bench rollout "${common[@]}" "${rl[@]}"
-part rl-torch 150 python3 benches/reference/rollout_hf.py "${common[@]}" "${rl[@]}"
+want rl && part rl-ember 110 "$ember" bench rollout "${common[@]}" "${rl[@]}"
+want rl && part rl-torch 90 python3 benches/reference/rollout_hf.py "${common[@]}" "${rl[@]}"
 # 4. A long sequence: batch 1 must fit.
 ls=${LONG_SEQ:-8192}
-part long-ember 120 "$ember" bench train "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
-part long-torch 60 python3 benches/reference/train_hf.py "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
+want long && part long-ember 70 "$ember" bench train "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
+want long && part long-torch 40 python3 benches/reference/train_hf.py "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
+# 5. Where the time goes: per-kernel GPU time of one training step (after a warm-up step)
+# and of decoding at batch 1 (cubecl backends only; tables in $dir/profile-*.md).
+if [[ $device != cpu ]]; then
+  root=$(pwd); abs=(--model-config "$root/$cfg" --device "$device" --dtype "$dtype")
+  [[ $ember = /* ]] || ember="$root/$ember"
+  want profile && part profile-train 60 benches/profile.sh train 2 "$ember" bench train "${abs[@]}" --batch "$tb" --seq "$ts" --steps 1 --warmup 1
+  want profile && part profile-decode 40 benches/profile.sh decode "${PROFILE_TOKENS:-32}" "$ember" bench generate "${abs[@]}" --batch 1 --new-tokens "${PROFILE_TOKENS:-32}"
+fi
 
 echo "== summary ($(( $(date +%s) - start )) s in all; every record in $out)"
 python3 - "$out" "$dir" <<'PY'

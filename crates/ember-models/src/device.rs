@@ -12,9 +12,10 @@ use burn::tensor::{Device, DeviceType};
 /// `~/.cache/cubecl` or the directory `EMBER_KERNEL_CACHE` names, so that a second run skips
 /// the first one's compilation; `EMBER_KERNEL_CACHE=off` turns it off. A `cubecl.toml` in
 /// the working directory or above is read first, as cubecl would. Call it before any device
-/// is used: the configuration is fixed at first use. CUDA builds only (see Cargo.toml).
+/// is used: the configuration is fixed at first use. Only with the opt-in `kernel-cache`
+/// feature (see crates/ember-models/Cargo.toml for why it is not on by default).
 pub fn configure_kernel_cache() {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "kernel-cache")]
     {
         use cubecl_runtime::config::cache::CacheConfig;
         use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
