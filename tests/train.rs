@@ -176,6 +176,16 @@ fn kill_and_resume_reproduces_every_loss_exactly() {
     let a = std::fs::read(full_run.join("model.safetensors")).unwrap();
     let b = std::fs::read(cut_run.join("model.safetensors")).unwrap();
     assert!(a == b, "final weights differ after resume");
+
+    // Resuming a finished run has nothing to do and reports the run's own final loss.
+    let o = train(&full, &["--resume", full_run.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("final train loss {:.4}", reference[7].1);
+    assert!(
+        stderr(&o).contains(&want),
+        "wanted {want:?}: {}",
+        stderr(&o)
+    );
 }
 
 #[test]

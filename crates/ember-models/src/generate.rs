@@ -289,8 +289,8 @@ fn rows_tensor(rows: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [rows.len()]), device)
 }
 
-/// Candidates pulled to the host for top-k/top-p when no top-k is set. If the nucleus is
-/// not inside them, that row's full distribution is pulled instead, so top-p stays exact.
+/// Candidates kept for top-p when no top-k is set. If some row's nucleus is not inside
+/// them, whole rows are sorted instead, so top-p stays exact.
 const TOP_P_CANDIDATES: usize = 256;
 
 struct Sampler {
@@ -342,67 +342,53 @@ impl Sampler {
         } else {
             TOP_P_CANDIDATES.min(vocab)
         };
-        let (vals, idx) = z.clone().topk_with_indices(k, 1);
-        let vals = floats(vals);
-        let idx = ints(idx);
-        let lse = floats(lse);
-        let mut toks = Vec::with_capacity(rows);
-        let mut lps = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let mut cand: Vec<(f32, u32)> =
-                (0..k).map(|j| (vals[r * k + j], idx[r * k + j])).collect();
-            if c.top_k == 0 {
-                let mass: f64 = cand.iter().map(|(v, _)| ((v - lse[r]) as f64).exp()).sum();
-                if mass < c.top_p as f64 {
-                    let row = floats(z.clone().narrow(0, r, 1).reshape([vocab]).unsqueeze::<2>());
-                    cand = row
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, v)| (v, i as u32))
-                        .collect();
-                    cand.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let (mut vals, mut idx) = z.clone().topk_with_indices(k, 1);
+        // Without top-k the nucleus is measured against the full distribution; with it,
+        // against the candidates' renormalised one, as transformers applies top-p after top-k.
+        let norm = if c.top_k == 0 {
+            if c.top_p < 1.0 && k < vocab {
+                // One small read, only here: whether every row's candidates hold its nucleus.
+                let mass = (vals.clone() - lse.clone()).exp().sum_dim(1);
+                let short = mass
+                    .lower_elem(c.top_p)
+                    .any()
+                    .into_data()
+                    .iter::<bool>()
+                    .any(|b| b);
+                if short {
+                    (vals, idx) = z.sort_descending_with_indices(1);
                 }
             }
-            // Without top-k the nucleus is measured against the full distribution.
-            let norm = (c.top_k == 0).then_some(lse[r]);
-            let (tok, v) = self.pick(&cand, norm);
-            toks.push(tok);
-            lps.push(v - lse[r]);
-        }
-        Ok((toks, lps))
-    }
-
-    /// Samples from candidates sorted by descending logit, after the nucleus cut. With
-    /// `log_norm` (the full log-partition) the cut uses true probabilities; without it, the
-    /// candidates' renormalised ones, as transformers applies top-p after top-k.
-    fn pick(&mut self, cand: &[(f32, u32)], log_norm: Option<f32>) -> (u32, f32) {
-        let top = cand[0].0;
-        let w: Vec<f64> = cand.iter().map(|(v, _)| ((v - top) as f64).exp()).collect();
-        let total = match log_norm {
-            Some(lse) => (-((lse - top) as f64)).exp().recip(),
-            None => w.iter().sum(),
+            lse.clone()
+        } else {
+            logsumexp(vals.clone())
         };
-        let mut keep = w.len();
-        if self.cfg.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (j, x) in w.iter().enumerate() {
-                acc += x / total;
-                if acc >= self.cfg.top_p as f64 {
-                    keep = j + 1;
-                    break;
-                }
-            }
-        }
-        let kept: f64 = w[..keep].iter().sum();
-        let mut u = self.rng.uniform() * kept;
-        for (j, x) in w[..keep].iter().enumerate() {
-            u -= x;
-            if u < 0.0 {
-                return (cand[j].1, cand[j].0);
-            }
-        }
-        (cand[keep - 1].1, cand[keep - 1].0)
+        let u = self.uniform(vals.dims(), &vals.device());
+        let (tok, lp) = pick(vals, idx, norm, c.top_p, u);
+        Ok(read_tokens(tok, lp - lse))
     }
+}
+
+/// Samples one candidate per row from `vals` (logits sorted descending, `[rows, k]`, with
+/// their vocabulary ids `idx`) after the nucleus cut, on the device: keeps the shortest
+/// prefix whose probability (`exp(vals - log_norm)`) reaches `top_p`, then takes the Gumbel
+/// argmax with the uniform noise `u`. Returns the ids and their logits, `[rows, 1]` each.
+fn pick(
+    vals: Tensor<2>,
+    idx: Tensor<2, Int>,
+    log_norm: Tensor<2>,
+    top_p: f32,
+    u: Tensor<2>,
+) -> (Tensor<2, Int>, Tensor<2>) {
+    let mut scores = vals.clone() - u.log().neg().log();
+    if top_p < 1.0 {
+        let p = (vals.clone() - log_norm).exp();
+        // A candidate stays while the mass before it is short of top_p: the first always does.
+        let before = p.clone().cumsum(1) - p;
+        scores = scores.mask_fill(before.greater_equal_elem(top_p), f32::NEG_INFINITY);
+    }
+    let j = scores.argmax(1);
+    (idx.gather(1, j.clone()), vals.gather(1, j))
 }
 
 /// Sampled ids and their log-probs (`[rows, 1]` each), read in one transfer: the decode
@@ -410,10 +396,6 @@ impl Sampler {
 fn read_tokens(tok: Tensor<2, Int>, lp: Tensor<2>) -> (Vec<u32>, Vec<f32>) {
     let both = floats(Tensor::cat(vec![tok.float(), lp], 1));
     both.chunks(2).map(|p| (p[0] as u32, p[1])).unzip()
-}
-
-fn ints<const D: usize>(t: Tensor<D, Int>) -> Vec<u32> {
-    t.into_data().iter::<i64>().map(|x| x as u32).collect()
 }
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -425,32 +407,47 @@ mod tests {
     use super::*;
 
     fn sampler(top_k: usize, top_p: f32, seed: u64) -> Sampler {
-        Sampler {
-            cfg: Sampling {
-                temperature: 1.0,
-                top_k,
-                top_p,
-                seed,
-            },
-            rng: Rng::new(seed),
+        Sampler::new(&Sampling {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            seed,
+        })
+    }
+
+    /// `rows` copies of one row of logits.
+    fn rows(logits: &[f32], rows: usize) -> Tensor<2> {
+        let data: Vec<f32> = (0..rows).flat_map(|_| logits.iter().copied()).collect();
+        Tensor::<1>::from_floats(data.as_slice(), &Device::flex()).reshape([rows, logits.len()])
+    }
+
+    /// Draws one candidate for each of `n` rows of `probs` (already sorted) through [`pick`].
+    fn draws(probs: &[f32], log_norm: f32, top_p: f32, n: usize) -> Vec<u32> {
+        let logs: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let ids: Vec<i64> = (0..probs.len() as i64).collect();
+        let dev = Device::flex();
+        let idx = Tensor::<1, Int>::from_ints(ids.as_slice(), &dev)
+            .reshape([1, probs.len()])
+            .repeat_dim(0, n);
+        let u = sampler(0, top_p, 3).uniform([n, probs.len()], &dev);
+        let norm = Tensor::<2>::full([n, 1], log_norm, &dev);
+        let (tok, lp) = pick(rows(&logs, n), idx, norm, top_p, u);
+        let (tok, lp) = read_tokens(tok, lp);
+        for (t, l) in tok.iter().zip(&lp) {
+            assert!(
+                (l - logs[*t as usize]).abs() < 1e-6,
+                "logit of the wrong candidate"
+            );
         }
+        tok
     }
 
     #[test]
     fn nucleus_keeps_smallest_prefix_reaching_top_p() {
-        // Probabilities 0.5, 0.3, 0.2: top_p 0.7 keeps the first two only.
-        let cand: Vec<(f32, u32)> = [0.5f32, 0.3, 0.2]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.ln(), i as u32))
-            .collect();
-        let mut s = sampler(0, 0.7, 3);
-        let mut counts = [0usize; 3];
-        for _ in 0..4000 {
-            counts[s.pick(&cand, None).0 as usize] += 1;
-        }
-        assert_eq!(counts[2], 0, "token outside the nucleus was sampled");
-        let frac = counts[0] as f64 / 4000.0;
+        // Probabilities 0.5, 0.3, 0.2: top_p 0.7 keeps the first two only, renormalised.
+        let tok = draws(&[0.5, 0.3, 0.2], 0.0, 0.7, 4000);
+        assert!(!tok.contains(&2), "token outside the nucleus was sampled");
+        let frac = tok.iter().filter(|&&t| t == 0).count() as f64 / 4000.0;
         assert!(
             (frac - 0.625).abs() < 0.03,
             "renormalised 0.5/0.8 expected, got {frac}"
@@ -460,39 +457,62 @@ mod tests {
     #[test]
     fn nucleus_without_top_k_uses_true_probabilities() {
         // Candidates hold 0.5 and 0.3 of the mass; the other 0.2 lies outside them. With
-        // the true normaliser, top_p 0.6 needs both; renormalised (0.625, 0.375) it would
-        // keep only the first.
-        let cand: Vec<(f32, u32)> = [0.5f32, 0.3]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.ln(), i as u32))
-            .collect();
-        let lse = 0.0f32; // log of total mass 1
-        let mut s = sampler(0, 0.6, 4);
-        let seen: std::collections::HashSet<u32> =
-            (0..500).map(|_| s.pick(&cand, Some(lse)).0).collect();
-        assert_eq!(seen.len(), 2, "both candidates are in the nucleus");
-        let mut s = sampler(0, 0.6, 4);
-        let seen: std::collections::HashSet<u32> =
-            (0..500).map(|_| s.pick(&cand, None).0).collect();
-        assert_eq!(seen.len(), 1);
+        // the true normaliser (log 1), top_p 0.6 needs both; renormalised (0.625, 0.375) it
+        // keeps only the first.
+        let seen = |norm: f32| {
+            let mut t = draws(&[0.5, 0.3], norm, 0.6, 500);
+            t.sort();
+            t.dedup();
+            t
+        };
+        assert_eq!(seen(0.0), [0, 1], "both candidates are in the nucleus");
+        assert_eq!(seen(0.8f32.ln()), [0]);
+    }
+
+    #[test]
+    fn top_p_beyond_the_candidates_sorts_whole_rows() {
+        // 1000 slowly falling logits: the 0.9 nucleus reaches far past the 256 candidates.
+        let vocab = 1000;
+        let logits: Vec<f32> = (0..vocab).map(|i| -(i as f32) * 1e-3).collect();
+        let w: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let (mut acc, mut cut) = (0.0, vocab);
+        for (i, x) in w.iter().enumerate() {
+            if acc >= 0.9 * total {
+                cut = i;
+                break;
+            }
+            acc += x;
+        }
+        let mut s = sampler(0, 0.9, 7);
+        let (tok, lp) = s.sample(rows(&logits, 2000)).unwrap();
+        assert!(
+            tok.iter().all(|&t| (t as usize) < cut),
+            "outside the nucleus"
+        );
+        let far = tok.iter().filter(|&&t| t >= 256).count() as f64 / 2000.0;
+        let want = w[256..cut].iter().sum::<f64>() / w[..cut].iter().sum::<f64>();
+        assert!(
+            (far - want).abs() < 0.04,
+            "{far} of draws past the candidates, want {want}"
+        );
+        let lse = total.ln() as f32;
+        for (t, l) in tok.iter().zip(&lp) {
+            assert!((l - (logits[*t as usize] - lse)).abs() < 1e-4);
+        }
     }
 
     #[test]
     fn same_seed_same_samples() {
-        let cand: Vec<(f32, u32)> = (0..10).map(|i| (-(i as f32) * 0.3, i)).collect();
-        let a: Vec<u32> = {
-            let mut s = sampler(10, 1.0, 9);
-            (0..50).map(|_| s.pick(&cand, None).0).collect()
-        };
-        let b: Vec<u32> = {
-            let mut s = sampler(10, 1.0, 9);
-            (0..50).map(|_| s.pick(&cand, None).0).collect()
-        };
-        assert_eq!(a, b);
-        assert!(
-            a.iter().any(|&t| t != a[0]),
-            "sampling at T=1 should not be constant"
-        );
+        let logits: Vec<f32> = (0..10).map(|i| -(i as f32) * 0.3).collect();
+        let run = |k, p| sampler(k, p, 9).sample(rows(&logits, 50)).unwrap().0;
+        for (k, p) in [(10, 1.0), (0, 0.9), (4, 0.8)] {
+            let a = run(k, p);
+            assert_eq!(a, run(k, p));
+            assert!(
+                a.iter().any(|&t| t != a[0]),
+                "sampling at T=1 should not be constant"
+            );
+        }
     }
 }

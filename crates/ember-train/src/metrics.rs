@@ -69,6 +69,16 @@ impl MetricsLog {
         Ok(Self { path, file })
     }
 
+    /// The latest value of `key` in the log: what a resumed run that has nothing left to do
+    /// reports as its final figures.
+    pub fn last(&self, key: &str) -> Option<f64> {
+        let text = fs::read_to_string(&self.path).ok()?;
+        text.lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v.get(key).and_then(Value::as_f64))
+    }
+
     pub fn write(&mut self, record: Value) -> Result<()> {
         writeln!(self.file, "{record}")
             .with_context(|| format!("{}: cannot write", self.path.display()))

@@ -591,8 +591,8 @@ pub fn run_loop<M: TrainModel>(
     let t_run = Instant::now();
     let mut t_window = Instant::now();
     let mut tokens_window = 0u64;
-    let mut last_loss = f64::NAN;
-    let mut last_val = None;
+    let mut last_loss = metrics.last("loss").unwrap_or(f64::NAN);
+    let mut last_val = metrics.last("val_loss");
     let mut last_ckpt: Option<PathBuf> = resume_ckpt.clone();
     let save =
         |trainer: &Trainer<M>, objective: &dyn Objective<M>, rng: &Rng, tokens: u64, secs: f64| {
