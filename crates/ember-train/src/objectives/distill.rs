@@ -136,10 +136,12 @@ fn log_probs(model: &Qwen3, inputs: Tensor<2, Int>, t: f64) -> Tensor<3> {
 }
 
 /// A frozen model's log-probs of `inputs`, computed on its own device and moved to `to`'s.
+/// Both are one physical device, with and without autodiff, so nothing leaves it: the
+/// `[batch, len, vocab]` log-probs are gigabytes at a real vocabulary.
 fn frozen_log_probs(model: &Qwen3, inputs: &Tensor<2, Int>, t: f64, to: &Tensor<2>) -> Tensor<3> {
     let device = model.embed_tokens.val().device();
-    let x = Tensor::<2, Int>::from_data(inputs.to_data(), &device);
-    Tensor::from_data(log_probs(model, x, t).into_data(), &to.device())
+    let x = inputs.clone().to_device(&device);
+    log_probs(model, x, t).to_device(&to.device())
 }
 
 /// The picked tokens' entries of `[batch, len, vocab]` log-probs: `[batch, len]`.
