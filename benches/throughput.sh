@@ -80,8 +80,9 @@ want rl && part rl-torch 90 python3 benches/reference/rollout_hf.py "${common[@]
 ls=${LONG_SEQ:-8192}
 want long && part long-ember 70 "$ember" bench train "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
 want long && part long-torch 40 python3 benches/reference/train_hf.py "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
-# 5. Where the time goes: per-kernel GPU time of one training step (after a warm-up step)
-# and of decoding at batch 1 (cubecl backends only; tables in $dir/profile-*.md).
+# 5. Where the time goes: per-kernel GPU time of training, averaged over two steps (the
+# first one's autotune launches included: the log does not separate steps), and of decoding
+# at batch 1, prefill included (cubecl backends only; tables in $dir/profile-*.md).
 if [[ $device != cpu ]]; then
   root=$(pwd); abs=(--model-config "$root/$cfg" --device "$device" --dtype "$dtype")
   [[ $ember = /* ]] || ember="$root/$ember"
