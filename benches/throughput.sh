@@ -12,8 +12,10 @@
 #   CONFIG=benches/configs/qwen3-0.6b.json  TRAIN_BATCH=4 TRAIN_SEQ=2048 LONG_SEQ=8192 STEPS=10
 #   GEN_BATCHES=1,32,256 NEW_TOKENS=128 PROFILE_TOKENS=32  RL_PROMPTS=64 RL_GROUP=8 RL_NEW=512 RL_MICRO=8
 #   BUDGET_S=540 (the whole run)  EMBER (the binary; default target/release/ember)
-#   PARTS=all, or a comma list of: train (ember's step and its warm start), torch (both
-#   training references), generate, rl, long, profile
+#   PARTS=all, or a comma list of: gemm (cuBLASLt beside Burn's matmul, checked), train
+#   (ember's step and its warm start), torch (both training references), generate, rl, long,
+#   profile
+#   EMBER_GEMM=cublaslt sends ember's projections to cuBLASLt (CUDA builds; found below)
 # On an H100 (2026-11-26) ember's first 0.6B training step took 115 s of kernel compilation,
 # so all parts need more than one 15-minute device session: choose PARTS to fit one.
 # A smoke run on a CPU:
@@ -34,6 +36,14 @@ start=$(date +%s); budget=${BUDGET_S:-540}
 # `kernel-cache` feature; others ignore it and both starts are cold).
 export EMBER_KERNEL_CACHE="$dir/kernel-cache"
 rm -rf "$EMBER_KERNEL_CACHE"
+
+# cuBLASLt for EMBER_GEMM=cublaslt: the one the PyTorch wheels bring, else the toolkit's.
+ltdir=$(python3 -c '
+import glob, os, sys
+c = [p for d in sys.path if d for p in glob.glob(os.path.join(d, "nvidia", "**", "libcublasLt.so*"), recursive=True)]
+c += glob.glob("/usr/local/cuda*/lib64/libcublasLt.so*") + glob.glob("/usr/local/cuda*/targets/*/lib/libcublasLt.so*")
+print(os.path.dirname(c[0]) if c else "")' 2>/dev/null)
+[[ -n $ltdir ]] && export LD_LIBRARY_PATH="$ltdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # want GROUP: whether PARTS asks for GROUP.
 want() { [[ ,${PARTS:-all}, == *,all,* || ,${PARTS:-all}, == *,$1,* ]]; }
@@ -59,6 +69,9 @@ part() {
 }
 
 common=(--model-config "$cfg" --device "$device" --dtype "$dtype" --out "$out")
+# 0. cuBLASLt against Burn's matmul on the model's GEMM shapes: a difference past the
+# tolerance fails the part.
+[[ $device == cuda ]] && want gemm && part gemm 120 "$ember" bench gemm --device "$device" --dtype "$dtype" --check
 tb=${TRAIN_BATCH:-4}; ts=${TRAIN_SEQ:-2048}; steps=${STEPS:-10}
 # 1. Training. The first ember process compiles every kernel: its first step is the cold
 # start; the short second process below reads them back from the cache: the warm start.

@@ -23,6 +23,9 @@ pub enum Command {
     Rollout(crate::bench_rl::Args),
     /// Encoder MLM training tokens per second (ModernBERT: forward, backward, AdamW).
     Encoder(crate::bench_encoder::Args),
+    /// cuBLASLt GEMM (EMBER_GEMM=cublaslt) beside Burn's matmul: differences and TFLOP/s
+    /// (CUDA builds).
+    Gemm(crate::bench_gemm::Args),
 }
 
 #[derive(clap::Args)]
@@ -59,6 +62,7 @@ pub fn run(c: Command) -> Result<()> {
         Command::Train(a) => crate::bench_train::run(a),
         Command::Rollout(a) => crate::bench_rl::run(a),
         Command::Encoder(a) => crate::bench_encoder::run(a),
+        Command::Gemm(a) => crate::bench_gemm::run(a),
     }
 }
 
@@ -240,9 +244,15 @@ fn peak_tflops(given: Option<f64>, device: &Device, dtype: &str) -> Option<f64> 
     })
 }
 
-/// Appends one JSON record to a results file.
+/// Appends one JSON record to a results file, with the GEMM path ember's figures came from
+/// (`EMBER_GEMM`), so that runs of one binary with and without cuBLASLt stay apart.
 pub fn append_jsonl(path: &std::path::Path, rec: &serde_json::Value) -> Result<()> {
     use std::io::Write;
+    let mut rec = rec.clone();
+    if let Some(o) = rec.as_object_mut() {
+        let gemm = std::env::var("EMBER_GEMM").unwrap_or_else(|_| "burn".into());
+        o.insert("gemm".into(), gemm.into());
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

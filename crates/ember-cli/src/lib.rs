@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_encoder;
+mod bench_gemm;
 mod bench_rl;
 mod bench_train;
 mod eval;
@@ -72,6 +73,13 @@ pub fn main() -> i32 {
             );
         }));
     }
+    // cubecl and burn report trouble (a kernel cache that cannot be written, a failed
+    // autotune) only through `log`, and without a logger it vanishes. RUST_LOG overrides.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("cubecl=warn,cubek=warn,burn=warn"),
+    )
+    .format_timestamp(None)
+    .init();
     let cli = Cli::parse();
     ember_models::device::configure_kernel_cache();
     let result = match cli.command {

@@ -5,6 +5,7 @@ use anyhow::Result;
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
+use super::gemm::matmul_nt;
 use super::to_dtype;
 use crate::weights::{export, param, Init, WeightSink, WeightSource};
 
@@ -65,9 +66,7 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) 
     let d_in = dims[D - 1];
     let rows = x.shape().num_elements() / d_in;
     let [d_out, _] = w.dims();
-    let y = x
-        .reshape([rows, d_in])
-        .matmul(to_dtype(w, dtype).transpose());
+    let y = matmul_nt(x.reshape([rows, d_in]), to_dtype(w, dtype));
     let y = match b {
         Some(b) => y + to_dtype(b, dtype).unsqueeze::<2>(),
         None => y,

@@ -1,8 +1,11 @@
 //! Building blocks shared by the model files.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cublaslt;
 pub mod custom_grad;
 pub mod flash;
+pub mod gemm;
 pub mod linear;
 pub mod mlp;
 pub mod rms_norm;

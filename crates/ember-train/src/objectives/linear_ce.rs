@@ -13,6 +13,7 @@
 
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 use ember_models::layers::custom_grad::{self, TensorBackward};
+use ember_models::layers::gemm::product;
 use ember_models::layers::{logsumexp, to_dtype};
 
 /// Logit elements per chunk: 128 MiB of f32 logits, and about as much again for their
@@ -62,7 +63,7 @@ pub fn linear_cross_entropy(
         let hc = h.clone().narrow(0, start, len);
         let tc = targets.clone().narrow(0, start, len).reshape([len, 1]);
         let sc = scale.clone().narrow(0, start, len).reshape([len, 1]);
-        let logits = to_dtype(hc.clone().matmul(w.clone().transpose()), DType::F32);
+        let logits = to_dtype(product(hc.clone(), w.clone(), false, true), DType::F32);
         let max = logits.clone().max_dim(1);
         let shifted = logits - max;
         let sum_exp = shifted.clone().exp().sum_dim(1);
@@ -73,8 +74,8 @@ pub fn linear_cross_entropy(
             let p = (shifted - lse).exp();
             let g = (p * sc.clone()).scatter(1, tc, sc.neg(), IndexingUpdateOp::Add);
             let g = to_dtype(g, dtype);
-            d_hidden.push(g.clone().matmul(w.clone()));
-            let dw = to_dtype(g.transpose().matmul(hc), DType::F32);
+            d_hidden.push(product(g.clone(), w.clone(), false, false));
+            let dw = to_dtype(product(g, hc, true, false), DType::F32);
             d_head = Some(match d_head {
                 Some(acc) => acc + dw,
                 None => dw,
@@ -145,7 +146,7 @@ impl LogprobBackward {
     fn scaled_logits(&self, h: &Tensor<2>, w: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
         let hc = h.clone().narrow(0, start, len);
         let w = to_dtype(w.clone(), hc.dtype());
-        let z = to_dtype(hc.matmul(w.transpose()), DType::F32);
+        let z = to_dtype(product(hc, w, false, true), DType::F32);
         if self.temperature != 1.0 {
             z / self.temperature
         } else {
@@ -173,9 +174,9 @@ impl TensorBackward<2, 2, 1> for LogprobBackward {
             let t = targets.clone().narrow(0, start, len).reshape([len, 1]);
             let dz = (p * gc.clone().neg()).scatter(1, t, gc, IndexingUpdateOp::Add);
             let dz = to_dtype(dz, dtype);
-            d_hidden.push(dz.clone().matmul(wc.clone()));
+            d_hidden.push(product(dz.clone(), wc.clone(), false, false));
             let hc = h.clone().narrow(0, start, len);
-            let dw = to_dtype(dz.transpose().matmul(hc), DType::F32);
+            let dw = to_dtype(product(dz, hc, true, false), DType::F32);
             d_head = Some(match d_head {
                 Some(acc) => acc + dw,
                 None => dw,

@@ -1,0 +1,395 @@
+//! cuBLASLt GEMMs on Burn's CUDA tensors, as a backend extension (`LtOps`).
+//!
+//! Why: on an H100, cubecl's own bf16 matmul reaches about 181 TFLOP/s on 8192³ where
+//! cuBLAS reaches about 790, and the projections are most of a step's FLOPs.
+//!
+//! How it runs alongside cubecl: cubecl launches on streams it keeps private, so a GEMM
+//! here waits for the device (`client.sync`), runs on a stream of its own in the same
+//! (primary) context, and waits for that stream before it hands the output back. That is
+//! two host syncs per GEMM, a cost [`gemm`]'s callers accept for large products only.
+//! Under fusion the op is lazy and opaque: fusion flushes what came before and runs it in
+//! order.
+//!
+//! Opt-in with `EMBER_GEMM=cublaslt` until measured on a GPU; libcublasLt is loaded at the
+//! first call, from `LD_LIBRARY_PATH` (the `nvidia-cublas` wheel's `lib/` has it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{bail, Context, Result};
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, DispatchDevice, TensorMetadata};
+use burn::tensor::{DType, Device, Shape, Tensor};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::future::block_on;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, CubeDevice};
+use cubecl_runtime::runtime::Runtime;
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{CudaContext, CudaStream};
+
+/// Whether the projections' GEMMs on `device` go to cuBLASLt (`EMBER_GEMM=cublaslt`).
+pub fn enabled_on(device: &Device) -> bool {
+    static WANTED: OnceLock<bool> = OnceLock::new();
+    let wanted = *WANTED.get_or_init(|| match std::env::var("EMBER_GEMM").as_deref() {
+        Ok("cublaslt") => true,
+        Ok("burn") | Err(_) => false,
+        Ok(other) => {
+            eprintln!("warning: EMBER_GEMM={other} is not `cublaslt` or `burn`; using burn");
+            false
+        }
+    });
+    wanted
+        && matches!(
+            device.clone().inner().as_dispatch(),
+            DispatchDevice::Cube(CubeDevice::Cuda(_))
+        )
+}
+
+/// `op(a) · op(b)` for 2-D `a`, `b` (no autodiff), `op` transposing when its flag is set.
+pub fn gemm(a: Tensor<2>, b: Tensor<2>, ta: bool, tb: bool) -> Tensor<2> {
+    Tensor::from_dispatch(<burn::backend::Dispatch as LtOps>::lt_gemm(
+        a.into_dispatch(),
+        b.into_dispatch(),
+        ta,
+        tb,
+    ))
+}
+
+#[backend_extension(Cube, Fusion)]
+pub trait LtOps: Backend {
+    #[fusion(dtype = a, shape = gemm_shape(a, b, ta, tb))]
+    fn lt_gemm(a: FloatTensor<Self>, b: FloatTensor<Self>, ta: bool, tb: bool)
+        -> FloatTensor<Self>;
+}
+
+/// `[m, n]` of `op(a) · op(b)`.
+fn gemm_shape(a: &Shape, b: &Shape, ta: &bool, tb: &bool) -> Shape {
+    let m = if *ta { a[1] } else { a[0] };
+    let n = if *tb { b[0] } else { b[1] };
+    Shape::new([m, n])
+}
+
+impl LtOps for CubeBackend {
+    fn lt_gemm(a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> CubeTensor {
+        let typed = matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) && a.dtype == b.dtype;
+        if let (CubeDevice::Cuda(d), true) = (&a.device, typed) {
+            let index = d.index;
+            return run(index, a, b, ta, tb)
+                .unwrap_or_else(|e| panic!("cuBLASLt GEMM on cuda:{index}: {e:#}"));
+        }
+        let a = if ta { Self::float_transpose(a) } else { a };
+        let b = if tb { Self::float_transpose(b) } else { b };
+        Self::float_matmul(a, b)
+    }
+}
+
+fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result<CubeTensor> {
+    let (a, b) = (into_contiguous(a), into_contiguous(b));
+    let out_shape = gemm_shape(&a.shape(), &b.shape(), &ta, &tb);
+    let k = if ta { a.shape()[0] } else { a.shape()[1] };
+    let (m, n) = (out_shape[0], out_shape[1]);
+    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), out_shape, a.dtype);
+    type Server = <CudaRuntime as Runtime>::Server;
+    let resource = |t: &CubeTensor| {
+        t.client
+            .get_resource::<Server>(t.handle.clone())
+            .map_err(|e| anyhow::anyhow!("device pointer: {e:?}"))
+    };
+    // The guards keep the buffers in place (not freed, reused or moved) until the GEMM is done.
+    let (ga, gb, gd) = (resource(&a)?, resource(&b)?, resource(&out)?);
+    block_on(a.client.sync()).map_err(|e| anyhow::anyhow!("waiting for cubecl: {e:?}"))?;
+    let (pa, pb, pd) = (ga.resource().ptr, gb.resource().ptr, gd.resource().ptr);
+    let key = Key {
+        m,
+        n,
+        k,
+        ta,
+        tb,
+        dtype: a.dtype,
+        align: [pa, pb, pd].map(alignment),
+    };
+    let mut devices = DEVICES.get_or_init(Default::default).lock().unwrap();
+    let lt = match devices.get_mut(&index) {
+        Some(lt) => lt,
+        None => devices.entry(index).or_insert(Lt::new(index)?),
+    };
+    lt.matmul(key, pa, pb, pd)?;
+    lt.stream.synchronize().context("cuBLASLt stream")?;
+    Ok(out)
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<usize, Lt>>> = OnceLock::new();
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    dtype: DType,
+    /// Of `a`, `b` and `d`'s addresses: algorithms are chosen for it.
+    align: [u32; 3],
+}
+
+/// The power of two an address is aligned to, up to the 256 bytes cuBLASLt's heuristic
+/// otherwise assumes (a row slice of a tensor can start anywhere).
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// One device's cuBLASLt handle, stream, workspace and chosen algorithm per shape.
+struct Lt {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    handle: sys::cublasLtHandle_t,
+    workspace: u64,
+    algos: HashMap<Key, sys::cublasLtMatmulAlgo_t>,
+}
+
+// The raw handle and algorithms are plain data owned by this struct, used under the mutex.
+unsafe impl Send for Lt {}
+
+/// cuBLAS recommends 32 MiB of workspace on Hopper.
+const WORKSPACE: usize = 32 << 20;
+
+impl Lt {
+    fn new(index: usize) -> Result<Self> {
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "EMBER_GEMM=cublaslt: libcublasLt was not found; add its directory (for example \
+                 the nvidia-cublas wheel's lib/) to LD_LIBRARY_PATH"
+            );
+        }
+        let ctx = CudaContext::new(index).context("CUDA context")?;
+        let stream = ctx.new_stream().context("CUDA stream")?;
+        let handle = lt::create_handle().context("cublasLtCreate")?;
+        let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE) }
+            .context("cuBLASLt workspace")?;
+        Ok(Self {
+            ctx,
+            stream,
+            handle,
+            workspace,
+            algos: HashMap::new(),
+        })
+    }
+
+    /// Row-major `d = op(a) · op(b)` as cuBLASLt's column-major `dᵀ = op(b)ᵀ · op(a)ᵀ`: a
+    /// row-major matrix is its transpose in column-major, so `b` goes first and no copy is
+    /// made.
+    fn matmul(&mut self, key: Key, a: u64, b: u64, d: u64) -> Result<()> {
+        self.ctx.bind_to_thread().context("CUDA context")?;
+        let Key {
+            m, n, k, ta, tb, ..
+        } = key;
+        let ty = match key.dtype {
+            DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => sys::cudaDataType::CUDA_R_16F,
+            _ => sys::cudaDataType::CUDA_R_32F,
+        };
+        let (m, n, k) = (m as u64, n as u64, k as u64);
+        let desc = Descriptors::new(
+            ty,
+            // Stored shapes, column-major: `b` is `[n, k]` (or `[k, n]` when transposed) ...
+            if tb { (k, n) } else { (n, k) },
+            // ... `a` is `[k, m]` (or `[m, k]`), and `d` is `[n, m]`.
+            if ta { (m, k) } else { (k, m) },
+            (n, m),
+            tb,
+            ta,
+        )?;
+        let algo = match self.algos.get(&key) {
+            Some(algo) => *algo,
+            None => {
+                let [aa, ab, ad] = key.align;
+                // cuBLASLt's `a` is our `b`, as above.
+                let algo = desc.heuristic(self.handle, [ab, aa, ad, ad])?;
+                self.algos.insert(key, algo);
+                algo
+            }
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.matmul,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                b as *const _,
+                desc.a,
+                a as *const _,
+                desc.b,
+                d as *const _,
+                desc.d,
+                d as *mut _,
+                desc.d,
+                &algo,
+                self.workspace as *mut _,
+                WORKSPACE,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .context("cublasLtMatmul")
+    }
+}
+
+/// A matmul descriptor and the three layouts of one call, destroyed together.
+struct Descriptors {
+    matmul: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+}
+
+impl Descriptors {
+    /// Layouts given as stored `(rows, cols)`, column-major and packed.
+    fn new(
+        ty: sys::cudaDataType,
+        a: (u64, u64),
+        b: (u64, u64),
+        d: (u64, u64),
+        trans_a: bool,
+        trans_b: bool,
+    ) -> Result<Self> {
+        let layout = |(rows, cols): (u64, u64)| {
+            lt::create_matrix_layout(ty, rows, cols, rows as i64).context("matrix layout")
+        };
+        let matmul = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .context("matmul descriptor")?;
+        let out = Self {
+            matmul,
+            a: layout(a)?,
+            b: layout(b)?,
+            d: layout(d)?,
+        };
+        for (attr, t) in [
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                trans_a,
+            ),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                trans_b,
+            ),
+        ] {
+            // cublasOperation_t: 0 is N, 1 is T.
+            let op = t as i32;
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    matmul,
+                    attr,
+                    &op as *const _ as *const _,
+                    std::mem::size_of_val(&op),
+                )
+            }
+            .context("transpose attribute")?;
+        }
+        Ok(out)
+    }
+
+    /// The first algorithm cuBLASLt suggests for the workspace and the operands' alignments
+    /// (of its `a`, `b`, `c` and `d`).
+    fn heuristic(
+        &self,
+        handle: sys::cublasLtHandle_t,
+        align: [u32; 4],
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let pref = lt::create_matmul_pref().context("matmul preference")?;
+        let set = |attr, value: *const std::ffi::c_void, len| unsafe {
+            lt::set_matmul_pref_attribute(pref, attr, value, len)
+        };
+        let size = WORKSPACE;
+        let found = set(
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &size as *const usize as *const _,
+            std::mem::size_of::<usize>(),
+        )
+        .and_then(|_| {
+            [
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ]
+            .into_iter()
+            .zip(align.iter())
+            .try_for_each(|(attr, a)| set(attr, a as *const u32 as *const _, 4))
+        })
+        .and_then(|_| unsafe {
+            lt::get_matmul_algo_heuristic(handle, self.matmul, self.a, self.b, self.d, self.d, pref)
+        });
+        unsafe { lt::destroy_matmul_pref(pref) }.ok();
+        Ok(found.context("no cuBLASLt algorithm for this GEMM")?.algo)
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        unsafe {
+            lt::destroy_matrix_layout(self.a).ok();
+            lt::destroy_matrix_layout(self.b).ok();
+            lt::destroy_matrix_layout(self.d).ok();
+            lt::destroy_matmul_desc(self.matmul).ok();
+        }
+    }
+}
+
+/// On a cube device that is not CUDA the op runs Burn's matmul, so a wgpu build checks the
+/// extension's plumbing (dispatch, the lazy fusion op, the transposes and the autodiff
+/// wrapper's backward) without a GPU. cuBLASLt itself is checked by `ember bench gemm`.
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    use super::gemm;
+    use crate::layers::gemm::matmul_nt_lt;
+
+    fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+        (a.cast(DType::F32) - b.cast(DType::F32))
+            .abs()
+            .max()
+            .into_scalar()
+    }
+
+    #[test]
+    fn extension_routes_all_three_products_and_their_gradients() {
+        let device = crate::device::select("wgpu").expect("a wgpu device (lavapipe)");
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<2>::random([7, 5], normal, &device);
+        let w = Tensor::<2>::random([3, 5], normal, &device);
+        let dy = Tensor::<2>::random([7, 3], normal, &device);
+        let nt = gemm(x.clone(), w.clone(), false, true);
+        assert!(max_diff(nt, x.clone().matmul(w.clone().transpose())) < 1e-5);
+        let nn = gemm(dy.clone(), w.clone(), false, false);
+        assert!(max_diff(nn, dy.clone().matmul(w.clone())) < 1e-5);
+        let tn = gemm(dy.clone(), x.clone(), true, false);
+        assert_eq!(tn.dims(), [3, 5]);
+        assert!(max_diff(tn, dy.clone().transpose().matmul(x.clone())) < 1e-5);
+
+        let ad = device.autodiff();
+        let grads = |custom: bool| {
+            let x = Tensor::<2>::from_data(x.to_data(), &ad).require_grad();
+            let w = Tensor::<2>::from_data(w.to_data(), &ad).require_grad();
+            let r = Tensor::<2>::from_data(dy.to_data(), &ad);
+            let y = if custom {
+                matmul_nt_lt(x.clone(), w.clone())
+            } else {
+                x.clone().matmul(w.clone().transpose())
+            };
+            let g = (y * r).sum().backward();
+            (x.grad(&g).unwrap(), w.grad(&g).unwrap())
+        };
+        let ((dx, dw), (dx_ref, dw_ref)) = (grads(true), grads(false));
+        assert!(max_diff(dx, dx_ref) < 1e-5);
+        assert!(max_diff(dw, dw_ref) < 1e-5);
+    }
+}
