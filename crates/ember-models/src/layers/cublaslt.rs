@@ -76,7 +76,9 @@ fn gemm_shape(a: &Shape, b: &Shape, ta: &bool, tb: &bool) -> Shape {
 impl LtOps for CubeBackend {
     fn lt_gemm(a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> CubeTensor {
         let typed = matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) && a.dtype == b.dtype;
-        if let (CubeDevice::Cuda(d), true) = (&a.device, typed) {
+        // cuBLASLt rejects empty products; Burn's matmul gives their zeros.
+        let empty = a.shape().num_elements() == 0 || b.shape().num_elements() == 0;
+        if let (CubeDevice::Cuda(d), true, false) = (&a.device, typed, empty) {
             let index = d.index;
             return run(index, a, b, ta, tb)
                 .unwrap_or_else(|e| panic!("cuBLASLt GEMM on cuda:{index}: {e:#}"));
@@ -170,6 +172,8 @@ impl Lt {
         let handle = lt::create_handle().context("cublasLtCreate")?;
         let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE) }
             .context("cuBLASLt workspace")?;
+        // So that a log shows the switch took effect.
+        eprintln!("cuBLASLt: the projections' GEMMs on cuda:{index} run on cuBLASLt");
         Ok(Self {
             ctx,
             stream,
