@@ -45,6 +45,7 @@ mod cuda {
 
     use anyhow::{bail, Result};
     use burn::tensor::{DType, Distribution, Tensor};
+    use ember_models::layers::gemm::product_on_burn;
     use ember_train::trainer::scalar;
 
     use super::Args;
@@ -79,13 +80,12 @@ mod cuda {
                 ("dyᵀ·x", &dy, &x, true, false),
             ];
             for (name, p, q, tp, tq) in products {
-                let burn_gemm: Gemm = burn_matmul;
-                let reference = burn_gemm(p.clone(), q.clone(), tp, tq);
+                let reference = product_on_burn(p.clone(), q.clone(), tp, tq);
                 let ours = lt(p.clone(), q.clone(), tp, tq);
                 let diff = rel_diff(ours, reference)?;
                 worst = nan_max(worst, diff);
                 let flops = 2.0 * (m * n * k) as f64;
-                let t_burn = time(a.repeat, || burn_gemm(p.clone(), q.clone(), tp, tq))?;
+                let t_burn = time(a.repeat, || product_on_burn(p.clone(), q.clone(), tp, tq))?;
                 let t_lt = time(a.repeat, || lt(p.clone(), q.clone(), tp, tq))?;
                 println!(
                     "| {m} | {n} | {k} | {name} | {diff:.2e} | {:.1} | {:.1} | {:.2}× |",
@@ -116,12 +116,6 @@ mod cuda {
         }
     }
 
-    fn burn_matmul(a: Tensor<2>, b: Tensor<2>, ta: bool, tb: bool) -> Tensor<2> {
-        let a = if ta { a.transpose() } else { a };
-        let b = if tb { b.transpose() } else { b };
-        a.matmul(b)
-    }
-
     /// `max |a − b| / max |b|`, in f32.
     fn rel_diff(a: Tensor<2>, b: Tensor<2>) -> Result<f64> {
         let (a, b) = (a.cast(DType::F32), b.cast(DType::F32));
@@ -147,31 +141,29 @@ mod cuda {
 
     /// The gradients of `sum(r ∘ x·wᵀ)` through the cuBLASLt op against Burn's autodiff.
     fn grad_diff(device: &burn::tensor::Device, dtype: DType) -> Result<f64> {
-        {
-            let ad = device.clone().autodiff();
-            let normal = Distribution::Normal(0.0, 1.0);
-            let (m, n, k) = (96, 80, 64);
-            let x0 = Tensor::<2>::random([m, k], normal, &ad);
-            let w0 = Tensor::<2>::random([n, k], normal, &ad);
-            let r = Tensor::<2>::random([m, n], normal, &ad);
-            let grads = |lt: bool| -> Result<(Tensor<2>, Tensor<2>)> {
-                let (x, w) = (x0.clone().require_grad(), w0.clone().require_grad());
-                let (xc, wc) = (x.clone().cast(dtype), w.clone().cast(dtype));
-                let y = if lt {
-                    ember_models::layers::gemm::matmul_nt_lt(xc, wc)
-                } else {
-                    xc.matmul(wc.transpose())
-                };
-                let g = (y.cast(DType::F32) * r.clone()).sum().backward();
-                match (x.grad(&g), w.grad(&g)) {
-                    (Some(dx), Some(dw)) => Ok((dx, dw)),
-                    _ => bail!("no gradient reached x or w"),
-                }
+        let ad = device.clone().autodiff();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (m, n, k) = (96, 80, 64);
+        let x0 = Tensor::<2>::random([m, k], normal, &ad);
+        let w0 = Tensor::<2>::random([n, k], normal, &ad);
+        let r = Tensor::<2>::random([m, n], normal, &ad);
+        let grads = |lt: bool| -> Result<(Tensor<2>, Tensor<2>)> {
+            let (x, w) = (x0.clone().require_grad(), w0.clone().require_grad());
+            let (xc, wc) = (x.clone().cast(dtype), w.clone().cast(dtype));
+            let y = if lt {
+                ember_models::layers::gemm::matmul_nt_lt(xc, wc)
+            } else {
+                xc.matmul(wc.transpose())
             };
-            let (dx_lt, dw_lt) = grads(true)?;
-            let (dx, dw) = grads(false)?;
-            Ok(rel_diff(dx_lt, dx)?.max(rel_diff(dw_lt, dw)?))
-        }
+            let g = (y.cast(DType::F32) * r.clone()).sum().backward();
+            match (x.grad(&g), w.grad(&g)) {
+                (Some(dx), Some(dw)) => Ok((dx, dw)),
+                _ => bail!("no gradient reached x or w"),
+            }
+        };
+        let (dx_lt, dw_lt) = grads(true)?;
+        let (dx, dw) = grads(false)?;
+        Ok(nan_max(rel_diff(dx_lt, dx)?, rel_diff(dw_lt, dw)?))
     }
 }
 

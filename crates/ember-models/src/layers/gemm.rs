@@ -26,6 +26,11 @@ pub fn product(a: Tensor<2>, b: Tensor<2>, ta: bool, tb: bool) -> Tensor<2> {
     if super::cublaslt::enabled_on(&a.device()) {
         return super::cublaslt::gemm(a, b, ta, tb);
     }
+    product_on_burn(a, b, ta, tb)
+}
+
+/// [`product`] on Burn's matmul, whatever `EMBER_GEMM` says.
+pub fn product_on_burn(a: Tensor<2>, b: Tensor<2>, ta: bool, tb: bool) -> Tensor<2> {
     let a = if ta { a.transpose() } else { a };
     let b = if tb { b.transpose() } else { b };
     a.matmul(b)
