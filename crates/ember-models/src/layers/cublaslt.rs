@@ -13,6 +13,7 @@
 //! Opt-in with `EMBER_GEMM=cublaslt` until measured on a GPU; libcublasLt is loaded at the
 //! first call, from `LD_LIBRARY_PATH` (the `nvidia-cublas` wheel's `lib/` has it).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -115,9 +116,9 @@ fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result
         align: [pa, pb, pd].map(alignment),
     };
     let mut devices = DEVICES.get_or_init(Default::default).lock().unwrap();
-    let lt = match devices.get_mut(&index) {
-        Some(lt) => lt,
-        None => devices.entry(index).or_insert(Lt::new(index)?),
+    let lt = match devices.entry(index) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(Lt::new(index)?),
     };
     lt.matmul(key, pa, pb, pd)?;
     lt.stream.synchronize().context("cuBLASLt stream")?;
