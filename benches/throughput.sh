@@ -14,8 +14,9 @@
 #   BUDGET_S=540 (the whole run)  EMBER (the binary; default target/release/ember)
 #   PARTS=all, or a comma list of: gemm (cuBLASLt beside Burn's matmul, checked), train
 #   (ember's step and its warm start), torch (both training references), generate, rl, long,
-#   profile
+#   profile, graph (generation through a captured decode graph)
 #   EMBER_GEMM=cublaslt sends ember's projections to cuBLASLt (CUDA builds; found below)
+#   EMBER_DECODE=graph sends ember's RL rollouts through the captured decode step
 # On an H100 (2026-11-26) ember's first 0.6B training step took 115 s of kernel compilation,
 # so all parts need more than one 15-minute device session: choose PARTS to fit one.
 # A smoke run on a CPU:
@@ -83,6 +84,10 @@ want torch && part train-torch-compile 130 python3 benches/reference/train_hf.py
 gb=${GEN_BATCHES:-1,32,256}; nt=${NEW_TOKENS:-128}
 want generate && part generate-ember 60 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
   ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
+# The same through the decode step captured as a CUDA graph (greedy), checked against
+# the eager engine's tokens.
+want graph && part generate-graph 90 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
+  --graph ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
 want generate && part generate-torch 70 python3 benches/reference/generate_hf.py "${common[@]}" --batch "$gb" --new-tokens "$nt"
 # 3. One RLVR step: G completions of each prompt, then one update on them.
 rl=(--prompts "${RL_PROMPTS:-64}" --group "${RL_GROUP:-8}" --new-tokens "${RL_NEW:-512}" --prompt-len 64
@@ -139,14 +144,17 @@ if cold is not None and warm is not None:
     print(f"start: first training step {cold:.1f} s with an empty kernel cache, {warm:.1f} s with it filled")
 gen = [r for r in rows if r.get("bench") == "generate"]
 for b in sorted({r["batch"] for r in gen}):
-    e = [r for r in gen if r["batch"] == b and r["engine"] == "ember"]
     t = [r for r in gen if r["batch"] == b and r["engine"] == "transformers"]
-    if e and t:
-        bw = f", {100 * e[0]['bandwidth_fraction']:.1f}% of the bandwidth bound" if e[0].get("bandwidth_fraction") else ""
-        print(f"generate batch {b}: ember {e[0]['tokens_per_s']:.1f} tok/s{bw}; transformers {t[0]['tokens_per_s']:.1f} ({e[0]['tokens_per_s'] / t[0]['tokens_per_s']:.2f}x)")
+    for engine in ("ember", "ember-graph"):
+        e = [r for r in gen if r["batch"] == b and r["engine"] == engine]
+        if e and t:
+            bw = f", {100 * e[0]['bandwidth_fraction']:.1f}% of the bandwidth bound" if e[0].get("bandwidth_fraction") else ""
+            agree = f", {100 * e[0]['rows_agreeing_with_eager']:.0f}% of rows agree with eager" if "rows_agreeing_with_eager" in e[0] else ""
+            print(f"generate batch {b}: {engine} {e[0]['tokens_per_s']:.1f} tok/s{bw}{agree}; transformers {t[0]['tokens_per_s']:.1f} ({e[0]['tokens_per_s'] / t[0]['tokens_per_s']:.2f}x)")
 for engine in ("ember", "transformers"):
     r = next((r for r in rows if r.get("bench") == "rollout" and r.get("engine") == engine), None)
     if r:
         parts = ", ".join(f"{k} {r[k]:.1f}" for k in ("rollout_s", "train_s", "step_s") if k in r)
-        print(f"rl step {engine}: {parts}")
+        how = f" ({r['decode']} decoding)" if "decode" in r else ""
+        print(f"rl step {engine}{how}: {parts}")
 PY

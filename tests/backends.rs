@@ -1,8 +1,9 @@
 //! Parity on the GPU backends compiled into this build (`--features wgpu|vulkan|cuda`), for
 //! each one present: f32 logits within 1e-4 of transformers, bf16 (where the device has it)
-//! within 2e-2, and greedy generation equal to transformers'. Built without a GPU feature,
-//! this module is not compiled. `EMBER_REQUIRE_BACKENDS=wgpu` (as CI sets) turns a missing
-//! device from a skip into a failure.
+//! within 2e-2, and greedy generation equal to transformers', eager and through a captured
+//! decode graph. Built without a GPU feature, this module is not compiled.
+//! `EMBER_REQUIRE_BACKENDS=wgpu` (as CI sets) turns a missing device from a skip into a
+//! failure.
 
 use burn::tensor::DType;
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
@@ -52,6 +53,14 @@ fn gpu_backends_match_transformers() {
         for (r, want) in expected.iter().enumerate() {
             assert_eq!(&out[r].tokens, want, "{name} greedy row {r}");
         }
+        // The decode step captured once and replayed against the buffers it was recorded
+        // with: only right if the step's state really is updated in place.
+        let replayed = crate::qwen3_generate::check_graph_decode(&model);
+        eprintln!("{name}: graph decoding matches (replayed as a graph: {replayed})");
+        assert!(
+            replayed,
+            "{name}: the decode step did not replay as a graph"
+        );
 
         if dev.supports_dtype(DType::BF16) {
             let m16 = model.into_inference_dtype(DType::BF16);

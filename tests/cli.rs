@@ -119,34 +119,39 @@ fn generate_greedy_matches_transformers_generate() {
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    let o = ember(&[
-        "generate",
-        "--model",
-        "tests/fixtures/qwen3_tied",
-        "--prompt",
-        prompts[0],
-        "--prompt",
-        prompts[1],
-        "--max-new-tokens",
-        "12",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 2);
-    for (r, line) in lines.iter().enumerate() {
-        assert_eq!(
-            line["prompt_ids"], g["prompt_ids"][r],
-            "tokenisation of prompt {r}"
-        );
-        assert_eq!(
-            line["tokens"], g["new_ids"][r],
-            "greedy tokens of prompt {r}"
-        );
+    // The eager engine, then the decode step captured as a graph (`--graph`).
+    for graph in [None, Some("--graph")] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "tests/fixtures/qwen3_tied",
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend(graph);
+        let o = ember(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for (r, line) in lines.iter().enumerate() {
+            assert_eq!(
+                line["prompt_ids"], g["prompt_ids"][r],
+                "tokenisation of prompt {r}"
+            );
+            assert_eq!(
+                line["tokens"], g["new_ids"][r],
+                "greedy tokens of prompt {r} ({graph:?})"
+            );
+        }
     }
     // Streaming a single prompt prints the decoded text.
     let o = ember(&[

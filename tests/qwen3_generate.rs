@@ -1,5 +1,6 @@
 //! The generation engine against transformers' greedy `generate`, plus sampling behaviour.
 
+use ember_models::decode_graph::generate_graph;
 use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 use ember_models::qwen3::Qwen3;
 
@@ -140,4 +141,77 @@ fn generation_on_an_autodiff_model_runs_on_a_plain_copy_and_agrees() {
     for (r, seq) in out.iter().enumerate() {
         assert_eq!(seq.tokens, expected[r]);
     }
+}
+
+/// The captured decode step (`decode_graph`) against transformers' greedy tokens and the
+/// eager engine: the same tokens, log-probs within 1e-4 (f32), and the same endings under
+/// per-row budgets and an EOS, with the fixture's left-padded prompts; and the same seeded
+/// samples with a temperature and with top-k. Returns whether the step replayed as a graph
+/// (flex has none and re-runs it; wgpu records one).
+pub fn check_graph_decode(model: &Qwen3) -> bool {
+    let (prompts, expected, max_new) = fixture_generate("qwen3");
+    let mut hardware = true;
+    let mut both = |o: &GenerateOptions| {
+        let eager = generate(model, &prompts, o, &mut Hooks::default()).unwrap();
+        let (graph, stats) = generate_graph(model, &prompts, o, &mut Hooks::default()).unwrap();
+        hardware &= stats.replayed;
+        for (r, (e, g)) in eager.iter().zip(&graph).enumerate() {
+            assert_eq!(e.tokens, g.tokens, "row {r}: graph vs eager tokens");
+            assert_eq!(e.finish, g.finish, "row {r}: graph vs eager ending");
+            for (a, b) in e.logprobs.iter().zip(&g.logprobs) {
+                assert!((a - b).abs() < 1e-4, "row {r}: log-prob {b} vs eager {a}");
+            }
+        }
+        graph
+    };
+    let out = both(&opts(max_new, model, Sampling::default()));
+    for (r, want) in expected.iter().enumerate() {
+        assert_eq!(
+            &out[r].tokens, want,
+            "row {r}: graph vs transformers greedy"
+        );
+    }
+    let mut o = opts(0, model, Sampling::default());
+    o.max_new_tokens = vec![3, 7];
+    both(&o);
+    let mut o = opts(max_new, model, Sampling::default());
+    o.eos_ids = vec![expected[0][1]];
+    assert_eq!(both(&o)[0].finish, FinishReason::Eos);
+    // Seeded sampling, with a temperature and with top-k: the same noise in the same order,
+    // so the same samples while every row runs (no EOS here).
+    for (temperature, top_k) in [(1.0, 0), (0.8, 5)] {
+        let sampling = Sampling {
+            temperature,
+            top_k,
+            top_p: 1.0,
+            seed: 11,
+        };
+        let mut o = opts(max_new, model, sampling);
+        o.eos_ids.clear();
+        let sampled = both(&o);
+        assert_ne!(
+            sampled[0].tokens, expected[0],
+            "T={temperature} sampled greedily"
+        );
+    }
+    hardware
+}
+
+#[test]
+fn graph_decode_matches_eager_and_transformers() {
+    let model = Qwen3::from_pretrained(&fixture_dir("qwen3"), &device()).unwrap();
+    check_graph_decode(&model);
+    let nucleus = Sampling {
+        temperature: 1.0,
+        top_p: 0.9,
+        ..Sampling::default()
+    };
+    let err = generate_graph(
+        &model,
+        &[vec![1]],
+        &opts(2, &model, nucleus),
+        &mut Hooks::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not with top-p"), "{err}");
 }

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use ember_models::burn::module::Module;
-use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
+use ember_models::decode_graph::{self, generate_auto};
+use ember_models::generate::{GenerateOptions, Hooks, Sampling};
 use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
 use ember_train::objectives::grpo::{policy_loss, PolicyRow, SurrogateConfig};
@@ -103,7 +104,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let policy = model.valid();
     // Warm-up: kernel compilation and allocator, on the full batch width.
-    generate(&policy, &rows, &opts(2, 0), &mut Hooks::default())?;
+    generate_auto(&policy, &rows, &opts(2, 0), &mut Hooks::default())?;
     let chunk = if a.rollout_batch == 0 {
         rows.len()
     } else {
@@ -112,7 +113,7 @@ pub fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let mut seqs = Vec::with_capacity(rows.len());
     for (i, part) in rows.chunks(chunk).enumerate() {
-        seqs.extend(generate(
+        seqs.extend(generate_auto(
             &policy,
             part,
             &opts(a.new_tokens, 7 + i as u64),
@@ -130,7 +131,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut rec = serde_json::json!({"bench": "rollout", "engine": "ember", "prompts": a.prompts,
         "group": a.group, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "dtype": a.run.dtype, "device": format!("{base:?}"), "params": params,
-        "rollout_s": rollout_s, "rollout_tokens_per_s": rollout_tps});
+        "rollout_s": rollout_s, "rollout_tokens_per_s": rollout_tps,
+        "decode": if decode_graph::requested() { "graph" } else { "eager" }});
     if a.train {
         // Half of each group above the mean, half below; token-level aggregation.
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();

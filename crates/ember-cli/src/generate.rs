@@ -6,9 +6,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use ember_data::{StreamDecoder, Tokenizer};
-use ember_models::burn::module::Module;
-use ember_models::generate::CausalLm;
-use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling};
+use ember_models::decode_graph::generate_graph;
+use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 
 use crate::models::{self, AnyModel, RunFlags};
 
@@ -44,9 +43,16 @@ pub struct Args {
     /// Print one JSON object per prompt (ids, log-probs, finish reason, text) instead of text.
     #[arg(long)]
     json: bool,
+    /// Decode through a step captured once and replayed as a graph: one launch per token
+    /// on CUDA (Qwen3, greedy).
+    #[arg(long)]
+    graph: bool,
     #[command(flatten)]
     run: RunFlags,
 }
+
+/// A decoding engine over a loaded model: prompts, options and hooks in, sequences out.
+type Engine<'a> = dyn Fn(&[Vec<u32>], &GenerateOptions, &mut Hooks) -> Result<Vec<Sequence>> + 'a;
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
@@ -75,11 +81,23 @@ pub fn run(a: Args) -> Result<()> {
     match model {
         AnyModel::Qwen3(m) => {
             let eos = m.config.eos_ids();
-            decode(&a, &*m, m.config.vocab_size, eos, tok, &tok_path)
+            let engine = |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| match a.graph {
+                true => Ok(generate_graph(&m, p, o, h)?.0),
+                false => generate(&*m, p, o, h),
+            };
+            decode(&a, &engine, m.config.vocab_size, eos, tok, &tok_path)
         }
         AnyModel::Hybrid(m) => {
+            if a.graph {
+                bail!(
+                    "--graph: graph decoding is for Qwen3 models; {} is a hybrid",
+                    a.model.display()
+                );
+            }
             let eos = m.eos_ids();
-            decode(&a, &*m, m.config.vocab_size, eos, tok, &tok_path)
+            let engine =
+                |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| generate(&*m, p, o, h);
+            decode(&a, &engine, m.config.vocab_size, eos, tok, &tok_path)
         }
         AnyModel::ModernBert(_) => bail!(
             "{}: an encoder (modernbert) has MLM logits (ember forward) but cannot generate",
@@ -88,10 +106,10 @@ pub fn run(a: Args) -> Result<()> {
     }
 }
 
-/// Generation with any decoder: `config_eos` are the model's own end-of-text ids.
-fn decode<M: CausalLm + Module>(
+/// Generates with `engine`: `config_eos` are the model's own end-of-text ids.
+fn decode(
     a: &Args,
-    model: &M,
+    engine: &Engine,
     vocab: usize,
     config_eos: Vec<u32>,
     tok: Option<Tokenizer>,
@@ -162,8 +180,7 @@ fn decode<M: CausalLm + Module>(
         }
     };
     let t0 = Instant::now();
-    let out = generate(
-        model,
+    let out = engine(
         &prompts,
         &opts,
         &mut Hooks {

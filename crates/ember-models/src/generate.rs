@@ -173,70 +173,17 @@ pub fn generate<M: CausalLm + Module>(
         // Building a graph that is never backpropagated leaks memory; run on a plain copy.
         return generate(&model.valid(), prompts, opts, hooks);
     }
-    let b = prompts.len();
-    if b == 0 {
+    if prompts.is_empty() {
         return Ok(vec![]);
     }
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        bail!("prompt {i} is empty: generation needs at least one prompt token");
-    }
-    let budget = |i: usize| -> usize {
-        match opts.max_new_tokens.as_slice() {
-            [one] => *one,
-            many => many.get(i).copied().unwrap_or(0),
-        }
-    };
-    if opts.max_new_tokens.len() != 1 && opts.max_new_tokens.len() != b {
-        bail!(
-            "max_new_tokens has {} entries for {b} prompts",
-            opts.max_new_tokens.len()
-        );
-    }
-    let vocab = model.vocab_size();
-    if let Some((i, t)) = prompts
-        .iter()
-        .enumerate()
-        .find_map(|(i, p)| p.iter().find(|&&t| t as usize >= vocab).map(|t| (i, *t)))
-    {
-        bail!("prompt {i} has token id {t}, outside the model's vocabulary of {vocab}");
-    }
+    let batch = Batch::new(model.vocab_size(), prompts, opts, 1, &device)?;
+    let b = prompts.len();
+    let mut cache = model.new_cache(b, batch.max_len, batch.key_pad.clone());
+    let mut logits = model.step(batch.ids.clone(), batch.positions.clone(), &mut cache);
 
-    let width = prompts.iter().map(Vec::len).max().unwrap();
-    let max_new = (0..b).map(budget).max().unwrap();
-    let max_len = width + max_new.max(1);
-
-    let mut ids = Vec::with_capacity(b * width);
-    let mut pos = Vec::with_capacity(b * width);
-    let mut pad = Vec::with_capacity(b * max_len);
-    for p in prompts {
-        let n_pad = width - p.len();
-        ids.extend(
-            std::iter::repeat_n(opts.pad_id as i64, n_pad).chain(p.iter().map(|&t| t as i64)),
-        );
-        pos.extend((0..width).map(|j| j.saturating_sub(n_pad) as i64));
-        pad.extend((0..max_len).map(|j| j < n_pad));
-    }
-    // Without padding no mask is needed, which keeps attention on its fused path.
-    let key_pad = pad
-        .iter()
-        .any(|&p| p)
-        .then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, max_len]), &device));
-    let mut cache = model.new_cache(b, max_len, key_pad);
-    let mut logits = model.step(
-        Tensor::from_data(TensorData::new(ids, [b, width]), &device),
-        Tensor::from_data(TensorData::new(pos, [b, width]), &device),
-        &mut cache,
-    );
-
-    let mut out: Vec<Sequence> = (0..b)
-        .map(|_| Sequence {
-            tokens: vec![],
-            logprobs: vec![],
-            finish: FinishReason::Length,
-        })
-        .collect();
+    let mut out = empty_sequences(b);
     // Rows still generating, as indices into `prompts`, in cache-row order.
-    let mut active: Vec<usize> = (0..b).filter(|&i| budget(i) > 0).collect();
+    let mut active: Vec<usize> = (0..b).filter(|&i| batch.budget(i) > 0).collect();
     if active.len() < b {
         let idx = rows_tensor(&active, &device);
         M::keep_rows(&mut cache, &idx);
@@ -248,17 +195,15 @@ pub fn generate<M: CausalLm + Module>(
         let (toks, lps) = sampler.sample(logits)?;
         let mut keep = Vec::with_capacity(active.len());
         for (r, &i) in active.iter().enumerate() {
-            let seq = &mut out[i];
-            seq.tokens.push(toks[r]);
-            seq.logprobs.push(lps[r]);
-            if let Some(f) = hooks.on_token.as_mut() {
-                f(i, toks[r]);
-            }
-            if opts.eos_ids.contains(&toks[r]) {
-                seq.finish = FinishReason::Eos;
-            } else if hooks.stop.as_mut().is_some_and(|f| f(i, &seq.tokens)) {
-                seq.finish = FinishReason::Stop;
-            } else if seq.tokens.len() < budget(i) {
+            if record(
+                &mut out[i],
+                i,
+                toks[r],
+                lps[r],
+                batch.budget(i),
+                opts,
+                hooks,
+            ) {
                 keep.push(r);
             }
         }
@@ -284,6 +229,115 @@ pub fn generate<M: CausalLm + Module>(
     Ok(out)
 }
 
+/// Prompts checked and left-padded to one width, on the device.
+pub(crate) struct Batch {
+    /// `[batch, width]` ids, left padding filled with the pad id.
+    pub ids: Tensor<2, Int>,
+    /// `[batch, width]` positions, counted from each row's first real token.
+    pub positions: Tensor<2, Int>,
+    /// `[batch, max_len]`, true on left padding; None when no row is padded, which keeps
+    /// attention on its unmasked path.
+    pub key_pad: Option<Tensor<2, Bool>>,
+    pub width: usize,
+    /// Cache columns: the width plus the largest budget (at least `min_new`).
+    pub max_len: usize,
+    budgets: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new(
+        vocab: usize,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        min_new: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = prompts.len();
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            bail!("prompt {i} is empty: generation needs at least one prompt token");
+        }
+        let budgets: Vec<usize> = match opts.max_new_tokens.as_slice() {
+            [one] => vec![*one; b],
+            many if many.len() == b => many.to_vec(),
+            many => bail!("max_new_tokens has {} entries for {b} prompts", many.len()),
+        };
+        if let Some((i, t)) = prompts
+            .iter()
+            .enumerate()
+            .find_map(|(i, p)| p.iter().find(|&&t| t as usize >= vocab).map(|t| (i, *t)))
+        {
+            bail!("prompt {i} has token id {t}, outside the model's vocabulary of {vocab}");
+        }
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let max_new = budgets.iter().copied().max().unwrap_or(0);
+        let max_len = width + max_new.max(min_new);
+
+        let mut ids = Vec::with_capacity(b * width);
+        let mut pos = Vec::with_capacity(b * width);
+        let mut pad = Vec::with_capacity(b * max_len);
+        for p in prompts {
+            let n_pad = width - p.len();
+            ids.extend(
+                std::iter::repeat_n(opts.pad_id as i64, n_pad).chain(p.iter().map(|&t| t as i64)),
+            );
+            pos.extend((0..width).map(|j| j.saturating_sub(n_pad) as i64));
+            pad.extend((0..max_len).map(|j| j < n_pad));
+        }
+        let key_pad = pad
+            .iter()
+            .any(|&p| p)
+            .then(|| Tensor::<2, Bool>::from_data(TensorData::new(pad, [b, max_len]), device));
+        Ok(Self {
+            ids: Tensor::from_data(TensorData::new(ids, [b, width]), device),
+            positions: Tensor::from_data(TensorData::new(pos, [b, width]), device),
+            key_pad,
+            width,
+            max_len,
+            budgets,
+        })
+    }
+
+    pub fn budget(&self, row: usize) -> usize {
+        self.budgets[row]
+    }
+}
+
+pub(crate) fn empty_sequences(n: usize) -> Vec<Sequence> {
+    (0..n)
+        .map(|_| Sequence {
+            tokens: vec![],
+            logprobs: vec![],
+            finish: FinishReason::Length,
+        })
+        .collect()
+}
+
+/// Appends row `row`'s new token to `seq`, calls the hooks, and says whether the row goes
+/// on (no EOS, no stop, budget left).
+pub(crate) fn record(
+    seq: &mut Sequence,
+    row: usize,
+    tok: u32,
+    lp: f32,
+    budget: usize,
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+) -> bool {
+    seq.tokens.push(tok);
+    seq.logprobs.push(lp);
+    if let Some(f) = hooks.on_token.as_mut() {
+        f(row, tok);
+    }
+    if opts.eos_ids.contains(&tok) {
+        seq.finish = FinishReason::Eos;
+    } else if hooks.stop.as_mut().is_some_and(|f| f(row, &seq.tokens)) {
+        seq.finish = FinishReason::Stop;
+    } else {
+        return seq.tokens.len() < budget;
+    }
+    false
+}
+
 fn rows_tensor(rows: &[usize], device: &Device) -> Tensor<1, Int> {
     let v: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
     Tensor::from_data(TensorData::new(v, [rows.len()]), device)
@@ -293,13 +347,13 @@ fn rows_tensor(rows: &[usize], device: &Device) -> Tensor<1, Int> {
 /// them, whole rows are sorted instead, so top-p stays exact.
 const TOP_P_CANDIDATES: usize = 256;
 
-struct Sampler {
+pub(crate) struct Sampler {
     cfg: Sampling,
     rng: Rng,
 }
 
 impl Sampler {
-    fn new(cfg: &Sampling) -> Self {
+    pub(crate) fn new(cfg: &Sampling) -> Self {
         Self {
             cfg: cfg.clone(),
             rng: Rng::new(cfg.seed),
@@ -311,32 +365,70 @@ impl Sampler {
     /// from this sampler's own stream under a lock: two generations running at once (tests,
     /// a library user's threads) then each get their seed's samples, whatever the
     /// interleaving.
-    fn uniform(&mut self, shape: [usize; 2], device: &Device) -> Tensor<2> {
+    pub(crate) fn uniform(&mut self, shape: [usize; 2], device: &Device) -> Tensor<2> {
         static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
         device.seed(self.rng.next_u64());
         Tensor::<2>::random(shape, Distribution::Uniform(1e-20, 1.0), device)
     }
 
+    /// Whether a sample needs no read from the device but the sampled ids themselves:
+    /// everything but top-p, whose candidate count depends on the distribution.
+    pub(crate) fn on_device_only(&self) -> bool {
+        self.cfg.temperature == 0.0 || self.cfg.top_p >= 1.0
+    }
+
+    /// The shape of the uniform noise [`Self::pick_on_device`] takes for `rows` × `vocab`
+    /// logits: none when greedy, one per candidate otherwise.
+    pub(crate) fn noise_shape(&self, rows: usize, vocab: usize) -> Option<[usize; 2]> {
+        match (self.cfg.temperature, self.cfg.top_k) {
+            (0.0, _) => None,
+            (_, 0) => Some([rows, vocab]),
+            (_, k) => Some([rows, k.min(vocab)]),
+        }
+    }
+
+    /// Sampling without top-p, all on the device: the argmax when greedy, else the Gumbel
+    /// argmax with the uniform noise `u` (`noise_shape`) over the whole vocabulary or the
+    /// top-k. Returns the ids and their log-probs, `[rows, 1]` each.
+    pub(crate) fn pick_on_device(
+        &self,
+        logits: Tensor<2>,
+        u: Option<Tensor<2>>,
+    ) -> (Tensor<2, Int>, Tensor<2>) {
+        let Some(u) = u else {
+            return greedy(logits);
+        };
+        let z = logits / self.cfg.temperature as f64;
+        let lse = logsumexp(z.clone());
+        if self.cfg.top_k == 0 {
+            // Gumbel-max: argmax(z + G) is an exact sample from softmax(z).
+            let tok = (z.clone() - u.log().neg().log()).argmax(1);
+            let lp = z.gather(1, tok.clone()) - lse;
+            return (tok, lp);
+        }
+        let k = u.dims()[1];
+        let (vals, idx) = z.topk_with_indices(k, 1);
+        let norm = logsumexp(vals.clone());
+        let (tok, lp) = pick(vals, idx, norm, 1.0, u);
+        (tok, lp - lse)
+    }
+
     /// Samples one token per row of `logits` `[rows, vocab]`; returns tokens and log-probs.
-    fn sample(&mut self, logits: Tensor<2>) -> Result<(Vec<u32>, Vec<f32>)> {
+    pub(crate) fn sample(&mut self, logits: Tensor<2>) -> Result<(Vec<u32>, Vec<f32>)> {
         let logits = to_dtype(logits, DType::F32);
         let [rows, vocab] = logits.dims();
         let c = self.cfg.clone();
-        if c.temperature == 0.0 {
-            let tok = logits.clone().argmax(1);
-            let lp = logits.clone().gather(1, tok.clone()) - logsumexp(logits);
+        if self.on_device_only() {
+            let u = self
+                .noise_shape(rows, vocab)
+                .map(|shape| self.uniform(shape, &logits.device()));
+            let (tok, lp) = self.pick_on_device(logits, u);
             return Ok(read_tokens(tok, lp));
         }
+        // Top-p, after top-k when both are set.
         let z = logits / c.temperature as f64;
         let lse = logsumexp(z.clone());
-        if c.top_k == 0 && c.top_p >= 1.0 {
-            // Gumbel-max: argmax(z + G) is an exact sample from softmax(z).
-            let u = self.uniform([rows, vocab], &z.device());
-            let tok = (z.clone() - u.log().neg().log()).argmax(1);
-            let lp = z.gather(1, tok.clone()) - lse;
-            return Ok(read_tokens(tok, lp));
-        }
         let k = if c.top_k > 0 {
             c.top_k.min(vocab)
         } else {
@@ -346,7 +438,7 @@ impl Sampler {
         // Without top-k the nucleus is measured against the full distribution; with it,
         // against the candidates' renormalised one, as transformers applies top-p after top-k.
         let norm = if c.top_k == 0 {
-            if c.top_p < 1.0 && k < vocab {
+            if k < vocab {
                 // One small read, only here: whether every row's candidates hold its nucleus.
                 let mass = (vals.clone() - lse.clone()).exp().sum_dim(1);
                 let short = mass
@@ -367,6 +459,13 @@ impl Sampler {
         let (tok, lp) = pick(vals, idx, norm, c.top_p, u);
         Ok(read_tokens(tok, lp - lse))
     }
+}
+
+/// The argmax of each row of f32 `logits` `[rows, vocab]` and its log-prob, `[rows, 1]` each.
+pub(crate) fn greedy(logits: Tensor<2>) -> (Tensor<2, Int>, Tensor<2>) {
+    let tok = logits.clone().argmax(1);
+    let lp = logits.clone().gather(1, tok.clone()) - logsumexp(logits);
+    (tok, lp)
 }
 
 /// Samples one candidate per row from `vals` (logits sorted descending, `[rows, k]`, with
@@ -394,8 +493,17 @@ fn pick(
 /// Sampled ids and their log-probs (`[rows, 1]` each), read in one transfer: the decode
 /// step's only wait for the device. Ids travel as f32, exact below 2²⁴.
 fn read_tokens(tok: Tensor<2, Int>, lp: Tensor<2>) -> (Vec<u32>, Vec<f32>) {
-    let both = floats(Tensor::cat(vec![tok.float(), lp], 1));
-    both.chunks(2).map(|p| (p[0] as u32, p[1])).unzip()
+    read_pairs(token_pairs(tok, lp))
+}
+
+/// `[rows, 2]`: each row's sampled id (as f32) and its log-prob.
+pub(crate) fn token_pairs(tok: Tensor<2, Int>, lp: Tensor<2>) -> Tensor<2> {
+    Tensor::cat(vec![tok.float(), lp], 1)
+}
+
+/// Reads [`token_pairs`] back in one transfer.
+pub(crate) fn read_pairs(pairs: Tensor<2>) -> (Vec<u32>, Vec<f32>) {
+    floats(pairs).chunks(2).map(|p| (p[0] as u32, p[1])).unzip()
 }
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -1,6 +1,7 @@
 //! Ember's model zoo: backend-generic definitions that match HF transformers numerically,
 //! HF checkpoint interop, and the batched generation engine.
 
+pub mod decode_graph;
 pub mod device;
 pub mod generate;
 pub mod hf;

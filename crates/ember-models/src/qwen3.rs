@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::hf::{self, SaveOptions};
-use crate::layers::attention::{Attention, AttnContext, AttnDims, KvCache};
+use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
 use crate::layers::linear::{linear, Linear};
 use crate::layers::mlp::SwiGlu;
 use crate::layers::rms_norm::RmsNorm;
@@ -324,6 +324,8 @@ pub struct Qwen3Cache {
     pub key_pad: Option<Tensor<2, Bool>>,
     /// Positions filled so far.
     pub len: usize,
+    /// RoPE's inverse frequencies, uploaded once: a captured decode step may not transfer.
+    pub rope_freq: Tensor<1>,
 }
 
 impl Qwen3Cache {
@@ -455,6 +457,7 @@ impl Qwen3 {
                 .collect(),
             key_pad: None,
             len: 0,
+            rope_freq: rope::freq_tensor(c.rope_theta(), c.head_dim(), device),
         }
     }
 
@@ -479,11 +482,36 @@ impl Qwen3 {
         cache: Option<&mut Qwen3Cache>,
         opts: ForwardOptions,
     ) -> ForwardOutput {
+        let cache = cache.map(|c| {
+            let at = c.len;
+            (c, CacheSlot::At(at))
+        });
         let (x, hidden_states) = self.body(input_ids, positions, key_pad, None, cache, opts);
         ForwardOutput {
             logits: self.head(x),
             hidden_states,
         }
+    }
+
+    /// One decode step whose shapes do not depend on how far decoding has got, so that a
+    /// captured graph can replay it (`decode_graph`): `ids` and `positions` are `[batch, 1]`,
+    /// the keys are written at the cache column `col` (`[1]`, on the device), and attention
+    /// reads every column but those `key_mask` (`[batch, max_len]`) marks: left padding and
+    /// the columns not written yet. Returns the logits, `[batch, vocab]`.
+    pub fn decode_step(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        col: Tensor<1, Int>,
+        key_mask: Tensor<2, Bool>,
+        cache: &mut Qwen3Cache,
+    ) -> Tensor<2> {
+        let opts = ForwardOptions::default();
+        let slot = Some((cache, CacheSlot::Device(Box::new(col))));
+        let (x, _) = self.body(ids, positions, Some(key_mask), None, slot, opts);
+        let logits = self.head(x);
+        let [b, _, v] = logits.dims();
+        logits.reshape([b, v])
     }
 
     /// The training forward over packed rows: `segments` (`[batch, seq]`, a document id
@@ -538,7 +566,7 @@ impl Qwen3 {
         positions: Tensor<2, Int>,
         key_pad: Option<Tensor<2, Bool>>,
         segments: Option<Tensor<2, Int>>,
-        cache: Option<&mut Qwen3Cache>,
+        cache: Option<(&mut Qwen3Cache, CacheSlot)>,
         opts: ForwardOptions,
     ) -> (Tensor<3>, Vec<Tensor<3>>) {
         let [b, s] = input_ids.dims();
@@ -551,26 +579,31 @@ impl Qwen3 {
             .select(0, input_ids.reshape([b * s]))
             .reshape([b, s, c.hidden_size]);
         let mut x = to_dtype(x, dtype);
-        let rope_t = rope::tables(c.rope_theta(), c.head_dim(), positions, dtype, &device);
+        let freq = match &cache {
+            Some((cache, _)) => cache.rope_freq.clone(),
+            None => rope::freq_tensor(c.rope_theta(), c.head_dim(), &device),
+        };
+        let rope_t = rope::tables_with(freq, positions, dtype);
 
         let mut hidden = Vec::new();
         match cache {
-            Some(cache) => {
-                let start = cache.len;
+            Some((cache, slot)) => {
                 let key_pad = key_pad.or_else(|| cache.key_pad.clone());
                 for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
                     if opts.hidden_states {
                         hidden.push(x.clone());
                     }
                     let mut ctx = AttnContext {
-                        cache: Some((kv, start)),
+                        cache: Some((kv, slot.clone())),
                         key_pad: key_pad.clone(),
                         segments: segments.clone(),
                         dense: self.dense_attention,
                     };
                     x = layer.forward(x, &rope_t, &mut ctx);
                 }
-                cache.len = start + s;
+                if let CacheSlot::At(start) = slot {
+                    cache.len = start + s;
+                }
             }
             None => {
                 let mut ctx = AttnContext {

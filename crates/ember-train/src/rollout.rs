@@ -11,7 +11,8 @@ use burn::module::Module;
 use ember_data::prompts::PromptRow;
 use ember_data::rewards::{ExactMatch, MathAnswer, OverlongPenalty, Reward, Sample, ThinkFormat};
 use ember_data::Tokenizer;
-use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling};
+use ember_models::decode_graph::generate_auto;
+use ember_models::generate::{FinishReason, GenerateOptions, Hooks, Sampling};
 use ember_models::qwen3::Qwen3;
 
 use crate::recipe::{RewardKind, RewardSpec};
@@ -196,7 +197,7 @@ pub fn sample_groups(
             pad_id: spec.pad_id,
             sampling,
         };
-        seqs.extend(generate(&model, part, &opts, &mut Hooks::default())?);
+        seqs.extend(generate_auto(&model, part, &opts, &mut Hooks::default())?);
     }
     let cost = RolloutCost {
         new_tokens: seqs.iter().map(|s| s.tokens.len() as u64).sum(),

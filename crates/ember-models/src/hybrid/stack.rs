@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
 use crate::hf::{self, SaveOptions};
-use crate::layers::attention::{Attention, AttnContext, AttnDims, KvCache};
+use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::SwiGlu;
 use crate::layers::rms_norm::RmsNorm;
@@ -726,7 +726,7 @@ impl HybridLM {
                 (Mixer::DeltaNet(m), _) => m.forward(y, None),
                 (Mixer::Attention(a), state) => {
                     let cache = match state {
-                        Some(LayerState::Kv(kv)) => Some((kv, start)),
+                        Some(LayerState::Kv(kv)) => Some((kv, CacheSlot::At(start))),
                         _ => None,
                     };
                     let mut ctx = AttnContext {

@@ -4,7 +4,7 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, IndexingUpdateOp, Int, Tensor};
 
 use super::flash;
 use super::linear::Linear;
@@ -55,6 +55,22 @@ impl KvCache {
         keys
     }
 
+    /// Writes one token's `k`, `v` `[b, kv_heads, 1, d]` at the column `col` (`[1]`, on the
+    /// device) in place, and returns the whole cache: the shapes do not depend on the column,
+    /// so a captured graph can replay the write (see `decode_graph`).
+    pub fn write_at(
+        &mut self,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        col: Tensor<1, Int>,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let (ck, cv) = self.kv.take().expect("cache in use");
+        let ck = ck.select_assign(2, col.clone(), k, IndexingUpdateOp::Assign);
+        let cv = cv.select_assign(2, col, v, IndexingUpdateOp::Assign);
+        self.kv = Some((ck.clone(), cv.clone()));
+        (ck, cv)
+    }
+
     /// Keeps only the batch rows `idx`, so finished sequences stop costing compute.
     pub fn select_rows(&mut self, idx: &Tensor<1, burn::tensor::Int>) {
         let (k, v) = self.kv.take().expect("cache in use");
@@ -85,10 +101,20 @@ pub struct Attention {
     pub head_dim: usize,
 }
 
+/// Where a forward pass writes its keys into the cache.
+#[derive(Clone, Debug)]
+pub enum CacheSlot {
+    /// From this column on; attention then reads the columns up to the end of the write.
+    At(usize),
+    /// One token per row at the column held by this `[1]` device tensor; attention reads
+    /// every column, and the caller masks the unwritten ones with `key_pad`.
+    Device(Box<Tensor<1, Int>>),
+}
+
 /// What a forward pass attends over besides its own tokens.
 pub struct AttnContext<'a> {
-    /// Cache and the position at which this call's keys are written.
-    pub cache: Option<(&'a mut KvCache, usize)>,
+    /// Cache and where this call's keys are written.
+    pub cache: Option<(&'a mut KvCache, CacheSlot)>,
     /// `[batch, keys]`, true where the key is padding and must be ignored.
     pub key_pad: Option<Tensor<2, Bool>>,
     /// `[batch, seq]` document id per token of packed rows: queries see only keys of their
@@ -251,7 +277,8 @@ impl Attention {
         let v = v.swap_dims(1, 2);
 
         let (k, v) = match ctx.cache.as_mut() {
-            Some((cache, start)) => cache.append(k, v, *start),
+            Some((cache, CacheSlot::At(start))) => cache.append(k, v, *start),
+            Some((cache, CacheSlot::Device(col))) => cache.write_at(k, v, (**col).clone()),
             None => (k, v),
         };
         let t = k.dims()[2];

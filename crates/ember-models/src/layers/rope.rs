@@ -25,11 +25,24 @@ pub fn tables(
     dtype: DType,
     device: &Device,
 ) -> RopeTables {
+    tables_with(freq_tensor(theta, head_dim, device), positions, dtype)
+}
+
+/// The inverse frequencies on the device, `[head_dim / 2]`.
+pub fn freq_tensor(theta: f64, head_dim: usize, device: &Device) -> Tensor<1> {
+    Tensor::<1>::from_data(
+        TensorData::new(inv_freq(theta, head_dim), [head_dim / 2]),
+        device,
+    )
+}
+
+/// [`tables`] from frequencies already on the device: no host transfer, as a captured
+/// graph's step needs.
+pub fn tables_with(freq: Tensor<1>, positions: Tensor<2, Int>, dtype: DType) -> RopeTables {
     let [b, s] = positions.dims();
-    let half = head_dim / 2;
-    let freq = Tensor::<1>::from_data(TensorData::new(inv_freq(theta, head_dim), [half]), device);
+    let half = freq.dims()[0];
     let angles = positions.float().reshape([b, s, 1]) * freq.reshape([1, 1, half]);
-    let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, head_dim]);
+    let angles = Tensor::cat(vec![angles.clone(), angles], 2).reshape([b, 1, s, 2 * half]);
     RopeTables {
         cos: super::to_dtype(angles.clone().cos(), dtype),
         sin: super::to_dtype(angles.sin(), dtype),

@@ -1,0 +1,239 @@
+//! Decoding with a step whose shapes never change, captured once and replayed as a
+//! graph (`burn::tensor::capture`): on CUDA one graph launch per token instead of the host
+//! issuing hundreds of kernels, on wgpu a re-encoding of the recorded dispatches. Backends
+//! without graphs (flex) re-run the step, with the same results.
+//!
+//! A replay re-runs the recorded kernels against the buffers they used when captured, so
+//! the step keeps its state in device buffers that it updates in place:
+//! - the next input ids, overwritten with the sampled ones (`slice_assign`);
+//! - a step counter, from which each row's position and the cache column follow;
+//! - the KV cache, written at that column (`select_assign`);
+//! - when sampling, the uniform noise of the Gumbel argmax, drawn between replays.
+//!
+//! Attention reads every cache column and masks those not written yet, so no shape
+//! depends on the step. Rows are never dropped: a finished row's later tokens are computed
+//! and ignored. Each step reads one `[batch, 2]` tensor back, the sampled ids with their
+//! log-probs.
+
+use std::cell::RefCell;
+
+use anyhow::{bail, Result};
+use burn::module::Module;
+use burn::tensor::{capture, Bool, DType, Int, Tensor, TensorData};
+
+use crate::generate::{
+    empty_sequences, read_pairs, record, token_pairs, Batch, GenerateOptions, Hooks, Sampler,
+    Sampling, Sequence,
+};
+use crate::layers::to_dtype;
+use crate::qwen3::{ForwardOptions, Qwen3, Qwen3Cache};
+
+/// How often `burn::tensor::capture` runs the step before replaying it: three warm-up runs
+/// and the recorded one. Each advances the state, which is reset afterwards, and writes a
+/// cache column past the prompt, so the cache needs that many columns at least.
+const CAPTURE_RUNS: usize = 4;
+
+/// Whether `EMBER_DECODE=graph` asks the engines that can (RL rollouts) to decode through a
+/// captured step wherever the sampling allows it (no top-p). Opt-in until measured on a GPU.
+pub fn requested() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| match std::env::var("EMBER_DECODE").as_deref() {
+        Ok("graph") => true,
+        Ok("eager") | Err(_) => false,
+        Ok(other) => {
+            eprintln!("warning: EMBER_DECODE={other} is not `graph` or `eager`; using eager");
+            false
+        }
+    })
+}
+
+/// Whether [`generate_graph`] can sample this way: greedily, with a temperature or with
+/// top-k, not with top-p.
+pub fn supports(sampling: &Sampling) -> bool {
+    Sampler::new(sampling).on_device_only()
+}
+
+/// Generation by the engine `EMBER_DECODE` picks: through a captured step when it asks for
+/// `graph` and the sampling allows it, else the eager engine.
+pub fn generate_auto(
+    model: &Qwen3,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+) -> Result<Vec<Sequence>> {
+    if requested() && supports(&opts.sampling) {
+        Ok(generate_graph(model, prompts, opts, hooks)?.0)
+    } else {
+        crate::generate::generate(model, prompts, opts, hooks)
+    }
+}
+
+/// What the captured step reads and overwrites.
+struct State {
+    /// `[batch, 1]`: the tokens the step feeds in.
+    ids: Tensor<2, Int>,
+    /// `[1]`: steps taken since the prefill.
+    step: Tensor<1, Int>,
+    /// Uniform noise for sampling (`Sampler::noise_shape`); None when greedy.
+    noise: Option<Tensor<2>>,
+    cache: Qwen3Cache,
+}
+
+/// How a graph decode went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GraphStats {
+    /// Whether the step replayed as a recorded graph; false where the backend has none
+    /// and the step simply re-ran.
+    pub replayed: bool,
+    /// Seconds spent capturing: the warm-up runs of the step and the recording.
+    pub capture_secs: f64,
+}
+
+/// Generation through a captured decode step; the same contract as
+/// [`crate::generate::generate`] (EOS, stop hooks, per-row budgets, log-probs, seeded
+/// sampling), but no top-p. While no row has finished, the samples equal the eager engine's
+/// for the same seed: both draw the same noise in the same order.
+pub fn generate_graph(
+    model: &Qwen3,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    hooks: &mut Hooks,
+) -> Result<(Vec<Sequence>, GraphStats)> {
+    opts.sampling.validate()?;
+    let mut sampler = Sampler::new(&opts.sampling);
+    if !sampler.on_device_only() {
+        bail!(
+            "graph decoding samples greedily, with a temperature or with top-k, not with top-p \
+             (top_p {}): its candidate count depends on the distribution",
+            opts.sampling.top_p
+        );
+    }
+    let device = model.embed_tokens.val().device();
+    if device.is_autodiff() {
+        return generate_graph(&model.valid(), prompts, opts, hooks);
+    }
+    if prompts.is_empty() {
+        return Ok((vec![], GraphStats::default()));
+    }
+    let b = prompts.len();
+    let batch = Batch::new(
+        model.config.vocab_size,
+        prompts,
+        opts,
+        CAPTURE_RUNS,
+        &device,
+    )?;
+    let mut cache = model.new_cache(b, batch.max_len, &device);
+    cache.key_pad = batch.key_pad.clone();
+    let prefill = model.forward_with(
+        batch.ids.clone(),
+        batch.positions.clone(),
+        None,
+        Some(&mut cache),
+        ForwardOptions {
+            last_only: true,
+            hidden_states: false,
+        },
+    );
+    let [_, _, vocab] = prefill.logits.dims();
+    let (toks, lps) = sampler.sample(prefill.logits.reshape([b, vocab]))?;
+
+    let mut out = empty_sequences(b);
+    // Rows still generating; a row with no budget takes no token at all.
+    let mut live: Vec<bool> = (0..b)
+        .map(|i| {
+            let n = batch.budget(i);
+            n > 0 && record(&mut out[i], i, toks[i], lps[i], n, opts, hooks)
+        })
+        .collect();
+    if !live.contains(&true) {
+        return Ok((out, GraphStats::default()));
+    }
+
+    let first: Vec<i64> = toks.iter().map(|&t| t as i64).collect();
+    let first = Tensor::<2, Int>::from_data(TensorData::new(first, [b, 1]), &device);
+    let zero = Tensor::<1, Int>::zeros([1], &device);
+    // Constants the step combines with the counter, made before the capture: a recording
+    // may launch kernels but not transfer from the host.
+    let pos0: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let pos0 = Tensor::<2, Int>::from_data(TensorData::new(pos0, [b, 1]), &device);
+    let col0 = Tensor::<1, Int>::from_data(TensorData::new(vec![batch.width as i64], [1]), &device);
+    let columns =
+        Tensor::<1, Int>::arange(0..batch.max_len as i64, &device).reshape([1, batch.max_len]);
+    let pad = batch.key_pad.clone();
+    // Sampling's uniform noise is drawn between replays into a buffer the step reads: a
+    // draw inside the graph would replay the same seed.
+    let noise_shape = sampler.noise_shape(b, vocab);
+    let state = RefCell::new(State {
+        ids: first.clone(),
+        step: zero.clone(),
+        noise: noise_shape.map(|s| Tensor::<2>::full(s, 0.5, &device)),
+        cache,
+    });
+    let picker = Sampler::new(&opts.sampling);
+
+    let step = || {
+        let mut st = state.borrow_mut();
+        let st = &mut *st;
+        // Every clone of a state tensor is consumed before the tensor is overwritten: a live
+        // one would make the write copy to a new buffer, which the replays would not read.
+        let t = st.step.clone();
+        let col = col0.clone() + t.clone();
+        let positions = pos0.clone() + t.reshape([1, 1]);
+        let unwritten = columns
+            .clone()
+            .greater(col.clone().reshape([1, 1]).expand([1, batch.max_len]))
+            .expand([b, batch.max_len]);
+        let key_mask: Tensor<2, Bool> = match &pad {
+            Some(p) => p.clone().bool_or(unwritten),
+            None => unwritten,
+        };
+        let logits = model.decode_step(st.ids.clone(), positions, col, key_mask, &mut st.cache);
+        let noise = st.noise.clone();
+        let (tok, lp) = picker.pick_on_device(to_dtype(logits, DType::F32), noise);
+        st.ids
+            .inplace(|ids| ids.slice_assign([0..b, 0..1], tok.clone()));
+        st.step.inplace(|s| {
+            let next = s.clone() + 1;
+            s.slice_assign(0..1, next)
+        });
+        token_pairs(tok, lp)
+    };
+    let t0 = std::time::Instant::now();
+    let mut graph = capture(&device, step);
+    {
+        // Back to the state after the prefill, in the same buffers.
+        let mut st = state.borrow_mut();
+        st.ids.inplace(|ids| ids.slice_assign([0..b, 0..1], first));
+        st.step.inplace(|s| s.slice_assign(0..1, zero));
+    }
+    let stats = GraphStats {
+        replayed: graph.is_hardware(),
+        capture_secs: t0.elapsed().as_secs_f64(),
+    };
+
+    while live.contains(&true) {
+        // Safety: every buffer the step touched lives in `state`, in the constants above or
+        // in `model`, all of which outlive `graph`; each replay's output is read (a wait for
+        // the device) before the next refresh or replay, and everything runs on this
+        // thread's stream.
+        if let (Some(n), Some(shape)) = (state.borrow_mut().noise.as_mut(), noise_shape) {
+            let fresh = sampler.uniform(shape, &device);
+            n.inplace(|n| n.slice_assign([0..shape[0], 0..shape[1]], fresh));
+        }
+        let (toks, lps) = read_pairs(unsafe { graph.replay() }.clone());
+        for (i, l) in live.iter_mut().enumerate().filter(|(_, l)| **l) {
+            *l = record(
+                &mut out[i],
+                i,
+                toks[i],
+                lps[i],
+                batch.budget(i),
+                opts,
+                hooks,
+            );
+        }
+    }
+    drop(graph);
+    Ok((out, stats))
+}
