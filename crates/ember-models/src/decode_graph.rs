@@ -22,11 +22,11 @@ use burn::module::Module;
 use burn::tensor::{capture, Bool, DType, Int, Tensor, TensorData};
 
 use crate::generate::{
-    empty_sequences, read_pairs, record, token_pairs, Batch, GenerateOptions, Hooks, Sampler,
-    Sampling, Sequence,
+    empty_sequences, read_pairs, record, token_pairs, Batch, CausalLm, GenerateOptions, Hooks,
+    Sampler, Sampling, Sequence,
 };
 use crate::layers::to_dtype;
-use crate::qwen3::{ForwardOptions, Qwen3, Qwen3Cache};
+use crate::qwen3::{Qwen3, Qwen3Cache};
 
 /// How often `burn::tensor::capture` runs the step before replaying it: three warm-up runs
 /// and the recorded one. Each advances the state, which is reset afterwards, and writes a
@@ -123,20 +123,10 @@ pub fn generate_graph(
         CAPTURE_RUNS,
         &device,
     )?;
-    let mut cache = model.new_cache(b, batch.max_len, &device);
-    cache.key_pad = batch.key_pad.clone();
-    let prefill = model.forward_with(
-        batch.ids.clone(),
-        batch.positions.clone(),
-        None,
-        Some(&mut cache),
-        ForwardOptions {
-            last_only: true,
-            hidden_states: false,
-        },
-    );
-    let [_, _, vocab] = prefill.logits.dims();
-    let (toks, lps) = sampler.sample(prefill.logits.reshape([b, vocab]))?;
+    let mut cache = CausalLm::new_cache(model, b, batch.max_len, batch.key_pad.clone());
+    let logits = model.step(batch.ids.clone(), batch.positions.clone(), &mut cache);
+    let [_, vocab] = logits.dims();
+    let (toks, lps) = sampler.sample(logits)?;
 
     let mut out = empty_sequences(b);
     // Rows still generating; a row with no budget takes no token at all.
