@@ -50,11 +50,17 @@ pub fn enabled_on(device: &Device) -> bool {
         )
 }
 
-/// `op(a) · op(b)` for 2-D `a`, `b` (no autodiff), `op` transposing when its flag is set.
+/// `op(a) · op(b)` for 2-D `a`, `b`, off the graph, `op` transposing when its flag is set.
+/// Untracked tensors of an autodiff device are taken off it first: the extension has no
+/// autodiff route, and the callers (custom backwards) hold no graph anyway.
 pub fn gemm(a: Tensor<2>, b: Tensor<2>, ta: bool, tb: bool) -> Tensor<2> {
+    assert!(
+        !a.is_tracked() && !b.is_tracked(),
+        "cublaslt::gemm is off the graph: use gemm::matmul_nt for tracked inputs"
+    );
     Tensor::from_dispatch(<burn::backend::Dispatch as LtOps>::lt_gemm(
-        a.into_dispatch(),
-        b.into_dispatch(),
+        a.inner().into_dispatch(),
+        b.inner().into_dispatch(),
         ta,
         tb,
     ))

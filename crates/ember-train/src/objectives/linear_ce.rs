@@ -38,7 +38,9 @@ pub fn linear_cross_entropy(
 ) -> Tensor<1> {
     let [n, _] = hidden.dims();
     let dtype = hidden.dtype();
-    let device = hidden.device();
+    // Off the graph: tensors made on an autodiff device would carry its autodiff kind into
+    // the chunk products, which cuBLASLt's extension does not take.
+    let device = hidden.device().inner();
     let tracked = hidden.is_tracked() || head.is_tracked();
     // Everything below runs off the graph; only the surrogate at the end joins it.
     let h = hidden.clone().inner();
