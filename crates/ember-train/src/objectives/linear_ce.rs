@@ -38,8 +38,8 @@ pub fn linear_cross_entropy(
 ) -> Tensor<1> {
     let [n, _] = hidden.dims();
     let dtype = hidden.dtype();
-    // Off the graph: tensors made on an autodiff device would carry its autodiff kind into
-    // the chunk products, which cuBLASLt's extension does not take.
+    // The scratch tensors below belong off the graph (only the surrogate joins it), so they
+    // are made on the inner device and pay no autodiff dispatch.
     let device = hidden.device().inner();
     let tracked = hidden.is_tracked() || head.is_tracked();
     // Everything below runs off the graph; only the surrogate at the end joins it.
