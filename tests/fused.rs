@@ -252,6 +252,7 @@ fn attention_pair(dev: &Device, dtype: DType, case: &AttnCase, block: usize) -> 
                 window: case.window,
                 segments: seg.clone(),
                 key_pad: pad.clone(),
+                ..Default::default()
             };
             flash::attention(qc, kc, vc, &spec, block)
         } else {

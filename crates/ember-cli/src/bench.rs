@@ -57,6 +57,15 @@ pub struct GenArgs {
     /// its tokens with the eager engine's on the same prompts.
     #[arg(long)]
     graph: bool,
+    /// With --graph: skip the comparison with the eager engine, which decodes eagerly and
+    /// so takes as long as an eager run.
+    #[arg(long, requires = "graph")]
+    no_check: bool,
+    /// Print every decode step's wall time (row 0's token arriving on the host), for each
+    /// timed repetition: a step that compiles or tunes kernels stands out, and a repetition
+    /// that is faster than the first shows what the first spent on shapes it had not seen.
+    #[arg(long)]
+    step_times: bool,
     #[command(flatten)]
     run: RunFlags,
 }
@@ -120,8 +129,16 @@ fn bench_generate(a: GenArgs) -> Result<()> {
                     .collect()
             })
             .collect();
-        let run = |n: usize| -> Result<(Vec<Sequence>, GraphStats)> {
+        let run = |n: usize, steps: &mut Vec<Instant>| -> Result<(Vec<Sequence>, GraphStats)> {
+            let mut stamp = |row: usize, _: u32| {
+                if row == 0 {
+                    steps.push(Instant::now());
+                }
+            };
             let mut hooks = Hooks::default();
+            if a.step_times {
+                hooks.on_token = Some(&mut stamp);
+            }
             if a.graph {
                 generate_graph(&model, &prompts, &opts(n), &mut hooks)
             } else {
@@ -130,13 +147,17 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             }
         };
         // Warm-up: compiles kernels and fills allocator pools on GPU backends.
-        run(4)?;
+        run(4, &mut vec![])?;
         let mut best = f64::INFINITY;
         let (mut tokens, mut graph) = (vec![], GraphStats::default());
-        for _ in 0..a.repeat.max(1) {
+        for rep in 0..a.repeat.max(1) {
+            let mut steps = vec![];
             let t0 = Instant::now();
-            let (out, stats) = run(a.new_tokens)?;
+            let (out, stats) = run(a.new_tokens, &mut steps)?;
             let secs = t0.elapsed().as_secs_f64();
+            if a.step_times {
+                print_step_times(b, rep, t0, &steps);
+            }
             let n: usize = out.iter().map(|s| s.tokens.len()).sum();
             if n != b * a.new_tokens {
                 bail!(
@@ -165,7 +186,7 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             println!("        per-row {:.1} tokens/s = {:.1}% of the {bound:.0} tokens/s bandwidth bound", tps / b as f64, frac * 100.0);
             rec["bandwidth_fraction"] = frac.into();
         }
-        if a.graph {
+        if a.graph && !a.no_check {
             // The graph's tokens against the eager engine's on the same prompts: the
             // fraction of rows whose first tokens agree (bf16 near-ties may part them later).
             let n = a.new_tokens.min(16);
@@ -193,6 +214,21 @@ fn bench_generate(a: GenArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line per repetition: the milliseconds from the start to the first token (prefill
+/// included), then between consecutive tokens.
+fn print_step_times(batch: usize, rep: usize, t0: Instant, steps: &[Instant]) {
+    let ms: Vec<String> = std::iter::once(t0)
+        .chain(steps.iter().copied())
+        .zip(steps)
+        .map(|(a, b)| format!("{:.1}", (*b - a).as_secs_f64() * 1e3))
+        .collect();
+    println!(
+        "        batch {batch}, repetition {}: ms per step: {}",
+        rep + 1,
+        ms.join(" ")
+    );
 }
 
 /// Flags every training benchmark shares.

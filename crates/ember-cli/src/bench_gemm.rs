@@ -95,6 +95,16 @@ mod cuda {
                 );
             }
         }
+        let chain = chain_diff(&device, dtype)?;
+        println!(
+            "a chain of 16 dependent GEMMs and element-wise kernels, no host read between them: \
+             max diff / max {chain:.2e} against Burn's"
+        );
+        // A GEMM that read its input before cubecl wrote it, or a kernel that read the output
+        // before cuBLASLt wrote it, is off by O(1), not by rounding.
+        if a.check && (chain.is_nan() || chain > tol) {
+            bail!("the GEMM chain differs from Burn's by {chain:.2e}: cuBLASLt is not ordered against cubecl's stream");
+        }
         let grads = grad_diff(&device, dtype)?;
         println!(
             "autodiff through the cuBLASLt op vs Burn's: dx and dw max diff / max {grads:.2e}"
@@ -137,6 +147,25 @@ mod cuda {
             scalar(y.slice([0..1, 0..1]).sum().cast(DType::F32))?;
         }
         Ok(t.elapsed().as_secs_f64() / repeat.max(1) as f64)
+    }
+
+    /// `y ← tanh(y·wᵀ / √k) + y` sixteen times, each product consuming what a cubecl kernel
+    /// wrote just before and feeding the next kernel, through cuBLASLt and through Burn: the
+    /// ordering between the two streams (`EMBER_GEMM_ORDER`) decides whether they agree.
+    fn chain_diff(device: &burn::tensor::Device, dtype: DType) -> Result<f64> {
+        let (m, k) = (1024, 1024);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<2>::random([m, k], normal, device).cast(dtype);
+        let w = Tensor::<2>::random([k, k], normal, device).cast(dtype);
+        let run = |gemm: Gemm| {
+            let mut y = x.clone();
+            for _ in 0..16 {
+                y = (gemm(y.clone(), w.clone(), false, true) / (k as f64).sqrt()).tanh() + y;
+            }
+            y
+        };
+        let ours = run(ember_models::layers::cublaslt::gemm);
+        rel_diff(ours, run(product_on_burn))
     }
 
     /// The gradients of `sum(r ∘ x·wᵀ)` through the cuBLASLt op against Burn's autodiff.

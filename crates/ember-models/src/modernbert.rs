@@ -583,6 +583,7 @@ impl ModernBert {
                     window,
                     segments: segments.clone(),
                     key_pad: None,
+                    cache: Default::default(),
                 };
                 let half = self.config.local_attention / 2;
                 return (

@@ -598,6 +598,7 @@ impl Qwen3 {
                         key_pad: key_pad.clone(),
                         segments: segments.clone(),
                         dense: self.dense_attention,
+                        masks: Default::default(),
                     };
                     x = layer.forward(x, &rope_t, &mut ctx);
                 }
@@ -611,6 +612,7 @@ impl Qwen3 {
                     key_pad,
                     segments,
                     dense: self.dense_attention,
+                    masks: Default::default(),
                 };
                 for layer in &self.layers {
                     if opts.hidden_states {

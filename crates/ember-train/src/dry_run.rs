@@ -10,7 +10,7 @@ use ember_data::Tokenizer;
 
 use crate::pipeline::{self, PlannedStage};
 use crate::recipe::{line_of, model_spec, ModelSpec, Recipe, StageKind, TrainObjective};
-use crate::stages::check_common;
+use crate::stages::{check_common, check_model_fits};
 
 /// A single-stage recipe (`ember train --dry-run`).
 pub fn single(path: &Path, overrides: &[String]) -> Result<Vec<String>> {
@@ -95,25 +95,7 @@ fn describe(
         (_, Some(dir)) => format!("from {}", checkpoint(dir, "train.init_from")?),
         (Some(s), None) => format!("new {}", model_line(s)),
     };
-    match (&spec, st.kind, objective) {
-        (Some(ModelSpec::ModernBert(_)), _, o) if o != TrainObjective::Mlm => bail!(
-            "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
-            path.display()
-        ),
-        (Some(ModelSpec::Hybrid(_)), k, o)
-            if k != StageKind::Pretrain || o != TrainObjective::Ntp =>
-        {
-            bail!(
-                "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
-                path.display()
-            )
-        }
-        (Some(ModelSpec::Qwen3(_)), _, TrainObjective::Mlm) => bail!(
-            "{}: objective = \"mlm\" needs arch = \"modernbert\"",
-            path.display()
-        ),
-        _ => {}
-    }
+    check_model_fits(spec.as_ref(), st.kind, objective, path)?;
 
     // Every file the stage reads.
     let mut inputs = Vec::new();

@@ -414,15 +414,10 @@ pub fn frozen_model(dir: &Path, setup: &Setup, what: &str) -> Result<Qwen3> {
 /// that `[model]`.
 fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwen3> {
     let path = s.path;
-    match (from, stage_model_spec(s)?) {
-        (_, Some(ModelSpec::ModernBert(_))) => bail!(
-            "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
-            path.display()
-        ),
-        (_, Some(ModelSpec::Hybrid(_))) => bail!(
-            "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
-            path.display()
-        ),
+    let spec = stage_model_spec(s)?;
+    let objective = s.stage.objective.unwrap_or(TrainObjective::Ntp);
+    check_model_fits(spec.as_ref(), s.stage.kind, objective, path)?;
+    match (from, spec) {
         (Some(dir), Some(ModelSpec::Qwen3(config))) => load_matching(
             dir,
             path,
@@ -431,10 +426,44 @@ fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwe
         ),
         (Some(dir), None) => Qwen3::from_pretrained(dir, device),
         (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, s.recipe.run.seed, device),
+        (_, Some(_)) => bail!(
+            "{}: {}: this stage trains a qwen3 [model] only",
+            path.display(),
+            s.stage.name
+        ),
         (None, None) => bail!(
             "{}: needs a [model] section or train.init_from",
             path.display()
         ),
+    }
+}
+
+/// Whether a model of `spec` can train in a stage of `kind` with `objective`; the error
+/// names what would: encoders train with MLM, hybrids in pretraining with next-token loss.
+pub fn check_model_fits(
+    spec: Option<&ModelSpec>,
+    kind: StageKind,
+    objective: TrainObjective,
+    path: &Path,
+) -> Result<()> {
+    match (spec, kind, objective) {
+        (Some(ModelSpec::ModernBert(_)), _, o) if o != TrainObjective::Mlm => bail!(
+            "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
+            path.display()
+        ),
+        (Some(ModelSpec::Hybrid(_)), k, o)
+            if k != StageKind::Pretrain || o != TrainObjective::Ntp =>
+        {
+            bail!(
+                "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
+                path.display()
+            )
+        }
+        (Some(ModelSpec::Qwen3(_)), _, TrainObjective::Mlm) => bail!(
+            "{}: objective = \"mlm\" needs arch = \"modernbert\"",
+            path.display()
+        ),
+        _ => Ok(()),
     }
 }
 

@@ -734,6 +734,7 @@ impl HybridLM {
                         key_pad: pad.clone(),
                         segments: None,
                         dense: self.dense_attention,
+                        masks: Default::default(),
                     };
                     a.forward(y, rope_t.as_ref(), &mut ctx)
                 }

@@ -122,6 +122,8 @@ pub struct AttnContext<'a> {
     pub segments: Option<Tensor<2, Int>>,
     /// Train with Burn's dense attention instead of the blocked one.
     pub dense: bool,
+    /// The blocked attention's masks, shared by the layers of one forward pass.
+    pub masks: flash::MaskCache,
 }
 
 /// Key block of the training attention (`flash`): its transient scores are
@@ -293,6 +295,7 @@ impl Attention {
                 window: None,
                 segments: ctx.segments.clone(),
                 key_pad: pad,
+                cache: ctx.masks.clone(),
             };
             flash::attention(q, k, v, &spec, FLASH_BLOCK)
         } else if s == 1 {

@@ -4,11 +4,21 @@
 //! cuBLAS reaches about 790, and the projections are most of a step's FLOPs.
 //!
 //! How it runs alongside cubecl: cubecl launches on streams it keeps private, so a GEMM
-//! here waits for the device (`client.sync`), runs on a stream of its own in the same
-//! (primary) context, and waits for that stream before it hands the output back. That is
-//! two host syncs per GEMM, a cost [`gemm`]'s callers accept for large products only.
+//! here runs on a stream of its own in the same (primary) context, ordered against cubecl's
+//! in one of two ways (`EMBER_GEMM_ORDER`):
+//! - `host` (the default, the one measured on an H100): wait for the device (`client.sync`)
+//!   before the GEMM and for cuBLASLt's stream after it. Two host syncs per GEMM, which
+//!   drain the GPU's queue each time, some 1,400 of them in a 0.6B training step at 4 × 2048.
+//! - `device`: no host sync. A one-thread cubecl kernel stores a counter into a flag once
+//!   everything before it on cubecl's stream is done; cuBLASLt's stream waits for that value
+//!   (`cuStreamWaitValue32`), runs the GEMM and writes the counter into a second flag
+//!   (`cuStreamWriteValue32`, which fences the GEMM's writes first); a second one-thread
+//!   cubecl kernel spins until it reads it, so nothing later on cubecl's stream starts
+//!   before the GEMM is done (nor reuses its buffers). Not yet run on a GPU.
+//!
 //! Under fusion the op is lazy and opaque: fusion flushes what came before and runs it in
-//! order.
+//! order. While cubecl records a graph (`decode_graph`) the op runs Burn's matmul: cuBLASLt's
+//! stream would not be in the recording.
 //!
 //! Opt-in with `EMBER_GEMM=cublaslt` until measured on a GPU; libcublasLt is loaded at the
 //! first call, from `LD_LIBRARY_PATH` (the `nvidia-cublas` wheel's `lib/` has it).
@@ -28,6 +38,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeDevice};
+use cubecl::client::Client;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
 use cubecl_runtime::runtime::Runtime;
 use cudarc::cublaslt::{result as lt, sys};
 use cudarc::driver::{CudaContext, CudaStream};
@@ -85,7 +98,8 @@ impl LtOps for CubeBackend {
         let typed = matches!(a.dtype, DType::BF16 | DType::F16 | DType::F32) && a.dtype == b.dtype;
         // cuBLASLt rejects empty products; Burn's matmul gives their zeros.
         let empty = a.shape().num_elements() == 0 || b.shape().num_elements() == 0;
-        if let (CubeDevice::Cuda(d), true, false) = (&a.device, typed, empty) {
+        let capturing = a.client.is_capturing();
+        if let (CubeDevice::Cuda(d), true, false, false) = (&a.device, typed, empty, capturing) {
             let index = d.index;
             return run(index, a, b, ta, tb)
                 .unwrap_or_else(|e| panic!("cuBLASLt GEMM on cuda:{index}: {e:#}"));
@@ -108,9 +122,9 @@ fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result
             .get_resource::<Server>(t.handle.clone())
             .map_err(|e| anyhow::anyhow!("device pointer: {e:?}"))
     };
-    // The guards keep the buffers in place (not freed, reused or moved) until the GEMM is done.
+    // The guards keep the buffers in place (not freed, reused or moved) until the GEMM is
+    // enqueued; with device ordering cubecl's stream then waits for it before anything else.
     let (ga, gb, gd) = (resource(&a)?, resource(&b)?, resource(&out)?);
-    block_on(a.client.sync()).map_err(|e| anyhow::anyhow!("waiting for cubecl: {e:?}"))?;
     let (pa, pb, pd) = (ga.resource().ptr, gb.resource().ptr, gd.resource().ptr);
     let key = Key {
         m,
@@ -126,9 +140,148 @@ fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(Lt::new(index)?),
     };
+    if order() == Order::Host {
+        block_on(a.client.sync()).map_err(|e| anyhow::anyhow!("waiting for cubecl: {e:?}"))?;
+        lt.matmul(key, pa, pb, pd)?;
+        lt.stream.synchronize().context("cuBLASLt stream")?;
+        return Ok(out);
+    }
+    let flags = match &mut lt.flags {
+        Some(f) => f,
+        none => none.insert(Flags::new(&a.client)?),
+    };
+    let n = flags.next();
+    let flags = flags.buf.clone();
+    let stream = lt.stream.cu_stream();
+    // Safety: the flags' buffer is pinned for the process (`Flags::_pinned`).
+    flags.signal(&a.client, n);
+    unsafe { flags.wait_on(stream, n) }?;
     lt.matmul(key, pa, pb, pd)?;
-    lt.stream.synchronize().context("cuBLASLt stream")?;
+    unsafe { flags.write_on(stream, n) }?;
+    flags.await_on_cubecl(&a.client, n);
     Ok(out)
+}
+
+/// How cuBLASLt's stream is ordered against cubecl's (`EMBER_GEMM_ORDER`; module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Order {
+    Host,
+    Device,
+}
+
+fn order() -> Order {
+    static ORDER: OnceLock<Order> = OnceLock::new();
+    *ORDER.get_or_init(|| match std::env::var("EMBER_GEMM_ORDER").as_deref() {
+        Ok("device") => Order::Device,
+        Ok("host") | Err(_) => Order::Host,
+        Ok(other) => {
+            eprintln!("warning: EMBER_GEMM_ORDER={other} is not `host` or `device`; using host");
+            Order::Host
+        }
+    })
+}
+
+/// Two `u32` flags in a cubecl buffer that both streams see: `[0]` says "cubecl's stream
+/// reached the GEMM", `[1]` says "the GEMM is done". Each GEMM uses the next counter value,
+/// so the flags never need resetting.
+struct Flags {
+    buf: FlagBuf,
+    /// Pins the buffer for the process, so its address stays valid on cuBLASLt's stream.
+    _pinned: Box<dyn Send>,
+    count: u32,
+}
+
+/// The flags' buffer as both sides name it: cubecl's handle and its device address.
+#[derive(Clone)]
+struct FlagBuf {
+    handle: Handle,
+    ptr: u64,
+}
+
+impl Flags {
+    fn new(client: &Client) -> Result<Self> {
+        type Server = <CudaRuntime as Runtime>::Server;
+        let handle = client.create_from_slice(&[0u8; 8]);
+        let guard = client
+            .get_resource::<Server>(handle.clone())
+            .map_err(|e| anyhow::anyhow!("flags' device pointer: {e:?}"))?;
+        let ptr = guard.resource().ptr;
+        eprintln!(
+            "cuBLASLt: ordered against cubecl's stream on the device (EMBER_GEMM_ORDER=device)"
+        );
+        Ok(Self {
+            buf: FlagBuf { handle, ptr },
+            _pinned: Box::new(guard),
+            count: 0,
+        })
+    }
+
+    fn next(&mut self) -> u32 {
+        // Wraps after 2³² GEMMs (millions of steps), where the waits would stop ordering.
+        self.count = self.count.wrapping_add(1).max(1);
+        self.count
+    }
+}
+
+impl FlagBuf {
+    /// On cubecl's stream: flag 0 = `n` once what came before is done.
+    fn signal(&self, client: &Client, n: u32) {
+        let (count, dim, flags) = self.one_thread();
+        flag_store::launch(client, count, dim, flags, 0, n);
+    }
+
+    /// On cubecl's stream: nothing after this starts before flag 1 reads `n`.
+    fn await_on_cubecl(&self, client: &Client, n: u32) {
+        let (count, dim, flags) = self.one_thread();
+        flag_await::launch(client, count, dim, flags, 1, n);
+    }
+
+    /// One cube of one unit, over both flags.
+    fn one_thread(&self) -> (CubeCount, CubeDim, BufferArg) {
+        // Safety: the buffer holds the two u32s.
+        let flags = unsafe { BufferArg::from_raw_parts(self.handle.clone(), 2) };
+        (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), flags)
+    }
+
+    /// On cuBLASLt's stream: wait until flag 0 reads at least `n`.
+    unsafe fn wait_on(&self, stream: cudarc::driver::sys::CUstream, n: u32) -> Result<()> {
+        use cudarc::driver::sys;
+        sys::cuStreamWaitValue32_v2(
+            stream,
+            self.ptr,
+            n,
+            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+        )
+        .result()
+        .context("cuStreamWaitValue32")
+    }
+
+    /// On cuBLASLt's stream: flag 1 = `n`, after the writes before it (the default flags
+    /// fence them).
+    unsafe fn write_on(&self, stream: cudarc::driver::sys::CUstream, n: u32) -> Result<()> {
+        use cudarc::driver::sys;
+        sys::cuStreamWriteValue32_v2(
+            stream,
+            self.ptr + 4,
+            n,
+            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+        )
+        .result()
+        .context("cuStreamWriteValue32")
+    }
+}
+
+#[cube(launch)]
+fn flag_store(flags: &mut [Atomic<u32>], slot: u32, value: u32) {
+    flags[slot as usize].store(value);
+}
+
+/// Spins on one thread: the other stream's GEMM has the rest of the GPU meanwhile. The read
+/// is an atomic add of 0 rather than a load, so that no optimiser can take it for a value
+/// that does not change inside the loop.
+#[cube(launch)]
+fn flag_await(flags: &mut [Atomic<u32>], slot: u32, value: u32) {
+    while flags[slot as usize].fetch_add(0u32) < value {}
 }
 
 static DEVICES: OnceLock<Mutex<HashMap<usize, Lt>>> = OnceLock::new();
@@ -158,6 +311,8 @@ struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: u64,
     algos: HashMap<Key, sys::cublasLtMatmulAlgo_t>,
+    /// Made at the first GEMM ordered on the device.
+    flags: Option<Flags>,
 }
 
 // The raw handle and algorithms are plain data owned by this struct, used under the mutex.
@@ -187,6 +342,7 @@ impl Lt {
             handle,
             workspace,
             algos: HashMap::new(),
+            flags: None,
         })
     }
 

@@ -7,6 +7,9 @@
 //! Masks are described, never materialised: causal, a symmetric sliding window, document
 //! ids for packed rows, and key padding. GQA reads each KV head once per block.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use burn::tensor::{Bool, DType, Int, Tensor};
 
 use super::attention::repeat_kv;
@@ -24,7 +27,17 @@ pub struct MaskSpec {
     pub segments: Option<Tensor<2, Int>>,
     /// `[batch, keys]`, true where the key is padding.
     pub key_pad: Option<Tensor<2, Bool>>,
+    /// The block masks built so far. Every layer of a forward pass sees the same masks, and
+    /// each backward rebuilds its layer's, so sharing them (clones of a spec share this)
+    /// saves a few kernel launches per block, layer and pass.
+    pub cache: MaskCache,
 }
+
+/// Block masks by `(batch, rows, keys)`, shared between clones.
+#[derive(Clone, Debug, Default)]
+pub struct MaskCache(Arc<Mutex<HashMap<BlockKey, Option<Tensor<4, Bool>>>>>);
+
+type BlockKey = (usize, (usize, usize), (usize, usize));
 
 impl MaskSpec {
     fn inner(&self) -> Self {
@@ -33,6 +46,7 @@ impl MaskSpec {
             window: self.window,
             segments: self.segments.clone().map(|t| t.inner()),
             key_pad: self.key_pad.clone().map(|t| t.inner()),
+            cache: self.cache.clone(),
         }
     }
 
@@ -51,8 +65,23 @@ impl MaskSpec {
         (lo.min(s), hi)
     }
 
-    /// `[b, 1, rows, keys]`, true where query `r0 + i` must not see key `k0 + j`.
+    /// `[b, 1, rows, keys]`, true where query `r0 + i` must not see key `k0 + j`; built once
+    /// per spec and block (`cache`).
     fn blocked(
+        &self,
+        b: usize,
+        rows: (usize, usize),
+        keys: (usize, usize),
+        device: &burn::tensor::Device,
+    ) -> Option<Tensor<4, Bool>> {
+        let mut cache = self.cache.0.lock().expect("mask cache poisoned");
+        cache
+            .entry((b, rows, keys))
+            .or_insert_with(|| self.build_blocked(b, rows, keys, device))
+            .clone()
+    }
+
+    fn build_blocked(
         &self,
         b: usize,
         (r0, r1): (usize, usize),
@@ -102,6 +131,17 @@ impl MaskSpec {
     }
 }
 
+/// `t` with its query rows `r0..r1` (dim 2) replaced by `rows`; all of them is `rows` itself,
+/// which saves the copy (the first key block of causal attention covers every row).
+fn put_rows(t: Tensor<4>, (r0, r1): (usize, usize), rows: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, d] = t.dims();
+    if (r0, r1) == (0, s) {
+        rows
+    } else {
+        t.slice_assign([0..b, 0..h, r0..r1, 0..d], rows)
+    }
+}
+
 /// Scores of query rows against one key block, in f32, masked entries at −∞-like values
 /// (their probabilities are zeroed separately, so a fully masked row stays finite).
 fn scores(q: Tensor<4>, k: Tensor<4>, scale: f64) -> Tensor<4> {
@@ -125,14 +165,17 @@ pub fn forward(
     let mut m = Tensor::<4>::full([b, h, s, 1], -1e30, &device);
     let mut l = Tensor::<4>::zeros([b, h, s, 1], &device);
     let mut acc = Tensor::<4>::zeros([b, h, s, d], &device);
+    // The KV heads repeated for their query groups once per layer, not once per block: a
+    // block is then a view, and the copies' launches are not paid per block.
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
     for k0 in (0..t).step_by(block) {
         let k1 = (k0 + block).min(t);
         let (r0, r1) = mask.rows(k0, k1, s);
         if r0 >= r1 {
             continue;
         }
-        let kb = repeat_kv(k.clone().narrow(2, k0, k1 - k0), n_rep);
-        let vb = repeat_kv(v.clone().narrow(2, k0, k1 - k0), n_rep);
+        let kb = k.clone().narrow(2, k0, k1 - k0);
+        let vb = v.clone().narrow(2, k0, k1 - k0);
         let sc = scores(q.clone().narrow(2, r0, r1 - r0), kb, scale);
         let blocked = mask.blocked(b, (r0, r1), (k0, k1), &device);
         let sc = match &blocked {
@@ -150,9 +193,9 @@ pub fn forward(
         let l_new = l.clone().narrow(2, r0, r1 - r0) * alpha.clone() + p.clone().sum_dim(3);
         let pv = to_dtype(to_dtype(p, vb.dtype()).matmul(vb), DType::F32);
         let acc_new = acc.clone().narrow(2, r0, r1 - r0) * alpha + pv;
-        m = m.slice_assign([0..b, 0..h, r0..r1, 0..1], m_new);
-        l = l.slice_assign([0..b, 0..h, r0..r1, 0..1], l_new);
-        acc = acc.slice_assign([0..b, 0..h, r0..r1, 0..d], acc_new);
+        m = put_rows(m, (r0, r1), m_new);
+        l = put_rows(l, (r0, r1), l_new);
+        acc = put_rows(acc, (r0, r1), acc_new);
     }
     // A row that sees no key gets output 0 and log-sum-exp +∞-like, so its backward is 0.
     let seen = l.clone().greater_elem(0.0);
@@ -184,18 +227,20 @@ pub fn backward(
     let delta = (to_dtype(dout.clone(), DType::F32) * to_dtype(out, DType::F32)).sum_dim(3);
     let mut dq = Tensor::<4>::zeros([b, h, s, d], &device);
     let (mut dks, mut dvs) = (Vec::new(), Vec::new());
+    let (k_dtype, v_dtype) = (k.dtype(), v.dtype());
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
     for k0 in (0..t).step_by(block) {
         let k1 = (k0 + block).min(t);
         let nk = k1 - k0;
         let (r0, r1) = mask.rows(k0, k1, s);
         if r0 >= r1 {
-            dks.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, k.dtype())));
-            dvs.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, v.dtype())));
+            dks.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, k_dtype)));
+            dvs.push(Tensor::<4>::zeros([b, hkv, nk, d], (&device, v_dtype)));
             continue;
         }
         let nr = r1 - r0;
-        let kb = repeat_kv(k.clone().narrow(2, k0, nk), n_rep);
-        let vb = repeat_kv(v.clone().narrow(2, k0, nk), n_rep);
+        let kb = k.clone().narrow(2, k0, nk);
+        let vb = v.clone().narrow(2, k0, nk);
         let qr = q.clone().narrow(2, r0, nr);
         let dor = dout.clone().narrow(2, r0, nr);
         let p = (scores(qr.clone(), kb.clone(), scale) - lse.clone().narrow(2, r0, nr)).exp();
@@ -209,7 +254,7 @@ pub fn backward(
         let dp = to_dtype(dor.matmul(vb.swap_dims(2, 3)), DType::F32);
         let ds = to_dtype(p * (dp - delta.clone().narrow(2, r0, nr)) * scale, dtype);
         let dq_r = dq.clone().narrow(2, r0, nr) + to_dtype(ds.clone().matmul(kb), DType::F32);
-        dq = dq.slice_assign([0..b, 0..h, r0..r1, 0..d], dq_r);
+        dq = put_rows(dq, (r0, r1), dq_r);
         let dk = ds.swap_dims(2, 3).matmul(qr);
         // The query heads that share a KV head add their gradients.
         let group = |g: Tensor<4>| {
@@ -218,8 +263,8 @@ pub fn backward(
                 .sum_dim(2)
                 .reshape([b, hkv, nk, d])
         };
-        dks.push(to_dtype(group(dk), k.dtype()));
-        dvs.push(to_dtype(group(dv), v.dtype()));
+        dks.push(to_dtype(group(dk), k_dtype));
+        dvs.push(to_dtype(group(dv), v_dtype));
     }
     (
         to_dtype(dq, dtype),

@@ -15,16 +15,10 @@ pub fn information_gain(with_thought: &[f64], baseline: f64) -> Vec<f64> {
     with_thought.iter().map(|lp| lp - baseline).collect()
 }
 
-/// G/(G−1)·(r_i − mean r): the leave-one-out baseline written with the inclusive mean
-/// (0 for a single thought).
+/// G/(G−1)·(r_i − mean r), which is RLOO's r_i − mean of the others written with the
+/// inclusive mean (0 for a single thought).
 pub fn rlp_advantages(r: &[f64]) -> Vec<f64> {
-    let g = r.len();
-    if g < 2 {
-        return vec![0.0; g];
-    }
-    let mean = r.iter().sum::<f64>() / g as f64;
-    let scale = g as f64 / (g - 1) as f64;
-    r.iter().map(|x| scale * (x - mean)).collect()
+    super::grpo::rloo(r)
 }
 
 /// Flattened copies of every float parameter, in visiting order.
