@@ -269,20 +269,18 @@ impl Attention {
             self.k_proj.forward(x.clone()).reshape([b, s, hkv, d]),
         );
         let v = self.v_proj.forward(x).reshape([b, s, hkv, d]);
-        let (q, k) = match rope_t {
-            Some(t) => (
-                rope::apply(q.swap_dims(1, 2), t),
-                rope::apply(k.swap_dims(1, 2), t),
-            ),
-            None => (q.swap_dims(1, 2), k.swap_dims(1, 2)),
+        let rotate = |x: Tensor<4>| match rope_t {
+            Some(t) => rope::apply(x.swap_dims(1, 2), t),
+            None => x.swap_dims(1, 2),
         };
+        let k = rotate(k);
         let v = v.swap_dims(1, 2);
-
         let (k, v) = match ctx.cache.as_mut() {
             Some((cache, CacheSlot::At(start))) => cache.append(k, v, *start),
             Some((cache, CacheSlot::Device(col))) => cache.write_at(k, v, (**col).clone()),
             None => (k, v),
         };
+        let q = rotate(q);
         let t = k.dims()[2];
         let n_rep = h / hkv;
         let pad = ctx.key_pad.as_ref().map(|m| m.clone().slice([0..b, 0..t]));
