@@ -4,8 +4,10 @@
 //! tensor ops so every backend has it). Memory is `O(seq × block)` per layer instead of the
 //! `O(seq²)` score, softmax and mask tensors that Burn's autodiff keeps for its attention.
 //!
-//! Masks are described, never materialised: causal, a symmetric sliding window, document
-//! ids for packed rows, and key padding. GQA reads each KV head once per block.
+//! Masks are described, never materialised whole: causal, a symmetric sliding window,
+//! document ids for packed rows, and key padding. Each block's part is built once per forward
+//! pass and shared by its layers. GQA's KV heads are repeated for their query groups once per
+//! layer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
