@@ -289,12 +289,23 @@ impl DecoderLayer {
         self.mlp.save(&format!("{p}.mlp"), out);
     }
 
-    fn forward(&self, x: Tensor<3>, rope_t: &rope::RopeTables, ctx: &mut AttnContext) -> Tensor<3> {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        [w_in, w_post]: [Tensor<3>; 2],
+        rope_t: &rope::RopeTables,
+        ctx: &mut AttnContext,
+    ) -> Tensor<3> {
         let x = x.clone()
+            + self.self_attn.forward(
+                self.input_layernorm.forward_scaled(x, w_in),
+                Some(rope_t),
+                ctx,
+            );
+        x.clone()
             + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), Some(rope_t), ctx);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+                .mlp
+                .forward(self.post_attention_layernorm.forward_scaled(x, w_post))
     }
 }
 
@@ -325,7 +336,7 @@ pub struct Qwen3Cache {
     /// Positions filled so far.
     pub len: usize,
     /// RoPE's inverse frequencies, uploaded once: a captured decode step may not transfer.
-    pub rope_freq: Tensor<1>,
+    pub rope_freq: rope::RopeFreq,
 }
 
 impl Qwen3Cache {
@@ -583,7 +594,8 @@ impl Qwen3 {
             Some((cache, _)) => cache.rope_freq.clone(),
             None => rope::freq_tensor(c.rope_theta(), c.head_dim(), &device),
         };
-        let rope_t = rope::tables_with(freq, positions, dtype);
+        let rope_t = rope::tables_with(&freq, positions, dtype);
+        let mut scales = self.norm_scales(dtype);
 
         let mut hidden = Vec::new();
         match cache {
@@ -600,7 +612,7 @@ impl Qwen3 {
                         dense: self.dense_attention,
                         masks: Default::default(),
                     };
-                    x = layer.forward(x, &rope_t, &mut ctx);
+                    x = layer.forward(x, scales.next().unwrap(), &rope_t, &mut ctx);
                 }
                 if let CacheSlot::At(start) = slot {
                     cache.len = start + s;
@@ -618,7 +630,7 @@ impl Qwen3 {
                     if opts.hidden_states {
                         hidden.push(x.clone());
                     }
-                    x = layer.forward(x, &rope_t, &mut ctx);
+                    x = layer.forward(x, scales.next().unwrap(), &rope_t, &mut ctx);
                 }
             }
         }
@@ -634,6 +646,24 @@ impl Qwen3 {
 }
 
 impl Qwen3 {
+    /// Every layer's two RMSNorm scales, shaped to broadcast over `[batch, seq, hidden]`,
+    /// made before the layers run. Made inside each norm, the weight's reshape lands in the
+    /// fusion segment of the residual add before it, and burn-fusion then leaves the norm's
+    /// products as two unfused kernels; made beforehand, each norm fuses into one kernel.
+    fn norm_scales(&self, dtype: DType) -> impl Iterator<Item = [Tensor<3>; 2]> {
+        let scales: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    l.input_layernorm.scale(dtype),
+                    l.post_attention_layernorm.scale(dtype),
+                ]
+            })
+            .collect();
+        scales.into_iter()
+    }
+
     /// For inference: store the parameters in `dtype` too, so that no forward pass pays for
     /// casting f32 masters (training keeps f32 parameters and casts inside the ops).
     pub fn into_inference_dtype(self, dtype: DType) -> Self {

@@ -62,7 +62,7 @@ impl SwiGlu {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let up = self.up_proj.forward(x.clone());
+        self.down_proj.forward(silu(self.gate_proj.forward(x)) * up)
     }
 }

@@ -32,12 +32,21 @@ impl RmsNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let w = self.scale(x.dtype());
+        self.forward_scaled(x, w)
+    }
+
+    pub fn scale<const D: usize>(&self, dtype: DType) -> Tensor<D> {
+        to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
+    }
+
+    pub fn forward_scaled<const D: usize>(&self, x: Tensor<D>, w: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let x32 = to_dtype(x, DType::F32);
         let inv_rms = (x32.clone().square().mean_dim(D - 1) + self.eps)
             .sqrt()
             .recip();
         let normed = to_dtype(x32 * inv_rms, dtype);
-        normed * to_dtype(self.weight.val(), dtype).unsqueeze::<D>()
+        normed * w
     }
 }
