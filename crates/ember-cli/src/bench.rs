@@ -146,8 +146,12 @@ fn bench_generate(a: GenArgs) -> Result<()> {
                 Ok((out, GraphStats::default()))
             }
         };
-        // Warm-up: compiles kernels and fills allocator pools on GPU backends.
-        run(4, &mut vec![])?;
+        // Warm-up over the timed length: the key length grows every step, and on GPU
+        // backends each new length bucket compiles and autotunes kernels (attention's
+        // products above all), which would otherwise land inside the timed runs.
+        let t0 = Instant::now();
+        run(a.new_tokens, &mut vec![])?;
+        let warmup = t0.elapsed().as_secs_f64();
         let mut best = f64::INFINITY;
         let (mut tokens, mut graph) = (vec![], GraphStats::default());
         for rep in 0..a.repeat.max(1) {
@@ -178,7 +182,9 @@ fn bench_generate(a: GenArgs) -> Result<()> {
         let engine = if a.graph { "ember-graph" } else { "ember" };
         let mut rec = serde_json::json!({"bench": "generate", "engine": engine, "batch": b,
             "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "seconds": best,
-            "tokens_per_s": tps, "dtype": a.run.dtype, "device": format!("{device:?}"), "params": params});
+            "tokens_per_s": tps, "dtype": a.run.dtype, "device": format!("{device:?}"), "params": params,
+            "warmup_s": warmup});
+        println!("        warm-up run (compilation and autotuning included): {warmup:.2} s");
         if a.graph {
             // Each call captures its own step, so the time above pays for one capture; a
             // server would capture once and replay for every request.
