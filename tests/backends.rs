@@ -32,7 +32,8 @@ fn gpu_backends_match_transformers() {
         ran += 1;
         crate::fused::check_linear_cross_entropy(&dev.clone().autodiff(), DType::F32, 1e-4);
         crate::fused::check_linear_logprobs(&dev.clone().autodiff(), DType::F32, 1e-4);
-        eprintln!("{name}: fused linear cross-entropy and log-probs match the full logits");
+        crate::fused::check_rms_norm(&dev.clone().autodiff(), DType::F32, 1e-4);
+        eprintln!("{name}: fused linear cross-entropy, log-probs and RMSNorm backward match the unfused ones");
         crate::fused::check_blocked_attention(&dev.clone().autodiff(), DType::F32, 1e-4);
         eprintln!("{name}: blocked attention matches dense attention");
         let fx = load_fixtures("qwen3");

@@ -3,6 +3,7 @@
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
 use ember_models::layers::linear::linear;
+use ember_models::layers::rms_norm::RmsNorm;
 use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy, linear_logprobs};
 use ember_train::objectives::lm::{cross_entropy, token_logprobs};
 use ember_train::trainer::NextTokenModel;
@@ -121,6 +122,56 @@ pub(crate) fn check_linear_logprobs(dev: &Device, dtype: DType, tol: f64) {
             assert_parts_close(&what, &names, &ours, &reference, tol);
         }
     }
+}
+
+/// RMSNorm's own backward against autodiff through the same formula, at ranks 3 and 4 (the
+/// hidden states and QK-norm's heads), for the output and both gradients.
+pub(crate) fn check_rms_norm(dev: &Device, dtype: DType, tol: f64) {
+    fn case<const D: usize>(dev: &Device, dtype: DType, tol: f64, shape: [usize; D]) {
+        let normal = Distribution::Normal(0.0, 1.0);
+        let d = shape[D - 1];
+        let x0 = Tensor::<D>::random(shape, normal, dev) * 3.0;
+        let w0 = Tensor::<1>::random([d], normal, dev) + 1.0;
+        let probe = Tensor::<D>::random(shape, normal, dev);
+        let run = |own: bool| {
+            let x = x0.clone().require_grad();
+            let norm = RmsNorm {
+                weight: burn::module::Param::from_tensor(w0.clone()),
+                eps: 1e-6,
+            };
+            let xc = x.clone().cast(dtype);
+            let y = if own {
+                norm.forward(xc)
+            } else {
+                // The formula as autodiff records it, op by op.
+                let x32 = xc.cast(DType::F32);
+                let inv = (x32.clone().square().mean_dim(D - 1) + 1e-6).sqrt().recip();
+                (x32 * inv).cast(dtype) * norm.weight.val().cast(dtype).unsqueeze::<D>()
+            };
+            let g = (y.clone().cast(DType::F32) * probe.clone())
+                .sum()
+                .backward();
+            let dw = norm.weight.val().grad(&g).unwrap();
+            [
+                values(y.cast(DType::F32)),
+                values(x.grad(&g).unwrap().cast(DType::F32)),
+                values(dw.cast(DType::F32)),
+            ]
+        };
+        let (ours, reference) = (run(true), run(false));
+        let what = format!("{dtype:?} {shape:?}");
+        assert_parts_close(&what, &["y", "d x", "d weight"], &ours, &reference, tol);
+        assert!(reference[1].iter().any(|g| g.abs() > 1e-3));
+    }
+    case(dev, dtype, tol, [2, 5, 16]);
+    case(dev, dtype, tol, [2, 3, 4, 8]);
+}
+
+#[test]
+fn rms_norm_backward_matches_autodiff() {
+    let dev = device().autodiff();
+    check_rms_norm(&dev, DType::F32, 1e-5);
+    check_rms_norm(&dev, DType::BF16, 2e-2);
 }
 
 #[test]
