@@ -595,13 +595,14 @@ impl Qwen3 {
             None => rope::freq_tensor(c.rope_theta(), c.head_dim(), &device),
         };
         let rope_t = rope::tables_with(&freq, positions, dtype);
-        let mut scales = self.norm_scales(dtype);
+        let scales = self.norm_scales(dtype);
 
         let mut hidden = Vec::new();
         match cache {
             Some((cache, slot)) => {
                 let key_pad = key_pad.or_else(|| cache.key_pad.clone());
-                for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                let layers = self.layers.iter().zip(cache.layers.iter_mut());
+                for ((layer, kv), scales) in layers.zip(scales) {
                     if opts.hidden_states {
                         hidden.push(x.clone());
                     }
@@ -612,7 +613,7 @@ impl Qwen3 {
                         dense: self.dense_attention,
                         masks: Default::default(),
                     };
-                    x = layer.forward(x, scales.next().unwrap(), &rope_t, &mut ctx);
+                    x = layer.forward(x, scales, &rope_t, &mut ctx);
                 }
                 if let CacheSlot::At(start) = slot {
                     cache.len = start + s;
@@ -626,11 +627,11 @@ impl Qwen3 {
                     dense: self.dense_attention,
                     masks: Default::default(),
                 };
-                for layer in &self.layers {
+                for (layer, scales) in self.layers.iter().zip(scales) {
                     if opts.hidden_states {
                         hidden.push(x.clone());
                     }
-                    x = layer.forward(x, scales.next().unwrap(), &rope_t, &mut ctx);
+                    x = layer.forward(x, scales, &rope_t, &mut ctx);
                 }
             }
         }
@@ -650,9 +651,9 @@ impl Qwen3 {
     /// made before the layers run. Made inside each norm, the weight's reshape lands in the
     /// fusion segment of the residual add before it, and burn-fusion then leaves the norm's
     /// products as two unfused kernels; made beforehand, each norm fuses into one kernel.
-    fn norm_scales(&self, dtype: DType) -> impl Iterator<Item = [Tensor<3>; 2]> {
-        let scales: Vec<_> = self
-            .layers
+    /// Hence a collected `Vec`: a lazy iterator would make them inside the loop again.
+    fn norm_scales(&self, dtype: DType) -> Vec<[Tensor<3>; 2]> {
+        self.layers
             .iter()
             .map(|l| {
                 [
@@ -660,8 +661,7 @@ impl Qwen3 {
                     l.post_attention_layernorm.scale(dtype),
                 ]
             })
-            .collect();
-        scales.into_iter()
+            .collect()
     }
 
     /// For inference: store the parameters in `dtype` too, so that no forward pass pays for

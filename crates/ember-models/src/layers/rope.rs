@@ -57,21 +57,14 @@ pub fn tables_with(f: &RopeFreq, positions: Tensor<2, Int>, dtype: DType) -> Rop
     let [b, s] = positions.dims();
     let half = f.freq.dims()[0];
     let angles = positions.float().reshape([b, s, 1]) * f.freq.clone().reshape([1, 1, half]);
-    let sin = angles.clone().sin();
-    let cos = angles.cos();
+    // Both halves of a head share the angles; `sin` carries rotate-half's sign.
+    let table = |lo: Tensor<3>, hi: Tensor<3>| {
+        super::to_dtype(Tensor::cat(vec![lo, hi], 2), dtype).reshape([b, 1, s, 2 * half])
+    };
+    let (sin, cos) = (angles.clone().sin(), angles.cos());
     RopeTables {
-        cos: super::to_dtype(Tensor::cat(vec![cos.clone(), cos], 2), dtype).reshape([
-            b,
-            1,
-            s,
-            2 * half,
-        ]),
-        sin: super::to_dtype(Tensor::cat(vec![sin.clone().neg(), sin], 2), dtype).reshape([
-            b,
-            1,
-            s,
-            2 * half,
-        ]),
+        cos: table(cos.clone(), cos),
+        sin: table(sin.clone().neg(), sin),
         swap: f.swap.clone(),
     }
 }
