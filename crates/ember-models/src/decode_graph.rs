@@ -17,13 +17,13 @@
 
 use std::cell::RefCell;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{capture, Bool, DType, Int, Tensor, TensorData};
 
 use crate::generate::{
     empty_sequences, read_pairs, record, token_pairs, Batch, CausalLm, GenerateOptions, Hooks,
-    Sampler, Sampling, Sequence,
+    Sampler, Sequence,
 };
 use crate::layers::to_dtype;
 use crate::qwen3::{Qwen3, Qwen3Cache};
@@ -34,7 +34,7 @@ use crate::qwen3::{Qwen3, Qwen3Cache};
 const CAPTURE_RUNS: usize = 4;
 
 /// Whether `EMBER_DECODE=graph` asks the engines that can (RL rollouts) to decode through a
-/// captured step wherever the sampling allows it (no top-p). Opt-in until measured on a GPU.
+/// captured step. Opt-in until measured on a GPU.
 pub fn requested() -> bool {
     static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WANTED.get_or_init(|| match std::env::var("EMBER_DECODE").as_deref() {
@@ -47,21 +47,15 @@ pub fn requested() -> bool {
     })
 }
 
-/// Whether [`generate_graph`] can sample this way: greedily, with a temperature or with
-/// top-k, not with top-p.
-pub fn supports(sampling: &Sampling) -> bool {
-    Sampler::new(sampling).on_device_only()
-}
-
 /// Generation by the engine `EMBER_DECODE` picks: through a captured step when it asks for
-/// `graph` and the sampling allows it, else the eager engine.
+/// `graph`, else the eager engine.
 pub fn generate_auto(
     model: &Qwen3,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     hooks: &mut Hooks,
 ) -> Result<Vec<Sequence>> {
-    if requested() && supports(&opts.sampling) {
+    if requested() {
         Ok(generate_graph(model, prompts, opts, hooks)?.0)
     } else {
         crate::generate::generate(model, prompts, opts, hooks)
@@ -91,8 +85,8 @@ pub struct GraphStats {
 
 /// Generation through a captured decode step; the same contract as
 /// [`crate::generate::generate`] (EOS, stop hooks, per-row budgets, log-probs, seeded
-/// sampling), but no top-p. While no row has finished, the samples equal the eager engine's
-/// for the same seed: both draw the same noise in the same order.
+/// sampling with a temperature, top-k and top-p). While no row has finished, the samples
+/// equal the eager engine's for the same seed: both draw the same noise in the same order.
 pub fn generate_graph(
     model: &Qwen3,
     prompts: &[Vec<u32>],
@@ -101,13 +95,6 @@ pub fn generate_graph(
 ) -> Result<(Vec<Sequence>, GraphStats)> {
     opts.sampling.validate()?;
     let mut sampler = Sampler::new(&opts.sampling);
-    if !sampler.on_device_only() {
-        bail!(
-            "graph decoding samples greedily, with a temperature or with top-k, not with top-p \
-             (top_p {}): its candidate count depends on the distribution",
-            opts.sampling.top_p
-        );
-    }
     let device = model.embed_tokens.val().device();
     if device.is_autodiff() {
         return generate_graph(&model.valid(), prompts, opts, hooks);

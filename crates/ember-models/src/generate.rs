@@ -343,9 +343,13 @@ fn rows_tensor(rows: &[usize], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(v, [rows.len()]), device)
 }
 
-/// Candidates kept for top-p when no top-k is set. If some row's nucleus is not inside
-/// them, whole rows are sorted instead, so top-p stays exact.
-const TOP_P_CANDIDATES: usize = 256;
+/// Bisection steps of the nucleus floor (`nucleus_floor`) over a log-probability range of
+/// `NUCLEUS_RANGE`: 24 halvings of 30 nats resolve 1.8e-6 nats, about the spacing of f32
+/// log-probs near −10, so only near-ties at the cut can fall on the other side of it.
+const NUCLEUS_STEPS: usize = 24;
+/// Tokens this far (in nats) below the most likely one hold at most `vocab·e^-30` of the
+/// mass (1.4e-8 for Qwen3's 151,936), so the nucleus floor is searched above it.
+const NUCLEUS_RANGE: f64 = 30.0;
 
 pub(crate) struct Sampler {
     cfg: Sampling,
@@ -372,12 +376,6 @@ impl Sampler {
         Tensor::<2>::random(shape, Distribution::Uniform(1e-20, 1.0), device)
     }
 
-    /// Whether a sample needs no read from the device but the sampled ids themselves:
-    /// everything but top-p, whose candidate count depends on the distribution.
-    pub(crate) fn on_device_only(&self) -> bool {
-        self.cfg.temperature == 0.0 || self.cfg.top_p >= 1.0
-    }
-
     /// The shape of the uniform noise [`Self::pick_on_device`] takes for `rows` × `vocab`
     /// logits: none when greedy, one per candidate otherwise.
     pub(crate) fn noise_shape(&self, rows: usize, vocab: usize) -> Option<[usize; 2]> {
@@ -388,9 +386,11 @@ impl Sampler {
         }
     }
 
-    /// Sampling without top-p, all on the device: the argmax when greedy, else the Gumbel
-    /// argmax with the uniform noise `u` (`noise_shape`) over the whole vocabulary or the
-    /// top-k. Returns the ids and their log-probs, `[rows, 1]` each.
+    /// Sampling all on the device, with shapes that do not depend on the logits (so a
+    /// captured decode step can replay it): the argmax when greedy, else the Gumbel argmax
+    /// with the uniform noise `u` (`noise_shape`) over the whole vocabulary, or over the
+    /// top-k candidates, inside the nucleus when `top_p < 1`. Returns the ids and their
+    /// log-probs, `[rows, 1]` each.
     pub(crate) fn pick_on_device(
         &self,
         logits: Tensor<2>,
@@ -401,64 +401,63 @@ impl Sampler {
         };
         let z = logits / self.cfg.temperature as f64;
         let lse = logsumexp(z.clone());
+        let top_p = self.cfg.top_p;
         if self.cfg.top_k == 0 {
-            // Gumbel-max: argmax(z + G) is an exact sample from softmax(z).
-            let tok = (z.clone() - u.log().neg().log()).argmax(1);
+            // Gumbel-max: argmax(z + G) is an exact sample from softmax(z), and from the
+            // nucleus when everything below its floor is cut first.
+            let mut scores = z.clone() - u.log().neg().log();
+            if top_p < 1.0 {
+                let lp = z.clone() - lse.clone();
+                let floor = nucleus_floor(lp.clone(), top_p).expand(lp.dims());
+                scores = scores.mask_fill(lp.lower(floor), f32::NEG_INFINITY);
+            }
+            let tok = scores.argmax(1);
             let lp = z.gather(1, tok.clone()) - lse;
             return (tok, lp);
         }
+        // Top-p after top-k, on the candidates' renormalised distribution, as transformers
+        // applies them.
         let k = u.dims()[1];
         let (vals, idx) = z.topk_with_indices(k, 1);
         let norm = logsumexp(vals.clone());
-        let (tok, lp) = pick(vals, idx, norm, 1.0, u);
+        let (tok, lp) = pick(vals, idx, norm, top_p, u);
         (tok, lp - lse)
     }
 
     /// Samples one token per row of `logits` `[rows, vocab]`; returns tokens and log-probs.
+    /// The only read from the device is the sampled ids with their log-probs.
     pub(crate) fn sample(&mut self, logits: Tensor<2>) -> Result<(Vec<u32>, Vec<f32>)> {
         let logits = to_dtype(logits, DType::F32);
         let [rows, vocab] = logits.dims();
-        let c = self.cfg.clone();
-        if self.on_device_only() {
-            let u = self
-                .noise_shape(rows, vocab)
-                .map(|shape| self.uniform(shape, &logits.device()));
-            let (tok, lp) = self.pick_on_device(logits, u);
-            return Ok(read_tokens(tok, lp));
-        }
-        // Top-p, after top-k when both are set.
-        let z = logits / c.temperature as f64;
-        let lse = logsumexp(z.clone());
-        let k = if c.top_k > 0 {
-            c.top_k.min(vocab)
-        } else {
-            TOP_P_CANDIDATES.min(vocab)
-        };
-        let (mut vals, mut idx) = z.clone().topk_with_indices(k, 1);
-        // Without top-k the nucleus is measured against the full distribution; with it,
-        // against the candidates' renormalised one, as transformers applies top-p after top-k.
-        let norm = if c.top_k == 0 {
-            if k < vocab {
-                // One small read, only here: whether every row's candidates hold its nucleus.
-                let mass = (vals.clone() - lse.clone()).exp().sum_dim(1);
-                let short = mass
-                    .lower_elem(c.top_p)
-                    .any()
-                    .into_data()
-                    .iter::<bool>()
-                    .any(|b| b);
-                if short {
-                    (vals, idx) = z.sort_descending_with_indices(1);
-                }
-            }
-            lse.clone()
-        } else {
-            logsumexp(vals.clone())
-        };
-        let u = self.uniform(vals.dims(), &vals.device());
-        let (tok, lp) = pick(vals, idx, norm, c.top_p, u);
-        Ok(read_tokens(tok, lp - lse))
+        let u = self
+            .noise_shape(rows, vocab)
+            .map(|shape| self.uniform(shape, &logits.device()));
+        let (tok, lp) = self.pick_on_device(logits, u);
+        Ok(read_tokens(tok, lp))
     }
+}
+
+/// Each row's nucleus floor, `[rows, 1]`: the highest log-probability `f` such that the
+/// tokens with log-prob `≥ f` hold at least `top_p` of the mass, found by bisection on the
+/// device (`NUCLEUS_STEPS` masked sums), so no sort and no read. Keeping the tokens at or
+/// above it keeps the shortest prefix of the sorted distribution that reaches `top_p`,
+/// which is transformers' cut, ties at the cut aside.
+fn nucleus_floor(lp: Tensor<2>, top_p: f32) -> Tensor<2> {
+    let dims = lp.dims();
+    let p = lp.clone().exp();
+    let mut hi = lp.clone().max_dim(1);
+    let mut lo = hi.clone() - NUCLEUS_RANGE;
+    for _ in 0..NUCLEUS_STEPS {
+        let mid = (lo.clone() + hi.clone()) * 0.5;
+        let mass = p
+            .clone()
+            .mask_fill(lp.clone().lower(mid.clone().expand(dims)), 0.0)
+            .sum_dim(1);
+        let enough = mass.greater_equal_elem(top_p);
+        lo = lo.mask_where(enough.clone(), mid.clone());
+        hi = mid.mask_where(enough, hi);
+    }
+    lo
 }
 
 /// The argmax of each row of f32 `logits` `[rows, vocab]` and its log-prob, `[rows, 1]` each.
@@ -578,8 +577,49 @@ mod tests {
     }
 
     #[test]
-    fn top_p_beyond_the_candidates_sorts_whole_rows() {
-        // 1000 slowly falling logits: the 0.9 nucleus reaches far past the 256 candidates.
+    fn nucleus_floor_keeps_the_sorted_prefix_reaching_top_p() {
+        // Peaked, flat, two-level and long-tailed rows; the cut checked against a sort.
+        let rows: Vec<Vec<f32>> = vec![
+            vec![4.0, 1.0, 0.5, 0.0, -1.0, -3.0],
+            vec![0.0; 6],
+            vec![2.0, 2.0, 2.0, -1.0, -1.0, -1.0],
+            (0..6).map(|i| -(i as f32) * 0.37).collect(),
+        ];
+        let dev = Device::flex();
+        for top_p in [0.1f32, 0.5, 0.8, 0.9, 0.99] {
+            let data: Vec<f32> = rows.concat();
+            let z = Tensor::<1>::from_floats(data.as_slice(), &dev).reshape([rows.len(), 6]);
+            let lp = z.clone() - logsumexp(z);
+            let floor: Vec<f32> = floats(nucleus_floor(lp.clone(), top_p));
+            let lp: Vec<f32> = floats(lp);
+            for (r, row) in lp.chunks(6).enumerate() {
+                let mut sorted = row.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                // The shortest sorted prefix reaching top_p; all of its last value's ties.
+                let (mut mass, mut last) = (0.0f32, sorted[0]);
+                for &v in &sorted {
+                    last = v;
+                    mass += v.exp();
+                    if mass >= top_p {
+                        break;
+                    }
+                }
+                for (j, &v) in row.iter().enumerate() {
+                    let kept = v >= floor[r];
+                    let want = v >= last - 1e-6;
+                    assert_eq!(
+                        kept, want,
+                        "top_p {top_p} row {r} token {j}: {v} vs floor {}",
+                        floor[r]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_reaches_past_any_candidate_count() {
+        // 1000 slowly falling logits: the 0.9 nucleus holds most of the vocabulary.
         let vocab = 1000;
         let logits: Vec<f32> = (0..vocab).map(|i| -(i as f32) * 1e-3).collect();
         let w: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
@@ -602,7 +642,7 @@ mod tests {
         let want = w[256..cut].iter().sum::<f64>() / w[..cut].iter().sum::<f64>();
         assert!(
             (far - want).abs() < 0.04,
-            "{far} of draws past the candidates, want {want}"
+            "{far} of draws past the first 256 tokens, want {want}"
         );
         let lse = total.ln() as f32;
         for (t, l) in tok.iter().zip(&lp) {

@@ -6,15 +6,15 @@
 //!
 //! Masks are described, never materialised whole: causal, a symmetric sliding window,
 //! document ids for packed rows, and key padding. Each block's part is built once per forward
-//! pass and shared by its layers. GQA's KV heads are repeated for their query groups once per
-//! layer.
+//! pass and shared by its layers. With GQA, the query heads that share a KV head are grouped
+//! and the KV head broadcasts over its group in the matmuls: the keys and values are never
+//! copied per head, and their gradients are summed over the group.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Bool, DType, Int, Tensor};
 
-use super::attention::repeat_kv;
 use super::custom_grad::{self, TensorBackward};
 use super::to_dtype;
 
@@ -133,21 +133,46 @@ impl MaskSpec {
     }
 }
 
-/// `t` with its query rows `r0..r1` (dim 2) replaced by `rows`; all of them is `rows` itself,
+/// `t` with its query rows `r0..r1` (dim 3) replaced by `rows`; all of them is `rows` itself,
 /// which saves the copy (the first key block of causal attention covers every row).
-fn put_rows(t: Tensor<4>, (r0, r1): (usize, usize), rows: Tensor<4>) -> Tensor<4> {
-    let [b, h, s, d] = t.dims();
+fn put_rows(t: Tensor<5>, (r0, r1): (usize, usize), rows: Tensor<5>) -> Tensor<5> {
+    let [b, hkv, g, s, d] = t.dims();
     if (r0, r1) == (0, s) {
         rows
     } else {
-        t.slice_assign([0..b, 0..h, r0..r1, 0..d], rows)
+        t.slice_assign([0..b, 0..hkv, 0..g, r0..r1, 0..d], rows)
     }
+}
+
+/// `[b, heads, s, x]` → `[b, kv_heads, group, s, x]`: the query heads that share a KV head
+/// side by side. Splitting a dimension is a view, so no copy is made.
+fn grouped(x: Tensor<4>, kv_heads: usize) -> Tensor<5> {
+    let [b, h, s, d] = x.dims();
+    x.reshape([b, kv_heads, h / kv_heads, s, d])
+}
+
+/// The inverse of [`grouped`].
+fn ungrouped(x: Tensor<5>) -> Tensor<4> {
+    let [b, hkv, g, s, d] = x.dims();
+    x.reshape([b, hkv * g, s, d])
+}
+
+/// `[b, kv_heads, t, d]` → `[b, kv_heads, 1, t, d]`: a KV head broadcasts over its query
+/// group in the matmuls, so the keys and values are not repeated for each query head.
+fn shared(x: Tensor<4>) -> Tensor<5> {
+    x.unsqueeze_dim(2)
+}
+
+/// A block's `[b, 1, rows, keys]` mask over every head of every group.
+fn over_heads(bl: Tensor<4, Bool>, hkv: usize, g: usize) -> Tensor<5, Bool> {
+    let [b, _, nr, nk] = bl.dims();
+    bl.reshape([b, 1, 1, nr, nk]).expand([b, hkv, g, nr, nk])
 }
 
 /// Scores of query rows against one key block, in f32, masked entries at −∞-like values
 /// (their probabilities are zeroed separately, so a fully masked row stays finite).
-fn scores(q: Tensor<4>, k: Tensor<4>, scale: f64) -> Tensor<4> {
-    to_dtype(q.matmul(k.swap_dims(2, 3)), DType::F32) * scale
+fn scores(q: Tensor<5>, k: Tensor<5>, scale: f64) -> Tensor<5> {
+    to_dtype(q.matmul(k.swap_dims(3, 4)), DType::F32) * scale
 }
 
 /// The forward pass on tensors without autodiff: the output in `q`'s dtype and the
@@ -161,40 +186,42 @@ pub fn forward(
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, h, s, d] = q.dims();
     let [_, hkv, t, _] = k.dims();
-    let n_rep = h / hkv;
+    let g = h / hkv;
     let device = q.device();
+    let dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();
-    let mut m = Tensor::<4>::full([b, h, s, 1], -1e30, &device);
-    let mut l = Tensor::<4>::zeros([b, h, s, 1], &device);
-    let mut acc = Tensor::<4>::zeros([b, h, s, d], &device);
-    // The KV heads repeated for their query groups once per layer, not once per block: a
-    // block is then a view, and the copies' launches are not paid per block.
-    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    let mut m = Tensor::<5>::full([b, hkv, g, s, 1], -1e30, &device);
+    let mut l = Tensor::<5>::zeros([b, hkv, g, s, 1], &device);
+    let mut acc = Tensor::<5>::zeros([b, hkv, g, s, d], &device);
+    let (q, k, v) = (grouped(q, hkv), shared(k), shared(v));
     for k0 in (0..t).step_by(block) {
         let k1 = (k0 + block).min(t);
         let (r0, r1) = mask.rows(k0, k1, s);
         if r0 >= r1 {
             continue;
         }
-        let kb = k.clone().narrow(2, k0, k1 - k0);
-        let vb = v.clone().narrow(2, k0, k1 - k0);
-        let sc = scores(q.clone().narrow(2, r0, r1 - r0), kb, scale);
-        let blocked = mask.blocked(b, (r0, r1), (k0, k1), &device);
+        let (nr, nk) = (r1 - r0, k1 - k0);
+        let kb = k.clone().narrow(3, k0, nk);
+        let vb = v.clone().narrow(3, k0, nk);
+        let sc = scores(q.clone().narrow(3, r0, nr), kb, scale);
+        let blocked = mask
+            .blocked(b, (r0, r1), (k0, k1), &device)
+            .map(|bl| over_heads(bl, hkv, g));
         let sc = match &blocked {
-            Some(bl) => sc.mask_fill(bl.clone().expand([b, h, r1 - r0, k1 - k0]), -1e30),
+            Some(bl) => sc.mask_fill(bl.clone(), -1e30),
             None => sc,
         };
-        let m_old = m.clone().narrow(2, r0, r1 - r0);
-        let m_new = m_old.clone().max_pair(sc.clone().max_dim(3));
+        let m_old = m.clone().narrow(3, r0, nr);
+        let m_new = m_old.clone().max_pair(sc.clone().max_dim(4));
         let p = (sc - m_new.clone()).exp();
         let p = match blocked {
-            Some(bl) => p.mask_fill(bl.expand([b, h, r1 - r0, k1 - k0]), 0.0),
+            Some(bl) => p.mask_fill(bl, 0.0),
             None => p,
         };
         let alpha = (m_old - m_new.clone()).exp();
-        let l_new = l.clone().narrow(2, r0, r1 - r0) * alpha.clone() + p.clone().sum_dim(3);
+        let l_new = l.clone().narrow(3, r0, nr) * alpha.clone() + p.clone().sum_dim(4);
         let pv = to_dtype(to_dtype(p, vb.dtype()).matmul(vb), DType::F32);
-        let acc_new = acc.clone().narrow(2, r0, r1 - r0) * alpha + pv;
+        let acc_new = acc.clone().narrow(3, r0, nr) * alpha + pv;
         m = put_rows(m, (r0, r1), m_new);
         l = put_rows(l, (r0, r1), l_new);
         acc = put_rows(acc, (r0, r1), acc_new);
@@ -203,7 +230,7 @@ pub fn forward(
     let seen = l.clone().greater_elem(0.0);
     let out = acc / l.clone().clamp_min(1e-30);
     let lse = (m + l.clamp_min(1e-30).log()).mask_fill(seen.bool_not(), 1e30);
-    (to_dtype(out, q.dtype()), lse)
+    (ungrouped(to_dtype(out, dtype)), ungrouped(lse))
 }
 
 /// The backward pass: gradients of `q`, `k`, `v` (in their dtypes) given the output
@@ -221,16 +248,25 @@ pub fn backward(
 ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
     let [b, h, s, d] = q.dims();
     let [_, hkv, t, _] = k.dims();
-    let n_rep = h / hkv;
+    let g = h / hkv;
     let device = q.device();
     let dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();
-    let dout = to_dtype(dout, dtype);
-    let delta = (to_dtype(dout.clone(), DType::F32) * to_dtype(out, DType::F32)).sum_dim(3);
-    let mut dq = Tensor::<4>::zeros([b, h, s, d], &device);
+    let dout = grouped(to_dtype(dout, dtype), hkv);
+    let delta =
+        (to_dtype(dout.clone(), DType::F32) * to_dtype(grouped(out, hkv), DType::F32)).sum_dim(4);
+    let (q, lse) = (grouped(q, hkv), grouped(lse, hkv));
+    let mut dq = Tensor::<5>::zeros([b, hkv, g, s, d], &device);
     let (mut dks, mut dvs) = (Vec::new(), Vec::new());
     let (k_dtype, v_dtype) = (k.dtype(), v.dtype());
-    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    let (k, v) = (shared(k), shared(v));
+    // The query heads of a group add their gradients into their shared KV head.
+    let group_sum = |x: Tensor<5>, to: DType| {
+        let [b, hkv, g, nk, d] = x.dims();
+        let x = to_dtype(x, DType::F32);
+        let x = if g > 1 { x.sum_dim(2) } else { x };
+        to_dtype(x.reshape([b, hkv, nk, d]), to)
+    };
     for k0 in (0..t).step_by(block) {
         let k1 = (k0 + block).min(t);
         let nk = k1 - k0;
@@ -241,35 +277,28 @@ pub fn backward(
             continue;
         }
         let nr = r1 - r0;
-        let kb = k.clone().narrow(2, k0, nk);
-        let vb = v.clone().narrow(2, k0, nk);
-        let qr = q.clone().narrow(2, r0, nr);
-        let dor = dout.clone().narrow(2, r0, nr);
-        let p = (scores(qr.clone(), kb.clone(), scale) - lse.clone().narrow(2, r0, nr)).exp();
+        let kb = k.clone().narrow(3, k0, nk);
+        let vb = v.clone().narrow(3, k0, nk);
+        let qr = q.clone().narrow(3, r0, nr);
+        let dor = dout.clone().narrow(3, r0, nr);
+        let p = (scores(qr.clone(), kb.clone(), scale) - lse.clone().narrow(3, r0, nr)).exp();
         let p = match mask.blocked(b, (r0, r1), (k0, k1), &device) {
-            Some(bl) => p.mask_fill(bl.expand([b, h, nr, nk]), 0.0),
+            Some(bl) => p.mask_fill(over_heads(bl, hkv, g), 0.0),
             None => p,
         };
         let dv = to_dtype(p.clone(), dtype)
-            .swap_dims(2, 3)
+            .swap_dims(3, 4)
             .matmul(dor.clone());
-        let dp = to_dtype(dor.matmul(vb.swap_dims(2, 3)), DType::F32);
-        let ds = to_dtype(p * (dp - delta.clone().narrow(2, r0, nr)) * scale, dtype);
-        let dq_r = dq.clone().narrow(2, r0, nr) + to_dtype(ds.clone().matmul(kb), DType::F32);
+        let dp = to_dtype(dor.matmul(vb.swap_dims(3, 4)), DType::F32);
+        let ds = to_dtype(p * (dp - delta.clone().narrow(3, r0, nr)) * scale, dtype);
+        let dq_r = dq.clone().narrow(3, r0, nr) + to_dtype(ds.clone().matmul(kb), DType::F32);
         dq = put_rows(dq, (r0, r1), dq_r);
-        let dk = ds.swap_dims(2, 3).matmul(qr);
-        // The query heads that share a KV head add their gradients.
-        let group = |g: Tensor<4>| {
-            to_dtype(g, DType::F32)
-                .reshape([b, hkv, n_rep, nk, d])
-                .sum_dim(2)
-                .reshape([b, hkv, nk, d])
-        };
-        dks.push(to_dtype(group(dk), k_dtype));
-        dvs.push(to_dtype(group(dv), v_dtype));
+        let dk = ds.swap_dims(3, 4).matmul(qr);
+        dks.push(group_sum(dk, k_dtype));
+        dvs.push(group_sum(dv, v_dtype));
     }
     (
-        to_dtype(dq, dtype),
+        ungrouped(to_dtype(dq, dtype)),
         Tensor::cat(dks, 2),
         Tensor::cat(dvs, 2),
     )
