@@ -15,7 +15,7 @@ use ember_train::objectives::lm::cross_entropy;
 use ember_train::optim::{OptimConfig, Optimizer};
 use ember_train::pretrain::parse_dtype;
 use ember_train::schedule::Schedule;
-use ember_train::trainer::{scalar, NextTokenModel, TrainModel, Trainer};
+use ember_train::trainer::{scalar, HostTimeline, NextTokenModel, TrainModel, Trainer};
 
 use crate::bench::{append_jsonl, config_json, timed_steps, Timed, TimedArgs};
 
@@ -84,20 +84,25 @@ pub fn run(a: Args) -> Result<()> {
         let mut model = HybridLM::random(config, 0, &dev)?.with_compute_dtype(dtype);
         model.dense_attention = a.dense_attention;
         let trainer = Trainer::new(model, optim(), schedule, 1.0);
-        let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
-        (r, trainer.model().param_count(), Vec::new())
+        let (r, trainer, host) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
+        (r, trainer.model().param_count(), host)
     } else {
         let config = Qwen3Config::from_value(&v, &origin)?;
         let vocab = config.vocab_size;
         let mut model = Qwen3::random(config, 0, &dev)?.with_compute_dtype(dtype);
         model.dense_attention = a.dense_attention;
         let trainer = Trainer::new(model, optim(), schedule, 1.0);
-        let (r, trainer) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
-        let split = if a.phases {
-            phases(&a, trainer.model(), &mut rng, &base, &dev, r.step_ms)?
-        } else {
-            Vec::new()
-        };
+        let (r, trainer, mut split) = timed_train(&a, &base, &dev, trainer, vocab, &mut rng)?;
+        if a.phases {
+            split.extend(phases(
+                &a,
+                trainer.model(),
+                &mut rng,
+                &base,
+                &dev,
+                r.step_ms,
+            )?);
+        }
         (r, trainer.model().param_count(), split)
     };
     let peak_rss = peak_rss_gb();
@@ -119,7 +124,11 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Timed next-token training steps on random tokens; gives the trainer back.
+/// Named figures for the JSON record.
+type Fields = Vec<(&'static str, f64)>;
+
+/// Timed next-token training steps on random tokens; gives the trainer back, with the
+/// timed steps' mean host timeline (printed, and as JSON fields).
 fn timed_train<M: NextTokenModel>(
     a: &Args,
     base: &Device,
@@ -127,37 +136,58 @@ fn timed_train<M: NextTokenModel>(
     mut trainer: Trainer<M>,
     vocab: usize,
     rng: &mut Rng,
-) -> Result<(Timed, Trainer<M>)> {
+) -> Result<(Timed, Trainer<M>, Fields)> {
     let flops = trainer.model().flops_per_token(a.seq);
     let params = trainer.model().param_count();
+    let mut timelines: Vec<HostTimeline> = Vec::new();
     let r = timed_steps(&a.t, base, (a.batch, a.seq), (params, flops), &mut || {
         let (x, y) = random_batch(rng, a.batch, a.seq, vocab, dev);
         let pos = Tensor::<1, Int>::arange(0..a.seq as i64, dev)
             .reshape([1, a.seq])
             .expand([a.batch, a.seq]);
-        Ok(trainer
-            .train_step(1, |m, _| {
-                if a.unfused_ce {
-                    return Ok(cross_entropy(
-                        m.packed_logits(x.clone(), pos.clone(), None),
-                        y.clone(),
-                        None,
-                    ));
-                }
-                let hidden = m.packed_hidden(x.clone(), pos.clone(), None);
-                let dim = hidden.dims()[2];
-                let n = a.batch * a.seq;
-                Ok(linear_cross_entropy(
-                    hidden.reshape([n, dim]),
-                    m.head_weight(),
-                    y.clone().reshape([n]),
+        let stats = trainer.train_step(1, |m, _| {
+            if a.unfused_ce {
+                return Ok(cross_entropy(
+                    m.packed_logits(x.clone(), pos.clone(), None),
+                    y.clone(),
                     None,
-                    chunk_rows(vocab),
-                ))
-            })?
-            .loss)
+                ));
+            }
+            let hidden = m.packed_hidden(x.clone(), pos.clone(), None);
+            let dim = hidden.dims()[2];
+            let n = a.batch * a.seq;
+            Ok(linear_cross_entropy(
+                hidden.reshape([n, dim]),
+                m.head_weight(),
+                y.clone().reshape([n]),
+                None,
+                chunk_rows(vocab),
+            ))
+        })?;
+        timelines.push(stats.host);
+        Ok(stats.loss)
     })?;
-    Ok((r, trainer))
+    let timed = &timelines[timelines.len().saturating_sub(a.t.steps)..];
+    let mean = |f: fn(&HostTimeline) -> f64| {
+        1e3 * timed.iter().map(f).sum::<f64>() / timed.len().max(1) as f64
+    };
+    let (issue, loss_wait, norm_wait, update) = (
+        mean(|h| h.issue),
+        mean(|h| h.loss_wait),
+        mean(|h| h.norm_wait),
+        mean(|h| h.update),
+    );
+    println!(
+        "host timeline (ms per timed step): issue forward+backward {issue:.1}, wait for the loss \
+         {loss_wait:.1}, gradient norm {norm_wait:.1}, issue the update {update:.1}"
+    );
+    let host = vec![
+        ("host_issue_ms", issue),
+        ("host_loss_wait_ms", loss_wait),
+        ("host_norm_ms", norm_wait),
+        ("host_update_ms", update),
+    ];
+    Ok((r, trainer, host))
 }
 
 /// The process's peak resident set (Linux `VmHWM`), in GB.
@@ -180,7 +210,7 @@ fn phases(
     base: &Device,
     dev: &Device,
     step_ms: f64,
-) -> Result<Vec<(&'static str, f64)>> {
+) -> Result<Fields> {
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::Distribution;

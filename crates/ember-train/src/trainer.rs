@@ -25,6 +25,25 @@ pub struct StepStats {
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
     pub lr: f64,
+    /// Where the host thread spent the step.
+    pub host: HostTimeline,
+}
+
+/// The host thread's time through one step, in seconds. The device runs what the host
+/// issues asynchronously, so a step that spends nearly all its time issuing work and little
+/// waiting for the two reads is bound by the host (kernel launches, burn-fusion's
+/// bookkeeping), and one that waits long is bound by the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostTimeline {
+    /// Issuing the forward and backward passes of every micro-batch.
+    pub issue: f64,
+    /// Reading the loss back: waiting for the device to finish what was issued (and for
+    /// burn-fusion to launch what it still held).
+    pub loss_wait: f64,
+    /// Issuing the gradient norm and reading it back.
+    pub norm_wait: f64,
+    /// Issuing the optimizer step, which the device runs while the next step is issued.
+    pub update: f64,
 }
 
 /// A loss that is not finite: the step is not applied, and the run stops.
@@ -204,6 +223,14 @@ impl<M: TrainModel> Trainer<M> {
     ) -> Result<StepStats> {
         let lr = self.schedule.lr_at(self.step);
         let model = self.model.take().expect("model present between steps");
+        let mut host = HostTimeline::default();
+        let mut clock = std::time::Instant::now();
+        let mut lap = || {
+            let now = std::time::Instant::now();
+            let secs = (now - clock).as_secs_f64();
+            clock = now;
+            secs
+        };
         let mut acc = GradientsAccumulator::<M>::new();
         let mut total: Option<Tensor<1>> = None;
         let mut single = None;
@@ -229,10 +256,16 @@ impl<M: TrainModel> Trainer<M> {
             }
         }
         let grads = single.unwrap_or_else(|| acc.grads());
+        host.issue = lap();
         let measured = total
             .map(|t| scalar(t).map(|l| l / micro as f64))
             .unwrap_or(Ok(f64::NAN))
-            .and_then(|loss| Ok((loss, grad_norm(&model, &grads)?)));
+            .and_then(|loss| {
+                host.loss_wait = lap();
+                let norm = grad_norm(&model, &grads)?;
+                host.norm_wait = lap();
+                Ok((loss, norm))
+            });
         let (loss, norm) = match measured {
             Ok(v) => v,
             Err(e) => {
@@ -254,11 +287,13 @@ impl<M: TrainModel> Trainer<M> {
             1.0
         };
         self.model = Some(self.optimizer.step(model, grads, lr, scale).after_step());
+        host.update = lap();
         self.step += 1;
         Ok(StepStats {
             loss,
             grad_norm: norm,
             lr,
+            host,
         })
     }
 
