@@ -17,6 +17,8 @@
 #   profile, graph (generation through a captured decode graph)
 #   EMBER_GEMM=cublaslt sends ember's projections to cuBLASLt (CUDA builds; found below)
 #   EMBER_DECODE=graph sends ember's RL rollouts through the captured decode step
+#   TRAIN_GRAPH=1 goes on training through a captured step after ember's eager steps and
+#   times it too (`bench train --graph`; Burn's matmul, since cuBLASLt is not recorded)
 # On an H100 (2026-11-26) ember's first 0.6B training step took 115 s of kernel compilation,
 # so all parts need more than one 15-minute device session: choose PARTS to fit one.
 # A smoke run on a CPU:
@@ -76,7 +78,8 @@ common=(--model-config "$cfg" --device "$device" --dtype "$dtype" --out "$out")
 tb=${TRAIN_BATCH:-4}; ts=${TRAIN_SEQ:-2048}; steps=${STEPS:-10}
 # 1. Training. The first ember process compiles every kernel: its first step is the cold
 # start; the short second process below reads them back from the cache: the warm start.
-want train && part train-ember 240 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --warmup 2
+want train && part train-ember 240 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --warmup 2 \
+  ${TRAIN_GRAPH:+--graph}
 want train && part start-warm 120 "$ember" bench train "${common[@]}" --batch "$tb" --seq "$ts" --steps 1 --warmup 1
 want torch && part train-torch 60 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps"
 want torch && part train-torch-compile 130 python3 benches/reference/train_hf.py "${common[@]}" --batch "$tb" --seq "$ts" --steps "$steps" --compile

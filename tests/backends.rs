@@ -58,9 +58,17 @@ fn gpu_backends_match_transformers() {
         // with: only right if the step's state really is updated in place.
         let replayed = crate::qwen3_generate::check_graph_decode(&model);
         eprintln!("{name}: graph decoding matches (replayed as a graph: {replayed})");
+        // The captured training step writes parameters, moments, the step counter and the
+        // batch in place; only a real replay tests that.
+        let trained = crate::train::check_captured_training(&dev);
+        eprintln!("{name}: a captured training step trains as the eager one (replayed as a graph: {trained})");
         assert!(
             replayed,
             "{name}: the decode step did not replay as a graph"
+        );
+        assert!(
+            trained,
+            "{name}: the training step did not replay as a graph"
         );
 
         if dev.supports_dtype(DType::BF16) {

@@ -779,3 +779,91 @@ fn independent_stages_run_side_by_side_with_the_same_results() {
         easy[0].1
     );
 }
+
+/// The captured training step (`ember_train::captured`) against the trainer's eager step on
+/// `dev`, from the same initial weights: the same losses and gradient norms through the
+/// capture's four steps on one batch and three replays on new ones, with a clip that
+/// binds. Within 1e-4 relative: the captured step forms AdamW's bias corrections and the
+/// clip factor on the device in f32, the eager one on the host. Returns whether the step
+/// replayed as a graph (flex has none and re-runs it).
+pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
+    use ember_train::captured::capture_training;
+    use ember_train::optim::Optimizer;
+    use ember_train::trainer::Trainer;
+    let ad = dev.clone().autodiff();
+    let model = || {
+        let mut v: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture_dir("qwen3").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        v["num_hidden_layers"] = 2.into();
+        let config = Qwen3Config::from_value(&v, "test").unwrap();
+        Qwen3::random(config, 3, &ad).unwrap().with_device_rope()
+    };
+    let vocab = model().config.vocab_size as i32;
+    let batch = |k: i32| {
+        let row = |r: i32| {
+            (0..9)
+                .map(|i| (i * 31 + r * 7 + k * 13) % vocab)
+                .collect::<Vec<_>>()
+        };
+        let rows = [row(0), row(1)];
+        let x: Vec<Vec<i32>> = rows.iter().map(|r| r[..8].to_vec()).collect();
+        let y: Vec<Vec<i32>> = rows.iter().map(|r| r[1..].to_vec()).collect();
+        (tokens(&x, &ad), tokens(&y, &ad))
+    };
+    let (lr, clip) = (1e-2, 0.5);
+    let mut graph = capture_training(
+        model(),
+        Optimizer::new(OptimConfig::default()),
+        batch(0),
+        lr,
+        clip,
+        Box::new(|m: &Qwen3, x, y| cross_entropy(m.forward(x), y, None)),
+    )
+    .unwrap();
+    // The capture's steps on the first batch (three with a graph, whose recording does not
+    // execute; four without), then three replays on new batches.
+    let first = graph.steps as usize;
+    assert_eq!(first, if graph.replayed() { 3 } else { 4 });
+    let order: Vec<i32> = std::iter::repeat_n(0, first).chain([1, 2, 3]).collect();
+    let mut eager = Trainer::new(
+        model(),
+        Optimizer::new(OptimConfig::default()),
+        Schedule::constant(lr),
+        clip,
+    );
+    let mut want = Vec::new();
+    for &k in &order {
+        let (x, y) = batch(k);
+        let st = eager
+            .train_step(1, |m, _| {
+                Ok(cross_entropy(m.forward(x.clone()), y.clone(), None))
+            })
+            .unwrap();
+        want.push((st.loss, st.grad_norm));
+    }
+    assert!(
+        want.iter().all(|(_, n)| *n > clip),
+        "the clip should bind: {want:?}"
+    );
+    for (i, &k) in order.iter().enumerate().skip(first) {
+        let (x, y) = batch(k);
+        let got = graph.step(x, y, lr).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+        assert!(
+            close(got.loss, want[i].0) && close(got.grad_norm, want[i].1),
+            "step {i}: captured loss {} and norm {} vs eager {:?}",
+            got.loss,
+            got.grad_norm,
+            want[i]
+        );
+    }
+    assert_eq!(graph.steps, order.len() as u64);
+    graph.replayed()
+}
+
+#[test]
+fn a_captured_training_step_trains_as_the_eager_one() {
+    check_captured_training(&device());
+}

@@ -43,6 +43,11 @@ pub struct Args {
     /// with its own backward (for comparison).
     #[arg(long)]
     dense_attention: bool,
+    /// After the eager steps, go on training through a captured step (forward, backward,
+    /// clip and AdamW recorded once and replayed as one graph; `ember_train::captured`) and
+    /// time that too: the difference is the host's share of an eager step. Qwen3 shapes.
+    #[arg(long)]
+    graph: bool,
 }
 
 fn random_batch(
@@ -72,8 +77,8 @@ pub fn run(a: Args) -> Result<()> {
         .and_then(|k| k.as_str())
         .unwrap_or("qwen3");
     let hybrid = matches!(kind, "nemotron_flash" | "mamba2" | "nemotron_h");
-    if hybrid && a.phases {
-        bail!("--phases: only for qwen3 shapes");
+    if hybrid && (a.phases || a.graph) {
+        bail!("--phases and --graph: only for qwen3 shapes");
     }
     let mut rng = Rng::new(0);
     let schedule = Schedule::constant(3e-4);
@@ -103,7 +108,11 @@ pub fn run(a: Args) -> Result<()> {
                 r.step_ms,
             )?);
         }
-        (r, trainer.model().param_count(), split)
+        let params = trainer.model().param_count();
+        if a.graph {
+            split.extend(timed_graph(&a, trainer, vocab, &mut rng, r.step_ms)?);
+        }
+        (r, params, split)
     };
     let peak_rss = peak_rss_gb();
     if let Some(gb) = peak_rss {
@@ -188,6 +197,78 @@ fn timed_train<M: NextTokenModel>(
         ("host_update_ms", update),
     ];
     Ok((r, trainer, host))
+}
+
+/// Goes on training the trainer's model and optimizer state through a captured step (the
+/// same loss as the eager steps) and times its replays, each on a new random batch;
+/// `eager_ms` is the eager step's time, for the ratio.
+fn timed_graph(
+    a: &Args,
+    mut trainer: Trainer<Qwen3>,
+    vocab: usize,
+    rng: &mut Rng,
+    eager_ms: f64,
+) -> Result<Fields> {
+    use ember_train::captured::capture_training;
+    let optimizer = std::mem::replace(
+        &mut trainer.optimizer,
+        Optimizer::new(OptimConfig::default()),
+    );
+    let (lr, clip) = (trainer.schedule.lr_at(trainer.step), trainer.clip_grad_norm);
+    let model = trainer.into_model().with_device_rope();
+    let dev = model.embed_tokens.val().device();
+    let (b, s, chunk) = (a.batch, a.seq, chunk_rows(vocab));
+    // Made before the capture: the recorded step may not transfer from the host.
+    let pos = Tensor::<1, Int>::arange(0..s as i64, &dev)
+        .reshape([1, s])
+        .expand([b, s]);
+    let loss = move |m: &Qwen3, x: Tensor<2, Int>, y: Tensor<2, Int>| {
+        let hidden = m.packed_hidden(x, pos.clone(), None);
+        let dim = hidden.dims()[2];
+        linear_cross_entropy(
+            hidden.reshape([b * s, dim]),
+            m.head_weight(),
+            y.reshape([b * s]),
+            None,
+            chunk,
+        )
+    };
+    let mut graph = capture_training(
+        model,
+        optimizer,
+        random_batch(rng, b, s, vocab, &dev),
+        lr,
+        clip,
+        Box::new(loss),
+    )?;
+    let replayed = graph.replayed();
+    println!(
+        "captured step: capture {:.2} s (warm-up steps and the recording), replayed as a graph: {replayed}",
+        graph.capture_secs
+    );
+    let mut step = |rng: &mut Rng| {
+        let (x, y) = random_batch(rng, b, s, vocab, &dev);
+        graph.step(x, y, lr)
+    };
+    step(rng)?;
+    let t = Instant::now();
+    let mut last = step(rng)?;
+    for _ in 1..a.t.steps {
+        last = step(rng)?;
+    }
+    let step_ms = t.elapsed().as_secs_f64() * 1e3 / a.t.steps.max(1) as f64;
+    let tps = (b * s) as f64 / (step_ms / 1e3);
+    println!(
+        "ember, captured step: {tps:.0} tokens/s, {step_ms:.1} ms/step (loss {:.3}), {:.2}x the eager step",
+        last.loss,
+        eager_ms / step_ms
+    );
+    Ok(vec![
+        ("graph_tokens_per_s", tps),
+        ("graph_step_ms", step_ms),
+        ("graph_capture_s", graph.capture_secs),
+        ("graph_replayed", replayed as u8 as f64),
+    ])
 }
 
 /// The process's peak resident set (Linux `VmHWM`), in GB.

@@ -325,6 +325,10 @@ pub struct Qwen3 {
     /// compare the two.
     #[module(skip)]
     pub dense_attention: bool,
+    /// RoPE's inverse frequencies, kept on the device for a captured training step, which
+    /// may not transfer from the host; None uploads them at each forward pass.
+    #[module(skip)]
+    pub rope_freq: Option<rope::RopeFreq>,
 }
 
 /// Per-layer KV caches plus the padding mask of the batch they hold.
@@ -409,6 +413,7 @@ impl Qwen3 {
             config,
             compute_dtype: DType::F32,
             dense_attention: false,
+            rope_freq: None,
         })
     }
 
@@ -557,6 +562,15 @@ impl Qwen3 {
     }
 
     /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
+    /// Keeps RoPE's inverse frequencies on the device (`rope_freq`), so a forward pass without
+    /// a cache transfers nothing from the host, as a captured step needs.
+    pub fn with_device_rope(mut self) -> Self {
+        let device = self.embed_tokens.val().device();
+        let c = &self.config;
+        self.rope_freq = Some(rope::freq_tensor(c.rope_theta(), c.head_dim(), &device));
+        self
+    }
+
     pub fn head_weight(&self) -> Tensor<2> {
         match &self.lm_head {
             Some(h) => h.weight.val(),
@@ -590,9 +604,10 @@ impl Qwen3 {
             .select(0, input_ids.reshape([b * s]))
             .reshape([b, s, c.hidden_size]);
         let mut x = to_dtype(x, dtype);
-        let freq = match &cache {
-            Some((cache, _)) => cache.rope_freq.clone(),
-            None => rope::freq_tensor(c.rope_theta(), c.head_dim(), &device),
+        let freq = match (&cache, &self.rope_freq) {
+            (Some((cache, _)), _) => cache.rope_freq.clone(),
+            (None, Some(f)) => f.clone(),
+            (None, None) => rope::freq_tensor(c.rope_theta(), c.head_dim(), &device),
         };
         let rope_t = rope::tables_with(&freq, positions, dtype);
         let scales = self.norm_scales(dtype);

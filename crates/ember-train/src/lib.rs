@@ -1,5 +1,6 @@
 //! Recipes, stages and the trainer loop.
 
+pub mod captured;
 pub mod checkpoint;
 pub mod cpt;
 pub mod dry_run;

@@ -156,22 +156,91 @@ impl ModuleVisitor for SquaredNorm<'_> {
     }
 }
 
-/// The global L2 norm of all gradients (one host sync).
-pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> Result<f64> {
+/// The sum of all squared gradients as a `[1]` device tensor (no host sync); None when no
+/// parameter has a gradient.
+pub fn grad_sq_norm<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     let mut v = SquaredNorm { grads, total: None };
     model.visit(&mut v);
-    match v.total {
+    v.total
+}
+
+/// The global L2 norm of all gradients (one host sync).
+pub fn grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> Result<f64> {
+    match grad_sq_norm(model, grads) {
         Some(t) => Ok(crate::trainer::scalar(t)?.sqrt()),
         None => Ok(0.0),
+    }
+}
+
+/// The step's learning rate, bias corrections and gradient scale: host numbers for an eager
+/// step, or `[1, 1]` device tensors for a captured one, whose replays must not bake in the
+/// values of the step that was recorded.
+#[derive(Clone, Debug)]
+pub enum Coefs {
+    Host {
+        lr: f64,
+        /// Multiplies every gradient: global-norm clipping and accumulation scaling.
+        grad_scale: f64,
+    },
+    Device(Box<DeviceCoefs>),
+}
+
+/// A captured step's coefficients, each `[1, 1]`, made inside the step from buffers
+/// refreshed between replays (the rate) or updated by the step itself (the counter behind
+/// the bias corrections).
+#[derive(Clone, Debug)]
+pub struct DeviceCoefs {
+    pub lr: Tensor<2>,
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    pub bc1: Tensor<2>,
+    pub bc2: Tensor<2>,
+    pub grad_scale: Tensor<2>,
+}
+
+impl Coefs {
+    fn grad(&self, g: Tensor<2>) -> Tensor<2> {
+        match self {
+            Coefs::Host { grad_scale, .. } => g.mul_scalar(*grad_scale),
+            Coefs::Device(c) => g * c.grad_scale.clone(),
+        }
+    }
+    fn lr_times(&self, t: Tensor<2>) -> Tensor<2> {
+        self.lr_times_scaled(t, 1.0)
+    }
+    /// `t·lr·factor`, the product formed on the host when the rate is there.
+    fn lr_times_scaled(&self, t: Tensor<2>, factor: f64) -> Tensor<2> {
+        match self {
+            Coefs::Host { lr, .. } => t.mul_scalar(lr * factor),
+            Coefs::Device(c) if factor == 1.0 => t * c.lr.clone(),
+            Coefs::Device(c) => t.mul_scalar(factor) * c.lr.clone(),
+        }
+    }
+    /// `p·(1 − lr·wd)`: decoupled weight decay.
+    fn decay(&self, p: Tensor<2>, wd: f64) -> Tensor<2> {
+        match self {
+            Coefs::Host { lr, .. } => p.mul_scalar(1.0 - lr * wd),
+            Coefs::Device(c) => p * c.lr.clone().mul_scalar(-wd).add_scalar(1.0),
+        }
+    }
+    /// `m / (1 − β₁ᵗ)` and `v / (1 − β₂ᵗ)` at step `t`.
+    fn unbias(&self, m: Tensor<2>, v: Tensor<2>, cfg: &OptimConfig, t: u64) -> [Tensor<2>; 2] {
+        match self {
+            Coefs::Host { .. } => {
+                let t = t as i32;
+                [
+                    m.div_scalar(1.0 - cfg.beta1.powi(t)),
+                    v.div_scalar(1.0 - cfg.beta2.powi(t)),
+                ]
+            }
+            Coefs::Device(c) => [m / c.bc1.clone(), v / c.bc2.clone()],
+        }
     }
 }
 
 struct Step<'a> {
     opt: &'a mut Optimizer,
     grads: GradientsParams,
-    lr: f64,
-    /// Multiplies every gradient: global-norm clipping and accumulation scaling.
-    grad_scale: f64,
+    coefs: Coefs,
     path: PathTracker,
 }
 
@@ -193,9 +262,7 @@ impl ModuleMapper for Step<'_> {
         let dims = tensor.dims();
         let p = tensor.inner();
         let path = self.path.path();
-        let updated = self
-            .opt
-            .update(&path, &dims, p, grad, self.lr, self.grad_scale);
+        let updated = self.opt.update(&path, &dims, p, grad, &self.coefs);
         let mut t = updated.autodiff();
         if let Some(s) = strategy {
             t = t.with_gradient_checkpointing_strategy(s);
@@ -246,12 +313,23 @@ impl Optimizer {
         lr: f64,
         grad_scale: f64,
     ) -> M {
+        self.step_with(model, grads, Coefs::Host { lr, grad_scale })
+    }
+
+    /// [`Self::step`] with the coefficients of either kind. With device coefficients (a
+    /// captured step) every parameter and moment is written back into its own buffer, which
+    /// the graph's replays read and write. AdamW only: Muon and StableAdamW take host
+    /// coefficients.
+    pub fn step_with<M: Module>(&mut self, model: M, grads: GradientsParams, coefs: Coefs) -> M {
+        assert!(
+            matches!(coefs, Coefs::Host { .. }) || self.config.optimizer == OptimizerKind::Adamw,
+            "device coefficients are for AdamW only"
+        );
         self.steps += 1;
         let mut s = Step {
             opt: self,
             grads,
-            lr,
-            grad_scale,
+            coefs,
             path: PathTracker::default(),
         };
         model.map(&mut s)
@@ -263,10 +341,13 @@ impl Optimizer {
         dims: &[usize; D],
         p: Tensor<D>,
         grad: Tensor<D>,
-        lr: f64,
-        grad_scale: f64,
+        coefs: &Coefs,
     ) -> Tensor<D> {
         let cfg = self.config.clone();
+        // A captured step writes the new values into the parameter's own buffer: `p` stays
+        // alive for that while a clone feeds the arithmetic.
+        let in_place = matches!(coefs, Coefs::Device(_));
+        let target = in_place.then(|| p.clone());
         // State is kept 2-D (vectors as one row) so one map holds every parameter.
         let (rows, cols) = match D {
             1 => (1, dims[0]),
@@ -274,9 +355,7 @@ impl Optimizer {
         };
         let dtype = p.dtype();
         let p2: Tensor<2> = to_dtype(p, DType::F32).reshape([rows, cols]);
-        let g: Tensor<2> = to_dtype(grad, DType::F32)
-            .reshape([rows, cols])
-            .mul_scalar(grad_scale);
+        let g: Tensor<2> = coefs.grad(to_dtype(grad, DType::F32).reshape([rows, cols]));
         let device = g.device();
         let rule = rule(&cfg, path, dims);
         let slot = self.state.entry(path.to_string()).or_insert_with(|| Slot {
@@ -294,40 +373,47 @@ impl Optimizer {
         let stable = cfg.optimizer == OptimizerKind::Stableadamw;
         // StableAdamW scales the decay with its step, so it is applied with the update.
         let p2 = if wd > 0.0 && !stable {
-            p2.mul_scalar(1.0 - lr * wd)
+            coefs.decay(p2, wd)
         } else {
             p2
         };
         let new = match rule {
             Rule::AdamW { .. } => {
-                let t = self.steps as i32;
                 let m =
                     slot.m.clone().mul_scalar(cfg.beta1) + g.clone().mul_scalar(1.0 - cfg.beta1);
-                let v = slot
-                    .v
-                    .take()
-                    .expect("AdamW slot has a second moment")
-                    .mul_scalar(cfg.beta2)
+                let v_old = slot.v.take().expect("AdamW slot has a second moment");
+                // The old second moment's buffer, kept to be written in place (captured steps).
+                let v_kept = in_place.then(|| v_old.clone());
+                let v = v_old.mul_scalar(cfg.beta2)
                     + (g.clone() * g.clone()).mul_scalar(1.0 - cfg.beta2);
-                let bc1 = 1.0 - cfg.beta1.powi(t);
-                let bc2 = 1.0 - cfg.beta2.powi(t);
-                let v_hat = v.clone().div_scalar(bc2);
+                let [m_hat, v_hat] = coefs.unbias(m.clone(), v.clone(), &cfg, self.steps);
                 let denom = v_hat.clone().sqrt().add_scalar(cfg.eps);
-                let upd = m.clone().div_scalar(bc1) / denom;
+                let upd = m_hat / denom;
                 let new = if stable {
                     // lr_t = lr / max(1, sqrt(mean(g² / max(v̂, eps²)))), on the device.
                     let rms = (g.clone() * g / v_hat.clamp_min(cfg.eps * cfg.eps))
                         .mean()
                         .sqrt()
                         .clamp_min(1.0);
-                    let lr_t = rms.recip().mul_scalar(lr).reshape([1, 1]);
+                    let lr_t = coefs.lr_times(rms.recip().reshape([1, 1]));
                     let kept = (lr_t.clone().mul_scalar(-wd)).add_scalar(1.0);
                     p2 * kept - upd * lr_t
                 } else {
-                    p2 - upd.mul_scalar(lr)
+                    p2 - coefs.lr_times(upd)
                 };
-                slot.m = m;
-                slot.v = Some(v);
+                match v_kept {
+                    Some(v_old) => {
+                        // The slot lets go of the old first moment first, so it is written
+                        // in place rather than copied.
+                        let m_old = std::mem::replace(&mut slot.m, m.clone());
+                        slot.m = write_into(m_old, m);
+                        slot.v = Some(write_into(v_old, v));
+                    }
+                    None => {
+                        slot.m = m;
+                        slot.v = Some(v);
+                    }
+                }
                 new
             }
             Rule::Muon => {
@@ -339,10 +425,14 @@ impl Optimizer {
                 // Moonlight's scaling: the update's RMS matches AdamW's (≈0.2), so the
                 // AdamW learning rate carries over.
                 let scale = 0.2 * (rows.max(cols) as f64).sqrt();
-                p2 - o.mul_scalar(lr * scale)
+                p2 - coefs.lr_times_scaled(o, scale)
             }
         };
-        to_dtype(new.reshape(*dims), dtype)
+        let new = to_dtype(new.reshape(*dims), dtype);
+        match target {
+            Some(p) => write_into(p, new),
+            None => new,
+        }
     }
 
     /// Saves the state as safetensors (`<path>.m`, `<path>.v`, f32) atomically.
@@ -399,6 +489,13 @@ impl Optimizer {
         self.state = state;
         Ok(())
     }
+}
+
+/// `value` written into `buffer`'s own storage (a whole-tensor `slice_assign`, in place
+/// while `buffer` is the only handle to it), so a captured graph's replays see the update.
+pub fn write_into<const D: usize>(buffer: Tensor<D>, value: Tensor<D>) -> Tensor<D> {
+    let ranges = buffer.dims().map(|d| 0..d);
+    buffer.slice_assign(ranges, value)
 }
 
 struct Shapes {
