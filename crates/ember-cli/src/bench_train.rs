@@ -80,6 +80,11 @@ pub fn run(a: Args) -> Result<()> {
     if hybrid && (a.phases || a.graph) {
         bail!("--phases and --graph: only for qwen3 shapes");
     }
+    if a.graph && ember_models::layers::gemm::on_cublaslt(&base) {
+        // The recording would run Burn's matmul on shapes the warm-up steps never tuned,
+        // and tuning cannot run inside a recording.
+        bail!("--graph: unset EMBER_GEMM=cublaslt (cuBLASLt's stream is not recorded in a graph)");
+    }
     let mut rng = Rng::new(0);
     let schedule = Schedule::constant(3e-4);
     let optim = || Optimizer::new(OptimConfig::default());

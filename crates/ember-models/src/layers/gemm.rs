@@ -9,6 +9,18 @@
 
 use burn::tensor::Tensor;
 
+/// Whether the projections' GEMMs on `device` go to cuBLASLt (`EMBER_GEMM=cublaslt` on a
+/// CUDA device of a CUDA build).
+pub fn on_cublaslt(device: &burn::tensor::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return super::cublaslt::enabled_on(device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// `[m, k] · [n, k]ᵀ → [m, n]`.
 pub fn matmul_nt(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     #[cfg(feature = "cuda")]
