@@ -561,7 +561,6 @@ impl Qwen3 {
         x
     }
 
-    /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
     /// Keeps RoPE's inverse frequencies on the device (`rope_freq`), so a forward pass without
     /// a cache transfers nothing from the host, as a captured step needs.
     pub fn with_device_rope(mut self) -> Self {
@@ -571,6 +570,7 @@ impl Qwen3 {
         self
     }
 
+    /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
     pub fn head_weight(&self) -> Tensor<2> {
         match &self.lm_head {
             Some(h) => h.weight.val(),
