@@ -158,6 +158,31 @@ fn kill_and_resume_reproduces_every_loss_exactly() {
     assert!(full_run.join("model.safetensors").is_file());
     assert_eq!(checkpoints(&full_run), ["step-00000006", "step-00000008"]);
 
+    // The same run through a captured step (two micro-batches a step, a warm-up, evaluations
+    // and checkpoints between replays) takes the same steps: its capture trains nothing.
+    let (cap, cap_run) = recipe("train-captured", "");
+    let o = train(&cap, &["--set", "train.captured_step=true"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("captured the training step"),
+        "{}",
+        stderr(&o)
+    );
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    let captured = losses(&cap_run);
+    assert_eq!(captured.len(), reference.len());
+    for (got, want) in captured.iter().zip(&reference) {
+        let val = match (got.2, want.2) {
+            (Some(a), Some(b)) => close(a, b),
+            (a, b) => a == b,
+        };
+        assert!(
+            got.0 == want.0 && close(got.1, want.1) && val,
+            "captured {got:?} vs eager {want:?}"
+        );
+    }
+    assert_eq!(checkpoints(&cap_run), checkpoints(&full_run));
+
     // Killed after step 5: the newest checkpoint is step 3, so steps 4 and 5 are redone.
     let (cut, cut_run) = recipe("train-cut", "");
     let o = train(&cut, &[], &[("EMBER_FAULT", "abort-after-step:5")]);
@@ -242,6 +267,17 @@ fn malformed_recipes_fail_with_one_line_and_exit_2() {
         &["--set train.lr=fast", "invalid type"],
     );
     assert_rejected(&p, &run, &["--set", "train.nope=1"], &["nope"]);
+    assert_rejected(
+        &p,
+        &run,
+        &[
+            "--set",
+            "train.captured_step=true",
+            "--set",
+            "train.optimizer=\"muon\"",
+        ],
+        &["recipe.toml [train]: `captured_step`", "adamw"],
+    );
 }
 
 #[test]
@@ -781,15 +817,16 @@ fn independent_stages_run_side_by_side_with_the_same_results() {
 }
 
 /// The captured training step (`ember_train::captured`) against the trainer's eager step on
-/// `dev`, from the same initial weights: the same losses and gradient norms through the
-/// capture's four steps on one batch and three replays on new ones, with a clip that
-/// binds. Within 1e-4 relative: the captured step forms AdamW's bias corrections and the
-/// clip factor on the device in f32, the eager one on the host. Returns whether the step
-/// replayed as a graph (flex has none and re-runs it).
+/// `dev`, from the same initial weights, over three steps of two micro-batches each, with a
+/// clip that binds: the same losses and gradient norms (the capture trains nothing), and an
+/// evaluation of the captured model between steps (it is lent back to the trainer between
+/// replays) that equals the eager model's. Within 1e-4 relative: the captured step forms
+/// AdamW's bias corrections and the clip factor on the device in f32, the eager one on the
+/// host. Returns whether the step replayed as a graph (flex has none and re-runs it).
 pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
-    use ember_train::captured::capture_training;
     use ember_train::optim::Optimizer;
-    use ember_train::trainer::Trainer;
+    use ember_train::pretrain::{device_batch_loss, DeviceBatch};
+    use ember_train::trainer::{scalar, Trainer};
     let ad = dev.clone().autodiff();
     let model = || {
         let mut v: Value = serde_json::from_str(
@@ -798,7 +835,7 @@ pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
         .unwrap();
         v["num_hidden_layers"] = 2.into();
         let config = Qwen3Config::from_value(&v, "test").unwrap();
-        Qwen3::random(config, 3, &ad).unwrap().with_device_rope()
+        Qwen3::random(config, 3, &ad).unwrap()
     };
     let vocab = model().config.vocab_size as i32;
     let batch = |k: i32| {
@@ -810,57 +847,55 @@ pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
         let rows = [row(0), row(1)];
         let x: Vec<Vec<i32>> = rows.iter().map(|r| r[..8].to_vec()).collect();
         let y: Vec<Vec<i32>> = rows.iter().map(|r| r[1..].to_vec()).collect();
-        (tokens(&x, &ad), tokens(&y, &ad))
+        let positions = vec![(0..8).collect::<Vec<i32>>(); 2];
+        DeviceBatch {
+            inputs: tokens(&x, &ad),
+            targets: tokens(&y, &ad),
+            positions: tokens(&positions, &ad),
+            segments: None,
+            weights: None,
+        }
     };
     let (lr, clip) = (1e-2, 0.5);
-    let mut graph = capture_training(
-        model(),
-        Optimizer::new(OptimConfig::default()),
-        batch(0),
-        lr,
-        clip,
-        Box::new(|m: &Qwen3, x, y| cross_entropy(m.forward(x), y, None)),
-    )
-    .unwrap();
-    // The capture's steps on the first batch (three with a graph, whose recording does not
-    // execute; four without), then three replays on new batches.
-    let first = graph.steps as usize;
-    assert_eq!(first, if graph.replayed() { 3 } else { 4 });
-    let order: Vec<i32> = std::iter::repeat_n(0, first).chain([1, 2, 3]).collect();
-    let mut eager = Trainer::new(
-        model(),
-        Optimizer::new(OptimConfig::default()),
-        Schedule::constant(lr),
-        clip,
-    );
-    let mut want = Vec::new();
-    for &k in &order {
-        let (x, y) = batch(k);
-        let st = eager
-            .train_step(1, |m, _| {
-                Ok(cross_entropy(m.forward(x.clone()), y.clone(), None))
+    let trainer = || {
+        Trainer::new(
+            model(),
+            Optimizer::new(OptimConfig::default()),
+            Schedule::constant(lr),
+            clip,
+        )
+    };
+    let (mut eager, mut captured) = (trainer(), trainer());
+    let held_out = batch(99);
+    let eval = |m: &Qwen3| scalar(device_batch_loss(&m.valid(), &held_out)).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    for step in 0..3 {
+        let micro = [batch(2 * step), batch(2 * step + 1)];
+        let want = eager
+            .train_step(2, |m, i| Ok(device_batch_loss(m, &micro[i])))
+            .unwrap();
+        assert!(want.grad_norm > clip, "the clip should bind: {want:?}");
+        let got = captured
+            .train_captured(micro.to_vec(), || {
+                Box::new(|m: &Qwen3, b: &DeviceBatch| device_batch_loss(m, b))
             })
             .unwrap();
-        want.push((st.loss, st.grad_norm));
-    }
-    assert!(
-        want.iter().all(|(_, n)| *n > clip),
-        "the clip should bind: {want:?}"
-    );
-    for (i, &k) in order.iter().enumerate().skip(first) {
-        let (x, y) = batch(k);
-        let got = graph.step(x, y, lr).unwrap();
-        let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
         assert!(
-            close(got.loss, want[i].0) && close(got.grad_norm, want[i].1),
-            "step {i}: captured loss {} and norm {} vs eager {:?}",
+            close(got.loss, want.loss) && close(got.grad_norm, want.grad_norm),
+            "step {step}: captured loss {} and norm {} vs eager {} and {}",
             got.loss,
             got.grad_norm,
-            want[i]
+            want.loss,
+            want.grad_norm
+        );
+        let (a, b) = (eval(captured.model()), eval(eager.model()));
+        assert!(
+            close(a, b),
+            "after step {step}: held-out loss {a} vs eager {b}"
         );
     }
-    assert_eq!(graph.steps, order.len() as u64);
-    graph.replayed()
+    assert_eq!((captured.step, captured.optimizer.steps), (3, 3));
+    captured.replays_graph()
 }
 
 #[test]

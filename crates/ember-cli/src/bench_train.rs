@@ -13,7 +13,7 @@ use ember_models::rng::Rng;
 use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
 use ember_train::objectives::lm::cross_entropy;
 use ember_train::optim::{OptimConfig, Optimizer};
-use ember_train::pretrain::parse_dtype;
+use ember_train::pretrain::{device_batch_loss, parse_dtype, DeviceBatch};
 use ember_train::schedule::Schedule;
 use ember_train::trainer::{scalar, HostTimeline, NextTokenModel, TrainModel, Trainer};
 
@@ -214,46 +214,24 @@ fn timed_graph(
     rng: &mut Rng,
     eager_ms: f64,
 ) -> Result<Fields> {
-    use ember_train::captured::capture_training;
-    let optimizer = std::mem::replace(
-        &mut trainer.optimizer,
-        Optimizer::new(OptimConfig::default()),
-    );
-    let (lr, clip) = (trainer.schedule.lr_at(trainer.step), trainer.clip_grad_norm);
-    let model = trainer.into_model().with_device_rope();
-    let dev = model.embed_tokens.val().device();
-    let (b, s, chunk) = (a.batch, a.seq, chunk_rows(vocab));
-    // Made before the capture: the recorded step may not transfer from the host.
+    let dev = trainer.model().embed_tokens.val().device();
+    let (b, s) = (a.batch, a.seq);
     let pos = Tensor::<1, Int>::arange(0..s as i64, &dev)
         .reshape([1, s])
         .expand([b, s]);
-    let loss = move |m: &Qwen3, x: Tensor<2, Int>, y: Tensor<2, Int>| {
-        let hidden = m.packed_hidden(x, pos.clone(), None);
-        let dim = hidden.dims()[2];
-        linear_cross_entropy(
-            hidden.reshape([b * s, dim]),
-            m.head_weight(),
-            y.reshape([b * s]),
-            None,
-            chunk,
-        )
-    };
-    let mut graph = capture_training(
-        model,
-        optimizer,
-        random_batch(rng, b, s, vocab, &dev),
-        lr,
-        clip,
-        Box::new(loss),
-    )?;
-    let replayed = graph.replayed();
-    println!(
-        "captured step: capture {:.2} s (warm-up steps and the recording), replayed as a graph: {replayed}",
-        graph.capture_secs
-    );
     let mut step = |rng: &mut Rng| {
-        let (x, y) = random_batch(rng, b, s, vocab, &dev);
-        graph.step(x, y, lr)
+        let (inputs, targets) = random_batch(rng, b, s, vocab, &dev);
+        let batch = DeviceBatch {
+            inputs,
+            targets,
+            positions: pos.clone(),
+            segments: None,
+            weights: None,
+        };
+        // The loss is taken by the first call, which captures the step.
+        trainer.train_captured(vec![batch], || {
+            Box::new(|m: &Qwen3, b: &DeviceBatch| device_batch_loss(m, b))
+        })
     };
     step(rng)?;
     let t = Instant::now();
@@ -263,6 +241,11 @@ fn timed_graph(
     }
     let step_ms = t.elapsed().as_secs_f64() * 1e3 / a.t.steps.max(1) as f64;
     let tps = (b * s) as f64 / (step_ms / 1e3);
+    let capture_secs = trainer.capture_secs().unwrap_or(f64::NAN);
+    let replayed = trainer.replays_graph();
+    println!(
+        "captured step: capture {capture_secs:.2} s (warm-up runs and the recording), replayed as a graph: {replayed}"
+    );
     println!(
         "ember, captured step: {tps:.0} tokens/s, {step_ms:.1} ms/step (loss {:.3}), {:.2}x the eager step",
         last.loss,
@@ -271,7 +254,7 @@ fn timed_graph(
     Ok(vec![
         ("graph_tokens_per_s", tps),
         ("graph_step_ms", step_ms),
-        ("graph_capture_s", graph.capture_secs),
+        ("graph_capture_s", capture_secs),
         ("graph_replayed", replayed as u8 as f64),
     ])
 }

@@ -1,116 +1,209 @@
 //! A training step captured once and replayed as a graph (`burn::tensor::capture`): the
-//! forward and backward passes, the global-norm clip and AdamW's update, on CUDA one graph
-//! launch per step instead of the host issuing thousands of kernels (torch.compile's
-//! "reduce-overhead" mode does the same with CUDA graphs). Backends without graphs re-run
-//! the step.
+//! forward and backward passes over every micro-batch, the global-norm clip and AdamW's
+//! update, on CUDA one graph launch per step instead of the host issuing thousands of
+//! kernels (torch.compile's "reduce-overhead" mode does the same with CUDA graphs).
+//! Backends without graphs re-run the step.
 //!
 //! A replay re-runs the recorded kernels on the buffers they used when captured, so the
 //! step keeps everything it carries from one step to the next in device buffers that it
 //! updates in place:
-//! - the batch, written between replays;
+//! - the micro-batches, written between replays;
 //! - the parameters and AdamW's moments ([`Optimizer::step_with`] with device coefficients);
 //! - the step counter, from which the bias corrections follow on the device;
 //! - the learning rate, written between replays.
 //!
 //! The clip factor is computed on the device, and each replay's only read is the loss with
 //! the gradient norm. Nothing in the step may transfer from the host, so the model keeps
-//! RoPE's frequencies on the device (`Qwen3::rope_freq`).
+//! RoPE's frequencies on the device (`Qwen3::with_device_rope`).
 //!
-//! Burn's capture runs the step three times to warm up and once to record it. The recording
-//! does not execute, so the capture trains three steps on the first batch (four on a backend
-//! without graphs, where the recording run is an ordinary one). Used by `ember bench train
-//! --graph` to tell the host's share of a step from the device's; not by the stages yet.
+//! Burn's capture runs the step three times to warm up and once to record it. Those runs
+//! train on the first step's batches, so the parameters, the moments and the counter are
+//! put back afterwards (written into the same buffers): the capture trains nothing, and a
+//! captured run takes the eager run's steps.
+//!
+//! Between replays the model and the optimizer are lent back to the caller ([`Trainer`]
+//! evaluates and checkpoints them as usual); they must come back with the same tensors.
+//!
+//! [`Trainer`]: crate::trainer::Trainer
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
-use burn::module::Module;
-use burn::optim::GradientsParams;
-use burn::tensor::{capture, Int, Tensor, TensorData};
+use anyhow::{anyhow, bail, Result};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{capture, Graph, Int, Tensor, TensorData};
+use ember_models::layers::to_dtype;
 
-use crate::optim::{grad_sq_norm, write_into, Coefs, DeviceCoefs, Optimizer};
+use crate::optim::{grad_sq_norm, remap, write_into, Coefs, DeviceCoefs, Optimizer};
+use crate::pretrain::DeviceBatch;
+
+/// The loss of a micro-batch on the device, as a `[1]` tensor.
+pub type LossFn<M> = dyn Fn(&M, &DeviceBatch) -> Tensor<1>;
 
 /// What the step carries from one replay to the next.
 struct State<M> {
     model: Option<M>,
-    optimizer: Optimizer,
-    /// `[batch, seq]` inputs and targets.
-    x: Tensor<2, Int>,
-    y: Tensor<2, Int>,
+    optimizer: Option<Optimizer>,
+    batches: Vec<DeviceBatch>,
     /// `[1, 1]`: steps taken, as a float (the bias corrections' exponent).
     t: Tensor<2>,
     /// `[1, 1]`: the learning rate.
     lr: Tensor<2>,
 }
 
-/// One step's loss and gradient norm before clipping.
+/// One step's mean loss and its gradient norm before clipping.
 #[derive(Clone, Copy, Debug)]
 pub struct GraphStep {
     pub loss: f64,
     pub grad_norm: f64,
 }
 
-/// A model training through a captured step.
-pub struct CapturedTraining<M, F>
-where
-    M: Module,
-    F: FnMut() -> Tensor<1>,
-{
-    state: std::rc::Rc<RefCell<State<M>>>,
-    graph: burn::tensor::Graph<Tensor<1>, F>,
+type StepFn = Box<dyn FnMut() -> Tensor<1>>;
+
+/// A training step captured for one model and optimizer.
+pub struct CapturedStep<M: Module> {
+    state: Rc<RefCell<State<M>>>,
+    graph: Graph<Tensor<1>, StepFn>,
     /// Seconds the capture took: its warm-up runs and the recording.
     pub capture_secs: f64,
-    /// Steps taken, the capture's included (their losses and gradient norms are not read).
-    pub steps: u64,
 }
 
-/// The loss of a batch: `(model, inputs, targets)` to a `[1]` tensor.
-pub type LossFn<M> = dyn Fn(&M, Tensor<2, Int>, Tensor<2, Int>) -> Tensor<1>;
+/// A `[1, 1]` float on `device`.
+fn scalar(v: f64, device: &burn::tensor::Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(vec![v as f32], [1, 1]), device)
+}
 
-/// Captures the training step of `model` (AdamW with `optimizer`'s configuration and state,
-/// clipping the global gradient norm at `clip` when positive) on the batch `(x, y)`, which
-/// its warm-up and recorded runs train on, at the learning rate `lr`.
-pub fn capture_training<M: Module + 'static>(
-    model: M,
-    optimizer: Optimizer,
-    (x, y): (Tensor<2, Int>, Tensor<2, Int>),
-    lr: f64,
+/// A copy of `t` in a buffer of its own: a view of a shared buffer (inputs and targets
+/// sliced from one row) could not be refreshed in place.
+fn own(t: Tensor<2, Int>) -> Tensor<2, Int> {
+    let [b, n] = t.dims();
+    Tensor::<2, Int>::zeros([b, n], &t.device()).slice_assign([0..b, 0..n], t)
+}
+
+fn own_batch(b: DeviceBatch) -> DeviceBatch {
+    DeviceBatch {
+        inputs: own(b.inputs),
+        targets: own(b.targets),
+        positions: own(b.positions),
+        segments: b.segments.map(own),
+        weights: b.weights.map(|w| w.zeros_like() + w),
+    }
+}
+
+/// Writes `new` into the buffers of `old`, when the two have the same layout.
+fn refresh(old: &mut DeviceBatch, new: DeviceBatch) -> Result<()> {
+    let shape = |b: &DeviceBatch| {
+        (
+            b.inputs.dims(),
+            b.segments.is_some(),
+            b.weights.as_ref().map(|w| w.dims()),
+        )
+    };
+    if shape(old) != shape(&new) {
+        bail!(
+            "a captured step trains on batches of one layout: [batch, seq], document \
+             segments, loss weights {:?} differ from the captured {:?}",
+            shape(&new),
+            shape(old)
+        );
+    }
+    let int = |buf: &mut Tensor<2, Int>, v: Tensor<2, Int>| {
+        let [b, n] = v.dims();
+        buf.inplace(|o| o.slice_assign([0..b, 0..n], v));
+    };
+    int(&mut old.inputs, new.inputs);
+    int(&mut old.targets, new.targets);
+    int(&mut old.positions, new.positions);
+    if let (Some(o), Some(n)) = (old.segments.as_mut(), new.segments) {
+        int(o, n);
+    }
+    if let (Some(o), Some(n)) = (old.weights.as_mut(), new.weights) {
+        o.inplace(|o| write_into(o, n));
+    }
+    Ok(())
+}
+
+/// Every float parameter's values on the host, by id.
+#[derive(Default)]
+struct Snapshot(HashMap<ParamId, TensorData>);
+
+impl ModuleVisitor for Snapshot {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.insert(param.id, param.val().into_data());
+    }
+}
+
+impl ModuleMapper for Snapshot {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(data) = self.0.remove(&param.id) else {
+            return param;
+        };
+        remap(param, |p| {
+            let value = to_dtype(Tensor::from_data(data, &p.device()), p.dtype());
+            write_into(p, value)
+        })
+    }
+}
+
+/// Captures the training step of `model` with `optimizer` (AdamW; its configuration and
+/// state), clipping the global gradient norm at `clip` when positive, over micro-batches
+/// laid out as `batches`, with `loss_of` each micro-batch's mean loss. The model and the
+/// optimizer come back as they went in.
+pub fn capture_step<M: Module + 'static>(
+    model: &mut Option<M>,
+    optimizer: &mut Optimizer,
+    batches: Vec<DeviceBatch>,
     clip: f64,
     loss_of: Box<LossFn<M>>,
-) -> Result<CapturedTraining<M, impl FnMut() -> Tensor<1>>> {
+) -> Result<CapturedStep<M>> {
     if optimizer.config.optimizer != crate::optim::OptimizerKind::Adamw {
         bail!("a captured training step uses AdamW only");
     }
-    let device = x.device();
+    if batches.is_empty() {
+        bail!("a captured training step needs at least one micro-batch");
+    }
+    let device = batches[0].inputs.device();
     let steps = optimizer.steps;
-    let scalar = |v: f64| Tensor::<2>::from_data(TensorData::new(vec![v as f32], [1, 1]), &device);
-    // Buffers of their own: views of a shared one (inputs and targets sliced from one row)
-    // could not be refreshed in place.
-    let own = |t: Tensor<2, Int>| {
-        let [b, n] = t.dims();
-        Tensor::<2, Int>::zeros([b, n], &device).slice_assign([0..b, 0..n], t)
-    };
-    let (x, y) = (own(x), own(y));
-    let state = std::rc::Rc::new(RefCell::new(State {
-        model: Some(model),
-        optimizer,
-        x,
-        y,
-        t: scalar(steps as f64),
-        lr: scalar(lr),
+    let micro = batches.len();
+    let m = model.take().expect("model present between steps");
+    let mut snapshot = Snapshot::default();
+    m.visit(&mut snapshot);
+    let moments = optimizer.snapshot();
+    let placeholder = Optimizer::new(optimizer.config.clone());
+    let state = Rc::new(RefCell::new(State {
+        model: Some(m),
+        optimizer: Some(std::mem::replace(optimizer, placeholder)),
+        batches: batches.into_iter().map(own_batch).collect(),
+        t: scalar(steps as f64, &device),
+        lr: scalar(0.0, &device),
     }));
     let st = state.clone();
-    let step = move || {
+    let step: StepFn = Box::new(move || {
         let mut guard = st.borrow_mut();
         let s = &mut *guard;
         let model = s.model.take().expect("model present between steps");
-        let loss = loss_of(&model, s.x.clone(), s.y.clone());
-        let value = loss.clone().inner();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut acc = GradientsAccumulator::<M>::new();
+        let mut total: Option<Tensor<1>> = None;
+        for b in &s.batches {
+            let loss = loss_of(&model, b);
+            let value = loss.clone().inner();
+            total = Some(match total.take() {
+                Some(t) => t + value,
+                None => value,
+            });
+            let grads = loss.div_scalar(micro as f64).backward();
+            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let grads = acc.grads();
+        let mean = total
+            .expect("at least one micro-batch")
+            .div_scalar(micro as f64);
         let norm = grad_sq_norm(&model, &grads)
             .map(|sq| sq.sqrt())
-            .unwrap_or_else(|| Tensor::zeros([1], &value.device()));
+            .unwrap_or_else(|| Tensor::zeros([1], &mean.device()));
         let norm2 = norm.clone().reshape([1, 1]);
         let grad_scale = if clip > 0.0 {
             let over = norm2.clone().greater_elem(clip);
@@ -123,7 +216,8 @@ pub fn capture_training<M: Module + 'static>(
         };
         // The bias corrections 1 − βᵗ of the step being taken, from the counter.
         let t = s.t.clone().add_scalar(1.0);
-        let cfg = &s.optimizer.config;
+        let optimizer = s.optimizer.as_mut().expect("optimizer present");
+        let cfg = &optimizer.config;
         let correction = |beta: f64| t.clone().mul_scalar(beta.ln()).exp().neg().add_scalar(1.0);
         let coefs = DeviceCoefs {
             lr: s.lr.clone(),
@@ -132,74 +226,90 @@ pub fn capture_training<M: Module + 'static>(
             grad_scale,
         };
         s.t.inplace(|old| write_into(old, t));
-        let model = s
-            .optimizer
-            .step_with(model, grads, Coefs::Device(Box::new(coefs)));
+        let model = optimizer.step_with(model, grads, Coefs::Device(Box::new(coefs)));
         s.model = Some(model);
-        Tensor::cat(vec![value, norm], 0)
-    };
+        Tensor::cat(vec![mean, norm], 0)
+    });
     let t0 = Instant::now();
     // The graph records the backend's launches: on the autodiff device it would not open.
     let graph = capture(&device.clone().without_autodiff(), step);
     let capture_secs = t0.elapsed().as_secs_f64();
-    // A recording does not execute: its step is taken by the first replay.
-    let taken = if graph.is_hardware() { 3 } else { 4 };
-    state.borrow_mut().optimizer.steps = steps + taken;
-    Ok(CapturedTraining {
+    {
+        // The warm-up steps are undone in place, so the graph's buffers stay the model's.
+        let mut s = state.borrow_mut();
+        let m = s.model.take().expect("model present after the capture");
+        s.model = Some(m.map(&mut snapshot));
+        let opt = s.optimizer.as_mut().expect("optimizer present");
+        opt.restore_in_place(moments);
+        opt.steps = steps;
+        let back = scalar(steps as f64, &device);
+        s.t.inplace(|old| write_into(old, back));
+        *model = s.model.take();
+        *optimizer = s.optimizer.take().expect("optimizer present");
+    }
+    Ok(CapturedStep {
         state,
         graph,
         capture_secs,
-        steps: steps + taken,
     })
 }
 
-impl<M: Module, F: FnMut() -> Tensor<1>> CapturedTraining<M, F> {
+impl<M: Module> CapturedStep<M> {
     /// Whether the step replays as a recorded graph; false where the backend has none and
     /// the step simply re-runs.
     pub fn replayed(&self) -> bool {
         self.graph.is_hardware()
     }
 
-    /// One step on the batch `(x, y)` (the shapes of the captured one) at the rate `lr`.
-    pub fn step(&mut self, x: Tensor<2, Int>, y: Tensor<2, Int>, lr: f64) -> Result<GraphStep> {
+    /// One step of `model` and `optimizer` (those captured, lent back) on `batches` (laid
+    /// out as the captured ones) at the rate `lr`.
+    pub fn step(
+        &mut self,
+        model: &mut Option<M>,
+        optimizer: &mut Optimizer,
+        batches: Vec<DeviceBatch>,
+        lr: f64,
+    ) -> Result<GraphStep> {
+        let before = optimizer.steps;
         {
             let mut s = self.state.borrow_mut();
-            if x.dims() != s.x.dims() || y.dims() != s.y.dims() {
+            if batches.len() != s.batches.len() {
                 bail!(
-                    "captured training step: batch {:?} differs from the captured {:?}",
-                    x.dims(),
-                    s.x.dims()
+                    "a captured step has {} micro-batches, not {}",
+                    s.batches.len(),
+                    batches.len()
                 );
             }
-            let device = s.x.device();
-            let lr = Tensor::<2>::from_data(TensorData::new(vec![lr as f32], [1, 1]), &device);
-            let [b, n] = x.dims();
-            s.x.inplace(|old| old.slice_assign([0..b, 0..n], x));
-            s.y.inplace(|old| old.slice_assign([0..b, 0..n], y));
+            let device = s.lr.device();
+            for (old, new) in s.batches.iter_mut().zip(batches) {
+                refresh(old, new)?;
+            }
+            let lr = scalar(lr, &device);
             s.lr.inplace(|old| write_into(old, lr));
+            let placeholder = Optimizer::new(optimizer.config.clone());
+            s.model = model.take();
+            s.optimizer = Some(std::mem::replace(optimizer, placeholder));
         }
         // Safety: every buffer the step touches lives in `state` (the model, the optimizer's
-        // moments, the batch, the counter and the rate) or in `graph` (its output), all of
+        // moments, the batches, the counter and the rate) or in `graph` (its output), all of
         // which outlive the replay; its output is read (a wait for the device) before the
         // next refresh or replay, on this thread's stream.
         let out = unsafe { self.graph.replay() }.clone();
-        let v: Vec<f32> = out
+        let read = out
             .try_into_data()
-            .map_err(|e| anyhow::anyhow!("device error: {e:?}"))?
-            .iter::<f32>()
-            .collect();
-        self.steps += 1;
-        self.state.borrow_mut().optimizer.steps = self.steps;
+            .map_err(|e| anyhow!("device error: {}", format!("{e:?}").replace('\n', " ")));
+        {
+            let mut s = self.state.borrow_mut();
+            *model = s.model.take();
+            let mut opt = s.optimizer.take().expect("optimizer present");
+            // A replay does not run the closure that counts steps.
+            opt.steps = before + 1;
+            *optimizer = opt;
+        }
+        let v: Vec<f32> = read?.iter::<f32>().collect();
         Ok(GraphStep {
             loss: v[0] as f64,
             grad_norm: v[1] as f64,
-        })
-    }
-
-    /// The model as trained so far.
-    pub fn model(&self) -> std::cell::Ref<'_, M> {
-        std::cell::Ref::map(self.state.borrow(), |s| {
-            s.model.as_ref().expect("model present between steps")
         })
     }
 }

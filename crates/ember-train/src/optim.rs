@@ -87,6 +87,9 @@ impl Default for OptimConfig {
     }
 }
 
+/// An optimizer's moments on the host ([`Optimizer::snapshot`]).
+pub struct Moments(BTreeMap<String, (TensorData, Option<TensorData>)>);
+
 /// Per-parameter state: AdamW's two moments, or Muon's momentum buffer alone.
 #[derive(Clone, Debug)]
 struct Slot {
@@ -253,25 +256,35 @@ impl ModuleMapper for Step<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<D>(id) else {
-            return Param::from_mapped_value(id, tensor, mapper);
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return param;
         };
-        let require_grad = tensor.is_require_grad();
-        let strategy = tensor.gradient_checkpointing_strategy();
-        let dims = tensor.dims();
-        let p = tensor.inner();
         let path = self.path.path();
-        let updated = self.opt.update(&path, &dims, p, grad, &self.coefs);
-        let mut t = updated.autodiff();
-        if let Some(s) = strategy {
-            t = t.with_gradient_checkpointing_strategy(s);
-        }
-        if require_grad {
-            t = t.require_grad();
-        }
-        Param::from_mapped_value(id, t, mapper)
+        let (opt, coefs) = (&mut *self.opt, &self.coefs);
+        remap(param, |p| {
+            let dims = p.dims();
+            opt.update(&path, &dims, p, grad, coefs)
+        })
     }
+}
+
+/// `param` with its value replaced by `f` of the inner (non-autodiff) tensor, keeping its
+/// id, gradient requirement and checkpointing strategy.
+pub fn remap<const D: usize>(
+    param: Param<Tensor<D>>,
+    f: impl FnOnce(Tensor<D>) -> Tensor<D>,
+) -> Param<Tensor<D>> {
+    let (id, tensor, mapper) = param.consume();
+    let require_grad = tensor.is_require_grad();
+    let strategy = tensor.gradient_checkpointing_strategy();
+    let mut t = f(tensor.inner()).autodiff();
+    if let Some(s) = strategy {
+        t = t.with_gradient_checkpointing_strategy(s);
+    }
+    if require_grad {
+        t = t.require_grad();
+    }
+    Param::from_mapped_value(id, t, mapper)
 }
 
 /// Newton–Schulz quintic iteration (Keller Jordan's coefficients) towards the nearest
@@ -432,6 +445,43 @@ impl Optimizer {
         match target {
             Some(p) => write_into(p, new),
             None => new,
+        }
+    }
+
+    /// The moments on the host, by parameter path.
+    pub fn snapshot(&self) -> Moments {
+        Moments(
+            self.state
+                .iter()
+                .map(|(k, s)| {
+                    let v = s.v.as_ref().map(|v| v.to_data());
+                    (k.clone(), (s.m.to_data(), v))
+                })
+                .collect(),
+        )
+    }
+
+    /// Writes `saved` back into the moments' own buffers; moments made since it was taken
+    /// are zeroed, as a fresh optimizer would have them. A captured step's graph keeps
+    /// reading and writing these buffers, so none is replaced.
+    pub fn restore_in_place(&mut self, mut saved: Moments) {
+        let write = |t: Tensor<2>, data: Option<TensorData>| {
+            let value = match data {
+                Some(d) => Tensor::from_data(d, &t.device()),
+                None => t.zeros_like(),
+            };
+            write_into(t, value)
+        };
+        for (path, slot) in std::mem::take(&mut self.state) {
+            let (m, v) = match saved.0.remove(&path) {
+                Some((m, v)) => (Some(m), v),
+                None => (None, None),
+            };
+            let slot = Slot {
+                m: write(slot.m, m),
+                v: slot.v.map(|old| write(old, v)),
+            };
+            self.state.insert(path, slot);
         }
     }
 

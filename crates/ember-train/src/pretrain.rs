@@ -190,24 +190,58 @@ fn ids(v: &[u32], b: usize, s: usize, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(v, [b, s]), device)
 }
 
+/// A packed batch's tensors on the device.
+#[derive(Clone, Debug)]
+pub struct DeviceBatch {
+    pub inputs: Tensor<2, Int>,
+    pub targets: Tensor<2, Int>,
+    pub positions: Tensor<2, Int>,
+    pub segments: Option<Tensor<2, Int>>,
+    /// `[batch · seq]` per-target loss weights.
+    pub weights: Option<Tensor<1>>,
+}
+
+impl DeviceBatch {
+    pub fn new(batch: &Batch, device: &Device) -> Self {
+        let (b, s) = (batch.batch, batch.seq_len);
+        Self {
+            inputs: ids(&batch.inputs, b, s, device),
+            targets: ids(&batch.targets, b, s, device),
+            positions: ids(&batch.positions, b, s, device),
+            segments: batch.segments.as_ref().map(|g| ids(g, b, s, device)),
+            weights: batch
+                .weights
+                .as_ref()
+                .map(|w| Tensor::from_data(TensorData::new(w.clone(), [b * s]), device)),
+        }
+    }
+}
+
 /// The mean next-token loss of a packed batch, weighted per target when the batch says so
 /// (SFT's assistant-only mask).
 pub fn batch_loss<M: NextTokenModel>(model: &M, batch: &Batch, device: &Device) -> Tensor<1> {
-    let (b, s) = (batch.batch, batch.seq_len);
+    device_batch_loss(model, &DeviceBatch::new(batch, device))
+}
+
+/// [`batch_loss`] of a batch already on the device.
+pub fn device_batch_loss<M: NextTokenModel>(model: &M, batch: &DeviceBatch) -> Tensor<1> {
+    let [b, s] = batch.inputs.dims();
     let hidden = model.packed_hidden(
-        ids(&batch.inputs, b, s, device),
-        ids(&batch.positions, b, s, device),
-        batch.segments.as_ref().map(|g| ids(g, b, s, device)),
+        batch.inputs.clone(),
+        batch.positions.clone(),
+        batch.segments.clone(),
     );
     let dim = hidden.dims()[2];
     let head = model.head_weight();
     let rows = chunk_rows(head.dims()[0]);
-    let weights = batch
-        .weights
-        .as_ref()
-        .map(|w| Tensor::from_data(TensorData::new(w.clone(), [b * s]), device));
-    let targets = ids(&batch.targets, b, s, device).reshape([b * s]);
-    linear_cross_entropy(hidden.reshape([b * s, dim]), head, targets, weights, rows)
+    let targets = batch.targets.clone().reshape([b * s]);
+    linear_cross_entropy(
+        hidden.reshape([b * s, dim]),
+        head,
+        targets,
+        batch.weights.clone(),
+        rows,
+    )
 }
 
 /// Mean loss over fixed validation batches, without building a graph.

@@ -598,6 +598,10 @@ pub struct TrainSection {
     /// Recompute memory-bound activations in the backward pass.
     #[serde(default)]
     pub grad_checkpointing: bool,
+    /// Train through a step captured once and replayed as a graph (`crate::captured`):
+    /// Qwen3, AdamW, next-token objectives.
+    #[serde(default)]
+    pub captured_step: bool,
     #[serde(default = "ten")]
     pub log_every: u64,
     /// Validation loss every this many steps (0: only at the end).

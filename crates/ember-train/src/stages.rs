@@ -17,10 +17,11 @@ use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
 use serde_json::{json, Map, Value};
 
+use crate::captured::LossFn;
 use crate::checkpoint::{self, TrainState};
 use crate::metrics::{step_record, MetricsLog, Progress};
 use crate::optim::Optimizer;
-use crate::pretrain::{batch_loss, parse_dtype};
+use crate::pretrain::{batch_loss, device_batch_loss, parse_dtype, DeviceBatch};
 use crate::recipe::{
     model_spec, ModelSpec, PromptFormat, Recipe, StageKind, StageSection, TrainObjective,
     TrainSection,
@@ -98,6 +99,16 @@ pub trait Objective<M = Qwen3> {
     fn counts_flops(&self) -> bool {
         true
     }
+    /// The loss of a micro-batch on the device, for a captured step (`[train]
+    /// captured_step`); `None` where the objective cannot have one.
+    fn device_loss(&self) -> Option<Box<LossFn<M>>> {
+        None
+    }
+    /// The prepared step's micro-batches on the device, for the loss of
+    /// [`Objective::device_loss`].
+    fn device_batches(&self) -> Vec<DeviceBatch> {
+        Vec::new()
+    }
 }
 
 /// `n` items in `parts` contiguous ranges of near-equal size (at least one, at most `n`):
@@ -138,6 +149,18 @@ impl<M: NextTokenModel> Objective<M> for Supervised<'_> {
 
     fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>> {
         Ok(batch_loss(model, &self.batches[i], &self.device))
+    }
+
+    fn device_loss(&self) -> Option<Box<LossFn<M>>> {
+        Some(Box::new(|m: &M, b: &DeviceBatch| device_batch_loss(m, b)))
+    }
+
+    fn device_batches(&self) -> Vec<DeviceBatch> {
+        let dev = &self.device;
+        self.batches
+            .iter()
+            .map(|b| DeviceBatch::new(b, dev))
+            .collect()
     }
 
     fn annotate(&mut self, record: &mut Map<String, Value>) -> String {
@@ -225,6 +248,27 @@ pub trait Evaluator<M = Qwen3> {
 }
 
 /// Checks shared by every stage kind.
+/// Why a stage cannot train through a captured step, as one line naming the key: what
+/// [`check_common`] cannot see before the run: the objective and the device.
+fn check_captured<M: TrainModel>(
+    s: &StageRun,
+    objective: &dyn Objective<M>,
+    device: &Device,
+) -> Result<()> {
+    let at = format!("{} [train]: `captured_step`", s.path.display());
+    if objective.device_loss().is_none() {
+        bail!(
+            "{at}: the {} stage's objective has no captured step (next-token pretraining, \
+             CPT and SFT have one)",
+            s.stage.kind.name()
+        );
+    }
+    if ember_models::layers::gemm::on_cublaslt(device) {
+        bail!("{at}: the graph cannot record cuBLASLt's GEMMs; unset EMBER_GEMM=cublaslt");
+    }
+    Ok(())
+}
+
 pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
     let (data, train) = (&stage.data, &stage.train);
     let at = |key: &str| format!("{} [train]: `{key}`", path.display());
@@ -267,6 +311,22 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
                 kind.name(),
                 stage.kind.name()
             );
+        }
+    }
+    if train.captured_step {
+        let next_token = matches!(
+            stage.kind,
+            StageKind::Pretrain | StageKind::Cpt | StageKind::Sft
+        ) && matches!(stage.objective, None | Some(TrainObjective::Ntp));
+        if !next_token {
+            bail!(
+                "{}: next-token pretraining, CPT and SFT have a captured step; not this {} stage",
+                at("captured_step"),
+                stage.kind.name()
+            );
+        }
+        if train.optim().optimizer != crate::optim::OptimizerKind::Adamw {
+            bail!("{} needs optimizer = \"adamw\"", at("captured_step"));
         }
     }
     if stage.mlm.is_some() && stage.objective != Some(TrainObjective::Mlm) {
@@ -581,6 +641,14 @@ pub fn run_loop<M: TrainModel>(
         eprintln!("resuming from {} at step {}", ckpt.display(), st.step);
     }
     let total = spec.total_steps;
+    let model = if tcfg.captured_step {
+        check_captured(s, objective, &base)?;
+        model
+            .for_capture()
+            .map_err(|e| anyhow!("{} [train]: `captured_step`: {e:#}", s.path.display()))?
+    } else {
+        model
+    };
     let mut trainer = Trainer::new(model, optimizer, spec.schedule, tcfg.clip_grad_norm);
     trainer.step = start_step;
 
@@ -646,7 +714,25 @@ pub fn run_loop<M: TrainModel>(
 
     while trainer.step < total {
         let (micro, step_tokens) = objective.prepare(trainer.model(), trainer.step)?;
-        let result = trainer.train_step(micro, |m, i| objective.loss(m, i));
+        let result = if tcfg.captured_step {
+            let batches = objective.device_batches();
+            let loss_of = || objective.device_loss().expect("checked before the loop");
+            trainer.train_captured(batches, loss_of).map_err(|e| {
+                if e.downcast_ref::<Diverged>().is_some() {
+                    e
+                } else {
+                    e.context(format!("{} [train]: `captured_step`", s.path.display()))
+                }
+            })
+        } else {
+            trainer.train_step(micro, |m, i| objective.loss(m, i))
+        };
+        if let (Some(secs), true) = (trainer.capture_secs(), trainer.step == start_step + 1) {
+            progress.println(format!(
+                "captured the training step in {secs:.2} s (replayed as a graph: {})",
+                trainer.replays_graph()
+            ));
+        }
         let stats = match result {
             Ok(s) => s,
             Err(e) if e.downcast_ref::<Diverged>().is_some() => {

@@ -14,7 +14,9 @@ use ember_models::layers::linear::linear;
 use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
+use crate::captured::{capture_step, CapturedStep, LossFn};
 use crate::optim::{grad_norm, Optimizer};
+use crate::pretrain::DeviceBatch;
 use crate::schedule::LrPlan;
 
 /// What one optimizer step measured.
@@ -46,22 +48,29 @@ pub struct HostTimeline {
     pub update: f64,
 }
 
-/// A loss that is not finite: the step is not applied, and the run stops.
+/// A loss that is not finite: the run stops, and nothing after the step is saved.
 #[derive(Debug)]
 pub struct Diverged {
     pub step: u64,
     pub loss: f64,
     pub grad_norm: f64,
+    /// Whether the update had been applied (a captured step reads its loss afterwards).
+    pub applied: bool,
 }
 
 impl std::fmt::Display for Diverged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "step {}: loss is {} (grad norm {}); the update was not applied",
+            "step {}: loss is {} (grad norm {}); the update was {}",
             self.step + 1,
             self.loss,
-            self.grad_norm
+            self.grad_norm,
+            if self.applied {
+                "applied in memory, not saved"
+            } else {
+                "not applied"
+            }
         )
     }
 }
@@ -69,7 +78,7 @@ impl std::fmt::Display for Diverged {
 impl std::error::Error for Diverged {}
 
 /// What the shared loop needs of a model family besides being a module.
-pub trait TrainModel: Module {
+pub trait TrainModel: Module + 'static {
     fn param_count(&self) -> usize;
     /// Training FLOPs per token at sequence length `seq`, for MFU.
     fn flops_per_token(&self, seq: usize) -> f64;
@@ -78,6 +87,11 @@ pub trait TrainModel: Module {
     /// Applied after every optimizer step (Nemotron-Flash's weight normalisation).
     fn after_step(self) -> Self {
         self
+    }
+    /// The model made ready for a captured step, whose forward pass may not transfer from
+    /// the host; an error says why this family cannot have one.
+    fn for_capture(self) -> Result<Self> {
+        bail!("a captured step trains Qwen3 models only")
     }
 }
 
@@ -171,6 +185,9 @@ impl TrainModel for Qwen3 {
     fn save_hf(&self, dir: &Path) -> Result<()> {
         self.save_pretrained(dir, &SaveOptions::default())
     }
+    fn for_capture(self) -> Result<Self> {
+        Ok(self.with_device_rope())
+    }
 }
 
 impl TrainModel for ModernBert {
@@ -192,6 +209,8 @@ pub struct Trainer<M: TrainModel> {
     /// Optimizer steps completed.
     pub step: u64,
     pub clip_grad_norm: f64,
+    /// The captured step, once [`Self::train_captured`] has made it.
+    captured: Option<CapturedStep<M>>,
 }
 
 impl<M: TrainModel> Trainer<M> {
@@ -207,6 +226,7 @@ impl<M: TrainModel> Trainer<M> {
             schedule: schedule.into(),
             step: 0,
             clip_grad_norm,
+            captured: None,
         }
     }
 
@@ -278,7 +298,8 @@ impl<M: TrainModel> Trainer<M> {
             bail!(Diverged {
                 step: self.step,
                 loss,
-                grad_norm: norm
+                grad_norm: norm,
+                applied: false,
             });
         }
         let scale = if self.clip_grad_norm > 0.0 && norm > self.clip_grad_norm {
@@ -295,6 +316,67 @@ impl<M: TrainModel> Trainer<M> {
             lr,
             host,
         })
+    }
+
+    /// One optimizer step through a captured step (`crate::captured`) over the micro-batches
+    /// `batches`, whose layout every later call must keep; `loss_of` gives a micro-batch's
+    /// mean loss and is used by the first call, which captures the step (the capture trains
+    /// nothing). The gradients are averaged over the micro-batches, as by
+    /// [`Self::train_step`]. A divergence is found after the update has been applied.
+    pub fn train_captured(
+        &mut self,
+        batches: Vec<DeviceBatch>,
+        loss_of: impl FnOnce() -> Box<LossFn<M>>,
+    ) -> Result<StepStats> {
+        let lr = self.schedule.lr_at(self.step);
+        let graph = match &mut self.captured {
+            Some(g) => g,
+            None => {
+                let model = self.model.take().expect("model present between steps");
+                self.model = Some(model.for_capture()?);
+                let g = capture_step(
+                    &mut self.model,
+                    &mut self.optimizer,
+                    batches.clone(),
+                    self.clip_grad_norm,
+                    loss_of(),
+                )?;
+                self.captured.insert(g)
+            }
+        };
+        let t0 = std::time::Instant::now();
+        let out = graph.step(&mut self.model, &mut self.optimizer, batches, lr)?;
+        // Writing the batch, one launch and the wait for it: the replay is not split further.
+        let host = HostTimeline {
+            loss_wait: t0.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        if !out.loss.is_finite() || !out.grad_norm.is_finite() {
+            bail!(Diverged {
+                step: self.step,
+                loss: out.loss,
+                grad_norm: out.grad_norm,
+                applied: true,
+            });
+        }
+        self.step += 1;
+        Ok(StepStats {
+            loss: out.loss,
+            grad_norm: out.grad_norm,
+            lr,
+            host,
+        })
+    }
+
+    /// Whether steps replay a recorded graph (false before the first captured step, and on
+    /// backends without graphs).
+    pub fn replays_graph(&self) -> bool {
+        self.captured.as_ref().is_some_and(|g| g.replayed())
+    }
+
+    /// Seconds the capture took, once made.
+    pub fn capture_secs(&self) -> Option<f64> {
+        self.captured.as_ref().map(|g| g.capture_secs)
     }
 
     pub fn into_model(self) -> M {
