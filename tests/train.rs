@@ -274,9 +274,12 @@ fn malformed_recipes_fail_with_one_line_and_exit_2() {
             "--set",
             "train.captured_step=true",
             "--set",
-            "train.optimizer=\"muon\"",
+            "objective=\"rlp\"",
         ],
-        &["recipe.toml [train]: `captured_step`", "adamw"],
+        &[
+            "recipe.toml [train]: `captured_step`",
+            "pretrain stage with objective = \"rlp\"",
+        ],
     );
 }
 
@@ -822,8 +825,19 @@ fn independent_stages_run_side_by_side_with_the_same_results() {
 /// evaluation of the captured model between steps (it is lent back to the trainer between
 /// replays) that equals the eager model's. Within 1e-4 relative: the captured step forms
 /// AdamW's bias corrections and the clip factor on the device in f32, the eager one on the
-/// host. Returns whether the step replayed as a graph (flex has none and re-runs it).
+/// host. Each of AdamW, Muon and StableAdamW. Returns whether the step replayed as a graph
+/// (flex has none and re-runs it).
 pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
+    [
+        OptimizerKind::Adamw,
+        OptimizerKind::Muon,
+        OptimizerKind::Stableadamw,
+    ]
+    .into_iter()
+    .all(|kind| check_captured_optimizer(dev, kind))
+}
+
+fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> bool {
     use ember_train::optim::Optimizer;
     use ember_train::pretrain::{device_batch_loss, DeviceBatch};
     use ember_train::trainer::{scalar, Trainer};
@@ -858,9 +872,13 @@ pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
     };
     let (lr, clip) = (1e-2, 0.5);
     let trainer = || {
+        let config = OptimConfig {
+            optimizer: kind,
+            ..Default::default()
+        };
         Trainer::new(
             model(),
-            Optimizer::new(OptimConfig::default()),
+            Optimizer::new(config),
             Schedule::constant(lr),
             clip,
         )
@@ -882,7 +900,7 @@ pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
             .unwrap();
         assert!(
             close(got.loss, want.loss) && close(got.grad_norm, want.grad_norm),
-            "step {step}: captured loss {} and norm {} vs eager {} and {}",
+            "{kind:?} step {step}: captured loss {} and norm {} vs eager {} and {}",
             got.loss,
             got.grad_norm,
             want.loss,

@@ -1,14 +1,16 @@
 //! A training step captured once and replayed as a graph (`burn::tensor::capture`): the
-//! forward and backward passes over every micro-batch, the global-norm clip and AdamW's
-//! update, on CUDA one graph launch per step instead of the host issuing thousands of
-//! kernels (torch.compile's "reduce-overhead" mode does the same with CUDA graphs).
+//! forward and backward passes over every micro-batch, the global-norm clip and the
+//! optimizer's update (AdamW, Muon or StableAdamW), on CUDA one graph launch per step
+//! instead of the host issuing thousands of kernels (torch.compile's "reduce-overhead" mode
+//! does the same with CUDA graphs).
 //! Backends without graphs re-run the step.
 //!
 //! A replay re-runs the recorded kernels on the buffers they used when captured, so the
 //! step keeps everything it carries from one step to the next in device buffers that it
 //! updates in place:
 //! - the micro-batches, written between replays;
-//! - the parameters and AdamW's moments ([`Optimizer::step_with`] with device coefficients);
+//! - the parameters and the optimizer's moments ([`Optimizer::step_with`] with device
+//!   coefficients);
 //! - the step counter, from which the bias corrections follow on the device;
 //! - the learning rate, written between replays.
 //!
@@ -148,8 +150,7 @@ impl ModuleMapper for Snapshot {
     }
 }
 
-/// Captures the training step of `model` with `optimizer` (AdamW; its configuration and
-/// state), clipping the global gradient norm at `clip` when positive, over micro-batches
+/// Captures the training step of `model` with `optimizer` (its configuration and state), clipping the global gradient norm at `clip` when positive, over micro-batches
 /// laid out as `batches`, with `loss_of` each micro-batch's mean loss. The model and the
 /// optimizer come back as they went in.
 pub fn capture_step<M: Module + 'static>(
@@ -159,9 +160,6 @@ pub fn capture_step<M: Module + 'static>(
     clip: f64,
     loss_of: Box<LossFn<M>>,
 ) -> Result<CapturedStep<M>> {
-    if optimizer.config.optimizer != crate::optim::OptimizerKind::Adamw {
-        bail!("a captured training step uses AdamW only");
-    }
     if batches.is_empty() {
         bail!("a captured training step needs at least one micro-batch");
     }

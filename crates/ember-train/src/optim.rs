@@ -287,6 +287,18 @@ pub fn remap<const D: usize>(
     Param::from_mapped_value(id, t, mapper)
 }
 
+/// Stores `new` as a slot's moment: written into the old moment's own buffer for a captured
+/// step (the slot lets go of the old tensor first, so the write is in place rather than a
+/// copy), or simply replacing it.
+fn keep(slot: &mut Tensor<2>, new: Tensor<2>, in_place: bool) {
+    if in_place {
+        let old = std::mem::replace(slot, new.clone());
+        *slot = write_into(old, new);
+    } else {
+        *slot = new;
+    }
+}
+
 /// Newton–Schulz quintic iteration (Keller Jordan's coefficients) towards the nearest
 /// semi-orthogonal matrix of `g`.
 fn newton_schulz(g: Tensor<2>, steps: usize) -> Tensor<2> {
@@ -331,13 +343,8 @@ impl Optimizer {
 
     /// [`Self::step`] with the coefficients of either kind. With device coefficients (a
     /// captured step) every parameter and moment is written back into its own buffer, which
-    /// the graph's replays read and write. AdamW only: Muon and StableAdamW take host
-    /// coefficients.
+    /// the graph's replays read and write.
     pub fn step_with<M: Module>(&mut self, model: M, grads: GradientsParams, coefs: Coefs) -> M {
-        assert!(
-            matches!(coefs, Coefs::Host { .. }) || self.config.optimizer == OptimizerKind::Adamw,
-            "device coefficients are for AdamW only"
-        );
         self.steps += 1;
         let mut s = Step {
             opt: self,
@@ -414,26 +421,18 @@ impl Optimizer {
                 } else {
                     p2 - coefs.lr_times(upd)
                 };
-                match v_kept {
-                    Some(v_old) => {
-                        // The slot lets go of the old first moment first, so it is written
-                        // in place rather than copied.
-                        let m_old = std::mem::replace(&mut slot.m, m.clone());
-                        slot.m = write_into(m_old, m);
-                        slot.v = Some(write_into(v_old, v));
-                    }
-                    None => {
-                        slot.m = m;
-                        slot.v = Some(v);
-                    }
-                }
+                keep(&mut slot.m, m, in_place);
+                slot.v = Some(match v_kept {
+                    Some(v_old) => write_into(v_old, v),
+                    None => v,
+                });
                 new
             }
             Rule::Muon => {
                 let mu = cfg.muon_momentum;
                 let m = slot.m.clone().mul_scalar(mu) + g.clone();
                 let nesterov = g + m.clone().mul_scalar(mu);
-                slot.m = m;
+                keep(&mut slot.m, m.clone(), in_place);
                 let o = newton_schulz(nesterov, cfg.muon_ns_steps);
                 // Moonlight's scaling: the update's RMS matches AdamW's (≈0.2), so the
                 // AdamW learning rate carries over.

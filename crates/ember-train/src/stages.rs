@@ -319,14 +319,15 @@ pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
             StageKind::Pretrain | StageKind::Cpt | StageKind::Sft
         ) && matches!(stage.objective, None | Some(TrainObjective::Ntp));
         if !next_token {
+            let objective = stage
+                .objective
+                .map(|o| format!(" with objective = {:?}", format!("{o:?}").to_lowercase()))
+                .unwrap_or_default();
             bail!(
-                "{}: next-token pretraining, CPT and SFT have a captured step; not this {} stage",
+                "{}: next-token pretraining, CPT and SFT have a captured step; not a {} stage{objective}",
                 at("captured_step"),
                 stage.kind.name()
             );
-        }
-        if train.optim().optimizer != crate::optim::OptimizerKind::Adamw {
-            bail!("{} needs optimizer = \"adamw\"", at("captured_step"));
         }
     }
     if stage.mlm.is_some() && stage.objective != Some(TrainObjective::Mlm) {
