@@ -22,8 +22,8 @@ use burn::module::Module;
 use burn::tensor::{capture, Bool, DType, Int, Tensor, TensorData};
 
 use crate::generate::{
-    empty_sequences, read_pairs, record, token_pairs, Batch, CausalLm, GenerateOptions, Hooks,
-    Sampler, Sequence,
+    empty_sequences, pick_on_device, read_pairs, record, token_pairs, Batch, CausalLm,
+    GenerateOptions, Hooks, Sampler, Sequence,
 };
 use crate::layers::to_dtype;
 use crate::qwen3::{Qwen3, Qwen3Cache};
@@ -147,7 +147,6 @@ pub fn generate_graph(
         noise: noise_shape.map(|s| Tensor::<2>::full(s, 0.5, &device)),
         cache,
     });
-    let picker = Sampler::new(&opts.sampling);
 
     let step = || {
         let mut st = state.borrow_mut();
@@ -167,7 +166,7 @@ pub fn generate_graph(
         };
         let logits = model.decode_step(st.ids.clone(), positions, col, key_mask, &mut st.cache);
         let noise = st.noise.clone();
-        let (tok, lp) = picker.pick_on_device(to_dtype(logits, DType::F32), noise);
+        let (tok, lp) = pick_on_device(&opts.sampling, to_dtype(logits, DType::F32), noise);
         st.ids
             .inplace(|ids| ids.slice_assign([0..b, 0..1], tok.clone()));
         st.step.inplace(|s| {

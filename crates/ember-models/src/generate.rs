@@ -376,7 +376,7 @@ impl Sampler {
         Tensor::<2>::random(shape, Distribution::Uniform(1e-20, 1.0), device)
     }
 
-    /// The shape of the uniform noise [`Self::pick_on_device`] takes for `rows` × `vocab`
+    /// The shape of the uniform noise [`pick_on_device`] takes for `rows` × `vocab`
     /// logits: none when greedy, one per candidate otherwise.
     pub(crate) fn noise_shape(&self, rows: usize, vocab: usize) -> Option<[usize; 2]> {
         match (self.cfg.temperature, self.cfg.top_k) {
@@ -384,44 +384,6 @@ impl Sampler {
             (_, 0) => Some([rows, vocab]),
             (_, k) => Some([rows, k.min(vocab)]),
         }
-    }
-
-    /// Sampling all on the device, with shapes that do not depend on the logits (so a
-    /// captured decode step can replay it): the argmax when greedy, else the Gumbel argmax
-    /// with the uniform noise `u` (`noise_shape`) over the whole vocabulary, or over the
-    /// top-k candidates, inside the nucleus when `top_p < 1`. Returns the ids and their
-    /// log-probs, `[rows, 1]` each.
-    pub(crate) fn pick_on_device(
-        &self,
-        logits: Tensor<2>,
-        u: Option<Tensor<2>>,
-    ) -> (Tensor<2, Int>, Tensor<2>) {
-        let Some(u) = u else {
-            return greedy(logits);
-        };
-        let z = logits / self.cfg.temperature as f64;
-        let lse = logsumexp(z.clone());
-        let top_p = self.cfg.top_p;
-        if self.cfg.top_k == 0 {
-            // Gumbel-max: argmax(z + G) is an exact sample from softmax(z), and from the
-            // nucleus when everything below its floor is cut first.
-            let mut scores = z.clone() - u.log().neg().log();
-            if top_p < 1.0 {
-                let lp = z.clone() - lse.clone();
-                let floor = nucleus_floor(lp.clone(), top_p).expand(lp.dims());
-                scores = scores.mask_fill(lp.lower(floor), f32::NEG_INFINITY);
-            }
-            let tok = scores.argmax(1);
-            let lp = z.gather(1, tok.clone()) - lse;
-            return (tok, lp);
-        }
-        // Top-p after top-k, on the candidates' renormalised distribution, as transformers
-        // applies them.
-        let k = u.dims()[1];
-        let (vals, idx) = z.topk_with_indices(k, 1);
-        let norm = logsumexp(vals.clone());
-        let (tok, lp) = pick(vals, idx, norm, top_p, u);
-        (tok, lp - lse)
     }
 
     /// Samples one token per row of `logits` `[rows, vocab]`; returns tokens and log-probs.
@@ -432,9 +394,47 @@ impl Sampler {
         let u = self
             .noise_shape(rows, vocab)
             .map(|shape| self.uniform(shape, &logits.device()));
-        let (tok, lp) = self.pick_on_device(logits, u);
+        let (tok, lp) = pick_on_device(&self.cfg, logits, u);
         Ok(read_tokens(tok, lp))
     }
+}
+
+/// Sampling all on the device, with shapes that do not depend on the logits (so a
+/// captured decode step can replay it): the argmax when greedy, else the Gumbel argmax
+/// with the uniform noise `u` (`Sampler::noise_shape`) over the whole vocabulary, or over the
+/// top-k candidates, inside the nucleus when `top_p < 1`. Returns the ids and their
+/// log-probs, `[rows, 1]` each.
+pub(crate) fn pick_on_device(
+    cfg: &Sampling,
+    logits: Tensor<2>,
+    u: Option<Tensor<2>>,
+) -> (Tensor<2, Int>, Tensor<2>) {
+    let Some(u) = u else {
+        return greedy(logits);
+    };
+    let z = logits / cfg.temperature as f64;
+    let lse = logsumexp(z.clone());
+    let top_p = cfg.top_p;
+    if cfg.top_k == 0 {
+        // Gumbel-max: argmax(z + G) is an exact sample from softmax(z), and from the
+        // nucleus when everything below its floor is cut first.
+        let mut scores = z.clone() - u.log().neg().log();
+        if top_p < 1.0 {
+            let lp = z.clone() - lse.clone();
+            let floor = nucleus_floor(lp.clone(), top_p).expand(lp.dims());
+            scores = scores.mask_fill(lp.lower(floor), f32::NEG_INFINITY);
+        }
+        let tok = scores.argmax(1);
+        let lp = z.gather(1, tok.clone()) - lse;
+        return (tok, lp);
+    }
+    // Top-p after top-k, on the candidates' renormalised distribution, as transformers
+    // applies them.
+    let k = u.dims()[1];
+    let (vals, idx) = z.topk_with_indices(k, 1);
+    let norm = logsumexp(vals.clone());
+    let (tok, lp) = pick(vals, idx, norm, top_p, u);
+    (tok, lp - lse)
 }
 
 /// Each row's nucleus floor, `[rows, 1]`: the highest log-probability `f` such that the

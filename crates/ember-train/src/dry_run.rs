@@ -9,8 +9,8 @@ use anyhow::{bail, Result};
 use ember_data::Tokenizer;
 
 use crate::pipeline::{self, PlannedStage};
-use crate::recipe::{line_of, model_spec, ModelSpec, Recipe, StageKind, TrainObjective};
-use crate::stages::{check_common, check_model_fits};
+use crate::recipe::{line_of, ModelSpec, Recipe, StageKind, TrainObjective};
+use crate::stages::{check_common, check_model_fits, model_spec_of};
 
 /// A single-stage recipe (`ember train --dry-run`).
 pub fn single(path: &Path, overrides: &[String]) -> Result<Vec<String>> {
@@ -78,13 +78,7 @@ fn describe(
         Ok(dir.display().to_string())
     };
 
-    // As a run builds it: the stage's own [model], else the recipe's.
-    let spec = st
-        .model
-        .as_ref()
-        .or(recipe.model.as_ref())
-        .map(|t| model_spec(t.clone(), path))
-        .transpose()?;
+    let spec = model_spec_of(st, recipe, path)?;
     let objective = st.objective.unwrap_or(TrainObjective::Ntp);
     let model = match (&spec, &train.init_from) {
         (None, None) => bail!(

@@ -550,11 +550,20 @@ pub fn load_matching<M>(
 
 /// The stage's own `[stage.model]`, else the recipe's `[model]`, if either is given.
 pub fn stage_model_spec(s: &StageRun) -> Result<Option<ModelSpec>> {
-    s.stage
+    model_spec_of(&s.stage, s.recipe, s.path)
+}
+
+/// [`stage_model_spec`] of a stage not yet running (`--dry-run`).
+pub fn model_spec_of(
+    stage: &StageSection,
+    recipe: &Recipe,
+    path: &Path,
+) -> Result<Option<ModelSpec>> {
+    stage
         .model
         .as_ref()
-        .or(s.recipe.model.as_ref())
-        .map(|t| model_spec(t.clone(), s.path))
+        .or(recipe.model.as_ref())
+        .map(|t| model_spec(t.clone(), path))
         .transpose()
 }
 
