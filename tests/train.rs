@@ -182,6 +182,22 @@ fn kill_and_resume_reproduces_every_loss_exactly() {
         );
     }
     assert_eq!(checkpoints(&cap_run), checkpoints(&full_run));
+    // Killed and resumed, it captures again from the checkpoint and takes the same steps.
+    let (cut, cut_run) = recipe("train-captured-cut", "");
+    let on = ["--set", "train.captured_step=true"];
+    let o = train(&cut, &on, &[("EMBER_FAULT", "abort-after-step:5")]);
+    assert!(!o.status.success(), "the fault did not fire");
+    let o = train(
+        &cut,
+        &[&on[..], &["--resume", cut_run.to_str().unwrap()]].concat(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        losses(&cut_run),
+        captured,
+        "the resumed captured run diverged"
+    );
 
     // Killed after step 5: the newest checkpoint is step 3, so steps 4 and 5 are redone.
     let (cut, cut_run) = recipe("train-cut", "");
@@ -582,37 +598,44 @@ fn every_shipped_recipe_parses_and_validates() {
 
 #[test]
 fn a_diverging_run_stops_with_exit_1_and_keeps_its_last_good_checkpoint() {
-    let (p, run) = recipe("train-nan", "");
-    // An absurd learning rate blows the weights up until the loss is no longer finite.
-    let o = train(
-        &p,
-        &["--set", "train.lr=1e30", "--set", "train.save_every=1"],
-        &[],
-    );
-    let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{e}");
-    let last = e.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("error: training diverged") && last.contains("last good checkpoint"),
-        "{e}"
-    );
-    assert!(!e.contains("panicked"), "{e}");
-    let kept = checkpoints(&run);
-    assert!(
-        !kept.is_empty() && kept.iter().all(|c| c.starts_with("step-")),
-        "{kept:?}"
-    );
-    let newest = run.join("checkpoints").join(kept.last().unwrap());
-    assert!(last.contains(newest.to_str().unwrap()), "{last}");
-    // Every kept checkpoint was written before the bad step: its weights are finite.
-    let w = std::fs::read(newest.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&w).unwrap();
-    for (name, t) in st.tensors() {
-        let finite = t
-            .data()
-            .chunks_exact(4)
-            .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
-        assert!(finite, "{name} holds non-finite values");
+    // Eagerly, and through a captured step, which finds the divergence after its update.
+    for (tag, captured) in [("train-nan", "false"), ("train-nan-captured", "true")] {
+        let (p, run) = recipe(tag, "");
+        // An absurd learning rate blows the weights up until the loss is no longer finite.
+        let set = format!("train.captured_step={captured}");
+        let args = ["--set", "train.lr=1e30", "--set", "train.save_every=1"];
+        let o = train(&p, &[&args[..], &["--set", &set]].concat(), &[]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        let last = e.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: training diverged") && last.contains("last good checkpoint"),
+            "{e}"
+        );
+        let applied = if captured == "true" {
+            "applied in memory, not saved"
+        } else {
+            "not applied"
+        };
+        assert!(last.contains(applied), "{last}");
+        assert!(!e.contains("panicked"), "{e}");
+        let kept = checkpoints(&run);
+        assert!(
+            !kept.is_empty() && kept.iter().all(|c| c.starts_with("step-")),
+            "{kept:?}"
+        );
+        let newest = run.join("checkpoints").join(kept.last().unwrap());
+        assert!(last.contains(newest.to_str().unwrap()), "{last}");
+        // Every kept checkpoint was written before the bad step: its weights are finite.
+        let w = std::fs::read(newest.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&w).unwrap();
+        for (name, t) in st.tensors() {
+            let finite = t
+                .data()
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+            assert!(finite, "{name} holds non-finite values");
+        }
     }
 }
 
