@@ -62,13 +62,15 @@ fn gpu_backends_match_transformers() {
         // batch in place; only a real replay tests that.
         let trained = crate::train::check_captured_training(&dev);
         eprintln!("{name}: a captured training step trains as the eager one (replayed as a graph: {trained})");
+        let hybrid = crate::hybrid::check_captured_hybrid(&dev);
+        eprintln!("{name}: and a hybrid's (replayed as a graph: {hybrid})");
         assert!(
             replayed,
             "{name}: the decode step did not replay as a graph"
         );
         assert!(
-            trained,
-            "{name}: the training step did not replay as a graph"
+            trained && hybrid,
+            "{name}: a training step did not replay as a graph"
         );
 
         if dev.supports_dtype(DType::BF16) {

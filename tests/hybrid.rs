@@ -266,3 +266,20 @@ fn flash_recipe_mistakes_are_one_line_errors() {
         ],
     );
 }
+
+/// A Nemotron-Flash hybrid (memory tokens, every mixer, weight normalisation after each
+/// step) through a captured step against the eager trainer on `dev`; whether it replayed.
+pub(crate) fn check_captured_hybrid(dev: &burn::tensor::Device) -> bool {
+    let ad = dev.clone().autodiff();
+    let model = || {
+        ember_models::hybrid::weight_norm::normalize(
+            HybridLM::random(flash_config(2, true), 1, &ad).unwrap(),
+        )
+    };
+    crate::train::check_captured(&model, 64, ember_train::optim::OptimizerKind::Adamw)
+}
+
+#[test]
+fn a_captured_step_trains_a_hybrid_as_the_eager_one() {
+    check_captured_hybrid(&device());
+}

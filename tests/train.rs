@@ -851,19 +851,6 @@ fn independent_stages_run_side_by_side_with_the_same_results() {
 /// host. Each of AdamW, Muon and StableAdamW. Returns whether the step replayed as a graph
 /// (flex has none and re-runs it).
 pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
-    [
-        OptimizerKind::Adamw,
-        OptimizerKind::Muon,
-        OptimizerKind::Stableadamw,
-    ]
-    .into_iter()
-    .all(|kind| check_captured_optimizer(dev, kind))
-}
-
-fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> bool {
-    use ember_train::optim::Optimizer;
-    use ember_train::pretrain::{device_batch_loss, DeviceBatch};
-    use ember_train::trainer::{scalar, Trainer};
     let ad = dev.clone().autodiff();
     let model = || {
         let mut v: Value = serde_json::from_str(
@@ -874,7 +861,28 @@ fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> 
         let config = Qwen3Config::from_value(&v, "test").unwrap();
         Qwen3::random(config, 3, &ad).unwrap()
     };
-    let vocab = model().config.vocab_size as i32;
+    let vocab = model().config.vocab_size;
+    [
+        OptimizerKind::Adamw,
+        OptimizerKind::Muon,
+        OptimizerKind::Stableadamw,
+    ]
+    .into_iter()
+    .all(|kind| check_captured(&model, vocab, kind))
+}
+
+/// [`check_captured_training`] for the model `model` makes (of `vocab` tokens), trained with
+/// `kind`.
+pub(crate) fn check_captured<M: ember_train::trainer::NextTokenModel>(
+    model: &dyn Fn() -> M,
+    vocab: usize,
+    kind: OptimizerKind,
+) -> bool {
+    use ember_train::optim::Optimizer;
+    use ember_train::pretrain::{device_batch_loss, DeviceBatch};
+    use ember_train::trainer::{scalar, Trainer};
+    let vocab = vocab as i32;
+    let ad = model().devices()[0].clone();
     let batch = |k: i32| {
         let row = |r: i32| {
             (0..9)
@@ -908,7 +916,7 @@ fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> 
     };
     let (mut eager, mut captured) = (trainer(), trainer());
     let held_out = batch(99);
-    let eval = |m: &Qwen3| scalar(device_batch_loss(&m.valid(), &held_out)).unwrap();
+    let eval = |m: &M| scalar(device_batch_loss(&m.valid(), &held_out)).unwrap();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
     for step in 0..3 {
         let micro = [batch(2 * step), batch(2 * step + 1)];
@@ -918,7 +926,7 @@ fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> 
         assert!(want.grad_norm > clip, "the clip should bind: {want:?}");
         let got = captured
             .train_captured(micro.to_vec(), || {
-                Box::new(|m: &Qwen3, b: &DeviceBatch| device_batch_loss(m, b))
+                Box::new(|m: &M, b: &DeviceBatch| device_batch_loss(m, b))
             })
             .unwrap();
         assert!(
@@ -932,7 +940,7 @@ fn check_captured_optimizer(dev: &burn::tensor::Device, kind: OptimizerKind) -> 
         let (a, b) = (eval(captured.model()), eval(eager.model()));
         assert!(
             close(a, b),
-            "after step {step}: held-out loss {a} vs eager {b}"
+            "{kind:?} after step {step}: held-out loss {a} vs eager {b}"
         );
     }
     assert_eq!((captured.step, captured.optimizer.steps), (3, 3));

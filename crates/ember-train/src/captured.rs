@@ -15,8 +15,8 @@
 //! - the learning rate, written between replays.
 //!
 //! The clip factor is computed on the device, and each replay's only read is the loss with
-//! the gradient norm. Nothing in the step may transfer from the host, so the model keeps
-//! RoPE's frequencies on the device (`Qwen3::with_device_rope`).
+//! the gradient norm. On wgpu a recording may not write from the host at all, so the model
+//! keeps RoPE's frequencies on the device ([`TrainModel::for_capture`]).
 //!
 //! Burn's capture runs the step three times to warm up and once to record it. Those runs
 //! train on the first step's batches, so the parameters, the moments and the counter are
@@ -27,6 +27,7 @@
 //! evaluates and checkpoints them as usual); they must come back with the same tensors.
 //!
 //! [`Trainer`]: crate::trainer::Trainer
+//! [`TrainModel::for_capture`]: crate::trainer::TrainModel::for_capture
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,7 +40,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{capture, Graph, Int, Tensor, TensorData};
 use ember_models::layers::to_dtype;
 
-use crate::optim::{grad_sq_norm, remap, write_into, Coefs, DeviceCoefs, Optimizer};
+use crate::optim::{grad_sq_norm, on_host, remap, write_into, Coefs, DeviceCoefs, Optimizer};
 use crate::pretrain::DeviceBatch;
 
 /// The loss of a micro-batch on the device, as a `[1]` tensor.
@@ -134,7 +135,7 @@ struct Snapshot(HashMap<ParamId, TensorData>);
 
 impl ModuleVisitor for Snapshot {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.insert(param.id, param.val().into_data());
+        self.0.insert(param.id, on_host(param.val().into_data()));
     }
 }
 
@@ -151,14 +152,16 @@ impl ModuleMapper for Snapshot {
 }
 
 /// Captures the training step of `model` with `optimizer` (its configuration and state), clipping the global gradient norm at `clip` when positive, over micro-batches
-/// laid out as `batches`, with `loss_of` each micro-batch's mean loss. The model and the
-/// optimizer come back as they went in.
+/// laid out as `batches`, with `loss_of` each micro-batch's mean loss and `after_step`
+/// applied to the updated model (writing in place). The model and the optimizer come back
+/// as they went in.
 pub fn capture_step<M: Module + 'static>(
     model: &mut Option<M>,
     optimizer: &mut Optimizer,
     batches: Vec<DeviceBatch>,
     clip: f64,
     loss_of: Box<LossFn<M>>,
+    after_step: fn(M) -> M,
 ) -> Result<CapturedStep<M>> {
     if batches.is_empty() {
         bail!("a captured training step needs at least one micro-batch");
@@ -225,7 +228,7 @@ pub fn capture_step<M: Module + 'static>(
         };
         s.t.inplace(|old| write_into(old, t));
         let model = optimizer.step_with(model, grads, Coefs::Device(Box::new(coefs)));
-        s.model = Some(model);
+        s.model = Some(after_step(model));
         Tensor::cat(vec![mean, norm], 0)
     });
     let t0 = Instant::now();

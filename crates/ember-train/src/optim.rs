@@ -453,8 +453,8 @@ impl Optimizer {
             self.state
                 .iter()
                 .map(|(k, s)| {
-                    let v = s.v.as_ref().map(|v| v.to_data());
-                    (k.clone(), (s.m.to_data(), v))
+                    let v = s.v.as_ref().map(|v| on_host(v.to_data()));
+                    (k.clone(), (on_host(s.m.to_data()), v))
                 })
                 .collect(),
         )
@@ -542,6 +542,13 @@ impl Optimizer {
 
 /// `value` written into `buffer`'s own storage (a whole-tensor `slice_assign`, in place
 /// while `buffer` is the only handle to it), so a captured graph's replays see the update.
+/// A device read's values copied into host memory of their own. The data a read returns may
+/// be fetched lazily, on first access; uploaded as it is, the device's own thread would
+/// then fetch it while busy with the upload, and fail.
+pub fn on_host(d: TensorData) -> TensorData {
+    TensorData::from_bytes_vec(d.as_bytes().to_vec(), d.shape().clone(), d.dtype())
+}
+
 pub fn write_into<const D: usize>(buffer: Tensor<D>, value: Tensor<D>) -> Tensor<D> {
     let ranges = buffer.dims().map(|d| 0..d);
     buffer.slice_assign(ranges, value)

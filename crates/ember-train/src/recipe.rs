@@ -599,7 +599,7 @@ pub struct TrainSection {
     #[serde(default)]
     pub grad_checkpointing: bool,
     /// Train through a step captured once and replayed as a graph (`crate::captured`):
-    /// Qwen3, next-token objectives.
+    /// Qwen3 or a hybrid, next-token objectives.
     #[serde(default)]
     pub captured_step: bool,
     #[serde(default = "ten")]

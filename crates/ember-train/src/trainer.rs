@@ -88,10 +88,15 @@ pub trait TrainModel: Module + 'static {
     fn after_step(self) -> Self {
         self
     }
-    /// The model made ready for a captured step, whose forward pass may not transfer from
-    /// the host; an error says why this family cannot have one.
+    /// [`Self::after_step`] inside a captured step: every weight it changes is written into
+    /// its own buffer.
+    fn after_step_in_place(self) -> Self {
+        self
+    }
+    /// The model made ready for a captured step; an error says why this family cannot have
+    /// one.
     fn for_capture(self) -> Result<Self> {
-        bail!("a captured step trains Qwen3 models only")
+        bail!("this model family has no captured step")
     }
 }
 
@@ -155,6 +160,16 @@ impl TrainModel for HybridLM {
         } else {
             self
         }
+    }
+    fn after_step_in_place(self) -> Self {
+        if self.config.weight_normalization {
+            ember_models::hybrid::weight_norm::normalize_in_place(self)
+        } else {
+            self
+        }
+    }
+    fn for_capture(self) -> Result<Self> {
+        Ok(self.with_device_rope())
     }
 }
 
@@ -340,6 +355,7 @@ impl<M: TrainModel> Trainer<M> {
                     batches.clone(),
                     self.clip_grad_norm,
                     loss_of(),
+                    M::after_step_in_place,
                 )?;
                 self.captured.insert(g)
             }

@@ -418,9 +418,22 @@ pub struct HybridLM {
     /// compare the two.
     #[module(skip)]
     pub dense_attention: bool,
+    /// RoPE's inverse frequencies kept on the device (see `Qwen3::rope_freq`).
+    #[module(skip)]
+    pub rope_freq: Option<rope::RopeFreq>,
 }
 
 impl HybridLM {
+    /// Keeps RoPE's inverse frequencies on the device, as a captured training step wants.
+    pub fn with_device_rope(mut self) -> Self {
+        let device = self.embeddings.val().device();
+        let c = &self.config;
+        self.rope_freq = c
+            .rope_theta
+            .map(|theta| rope::freq_tensor(theta, c.attn.head_dim, &device));
+        self
+    }
+
     pub fn load(config: HybridConfig, src: &mut dyn WeightSource, device: &Device) -> Result<Self> {
         let c = &config;
         let (h, std) = (c.hidden_size, c.initializer_range);
@@ -517,6 +530,7 @@ impl HybridLM {
             lm_head,
             config,
             compute_dtype: DType::F32,
+            rope_freq: None,
             dense_attention: false,
         })
     }
@@ -679,15 +693,27 @@ impl HybridLM {
         };
         let len = x.dims()[1];
         let rope_t = c.rope_theta.map(|theta| {
-            let pos: Vec<i64> = (0..b)
-                .flat_map(|r| {
-                    let np = counts.as_ref().map_or(0, |v| v[r]);
-                    (start..start + len).map(move |j| j.saturating_sub(np) as i64)
-                })
-                .collect();
-            let pos = Tensor::<2, Int>::from_data(TensorData::new(pos, [b, len]), &device);
+            let pos = match &counts {
+                Some(counts) => {
+                    let pos: Vec<i64> = (0..b)
+                        .flat_map(|r| {
+                            let np = counts[r];
+                            (start..start + len).map(move |j| j.saturating_sub(np) as i64)
+                        })
+                        .collect();
+                    Tensor::<2, Int>::from_data(TensorData::new(pos, [b, len]), &device)
+                }
+                // Without padding every row counts from `start`: made on the device, since a
+                // captured training step's recording may not upload.
+                None => Tensor::<1, Int>::arange(start as i64..(start + len) as i64, &device)
+                    .reshape([1, len])
+                    .expand([b, len]),
+            };
             // In the compute dtype, as the attention's q and k (angles stay f32).
-            rope::tables(theta, c.attn.head_dim, pos, self.compute_dtype, &device)
+            match &self.rope_freq {
+                Some(f) => rope::tables_with(f, pos, self.compute_dtype),
+                None => rope::tables(theta, c.attn.head_dim, pos, self.compute_dtype, &device),
+            }
         });
         // Left padding over the cache's positions so far, and this call's share of it.
         let pad = counts.as_ref().filter(|_| padded).map(|v| {

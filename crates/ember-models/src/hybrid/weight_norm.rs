@@ -21,6 +21,9 @@ const WRITE: [&str; 3] = ["o_proj", "down_proj", "out_proj"];
 
 struct Normalize {
     path: Vec<String>,
+    /// Write each result into the weight's own buffer (a captured training step's graph
+    /// keeps reading and writing those buffers).
+    in_place: bool,
 }
 
 impl ModuleMapper for Normalize {
@@ -50,7 +53,13 @@ impl ModuleMapper for Normalize {
         let is_autodiff = tensor.device().is_autodiff();
         let w = if is_autodiff { tensor.inner() } else { tensor };
         let norm = w.clone().square().sum_dim(axis).sqrt().clamp_min(1e-12);
-        let mut out = w / norm;
+        let mut out = if self.in_place {
+            let ranges = w.dims().map(|d| 0..d);
+            let value = w.clone() / norm;
+            w.slice_assign(ranges, value)
+        } else {
+            w / norm
+        };
         if is_autodiff {
             out = out.autodiff();
         }
@@ -63,5 +72,16 @@ impl ModuleMapper for Normalize {
 
 /// Projects every reading matrix to unit rows and every writing matrix to unit columns.
 pub fn normalize<M: Module>(model: M) -> M {
-    model.map(&mut Normalize { path: Vec::new() })
+    model.map(&mut Normalize {
+        path: Vec::new(),
+        in_place: false,
+    })
+}
+
+/// [`normalize`], writing every new weight into its old buffer.
+pub fn normalize_in_place<M: Module>(model: M) -> M {
+    model.map(&mut Normalize {
+        path: Vec::new(),
+        in_place: true,
+    })
 }
