@@ -247,7 +247,6 @@ pub trait Evaluator<M = Qwen3> {
     fn evaluate(&mut self, model: &M, step: u64) -> Result<(Map<String, Value>, String)>;
 }
 
-/// Checks shared by every stage kind.
 /// Why a stage cannot train through a captured step, as one line naming the key: what
 /// [`check_common`] cannot see before the run: the objective and the device.
 fn check_captured<M: TrainModel>(
@@ -269,6 +268,7 @@ fn check_captured<M: TrainModel>(
     Ok(())
 }
 
+/// Checks shared by every stage kind.
 pub fn check_common(stage: &StageSection, path: &Path) -> Result<()> {
     let (data, train) = (&stage.data, &stage.train);
     let at = |key: &str| format!("{} [train]: `{key}`", path.display());
