@@ -276,7 +276,7 @@ pub(crate) fn check_captured_hybrid(dev: &burn::tensor::Device) -> bool {
             HybridLM::random(flash_config(2, true), 1, &ad).unwrap(),
         )
     };
-    crate::train::check_captured(&model, 64, ember_train::optim::OptimizerKind::Adamw)
+    crate::train::check_captured(&model, &ad, 64, ember_train::optim::OptimizerKind::Adamw)
 }
 
 #[test]

@@ -868,13 +868,14 @@ pub(crate) fn check_captured_training(dev: &burn::tensor::Device) -> bool {
         OptimizerKind::Stableadamw,
     ]
     .into_iter()
-    .all(|kind| check_captured(&model, vocab, kind))
+    .all(|kind| check_captured(&model, &ad, vocab, kind))
 }
 
-/// [`check_captured_training`] for the model `model` makes (of `vocab` tokens), trained with
-/// `kind`.
+/// [`check_captured_training`] for the model `model` makes on the autodiff device `ad` (of
+/// `vocab` tokens), trained with `kind`.
 pub(crate) fn check_captured<M: ember_train::trainer::NextTokenModel>(
     model: &dyn Fn() -> M,
+    ad: &burn::tensor::Device,
     vocab: usize,
     kind: OptimizerKind,
 ) -> bool {
@@ -882,7 +883,6 @@ pub(crate) fn check_captured<M: ember_train::trainer::NextTokenModel>(
     use ember_train::pretrain::{device_batch_loss, DeviceBatch};
     use ember_train::trainer::{scalar, Trainer};
     let vocab = vocab as i32;
-    let ad = model().devices()[0].clone();
     let batch = |k: i32| {
         let row = |r: i32| {
             (0..9)
@@ -894,9 +894,9 @@ pub(crate) fn check_captured<M: ember_train::trainer::NextTokenModel>(
         let y: Vec<Vec<i32>> = rows.iter().map(|r| r[1..].to_vec()).collect();
         let positions = vec![(0..8).collect::<Vec<i32>>(); 2];
         DeviceBatch {
-            inputs: tokens(&x, &ad),
-            targets: tokens(&y, &ad),
-            positions: tokens(&positions, &ad),
+            inputs: tokens(&x, ad),
+            targets: tokens(&y, ad),
+            positions: tokens(&positions, ad),
             segments: None,
             weights: None,
         }

@@ -38,9 +38,9 @@ use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{capture, Graph, Int, Tensor, TensorData};
-use ember_models::layers::to_dtype;
+use ember_models::layers::{to_dtype, write_into};
 
-use crate::optim::{grad_sq_norm, on_host, remap, write_into, Coefs, DeviceCoefs, Optimizer};
+use crate::optim::{grad_sq_norm, on_host, remap, Coefs, DeviceCoefs, Optimizer};
 use crate::pretrain::DeviceBatch;
 
 /// The loss of a micro-batch on the device, as a `[1]` tensor.
@@ -82,8 +82,7 @@ fn scalar(v: f64, device: &burn::tensor::Device) -> Tensor<2> {
 /// A copy of `t` in a buffer of its own: a view of a shared buffer (inputs and targets
 /// sliced from one row) could not be refreshed in place.
 fn own(t: Tensor<2, Int>) -> Tensor<2, Int> {
-    let [b, n] = t.dims();
-    Tensor::<2, Int>::zeros([b, n], &t.device()).slice_assign([0..b, 0..n], t)
+    write_into(Tensor::zeros(t.dims(), &t.device()), t)
 }
 
 fn own_batch(b: DeviceBatch) -> DeviceBatch {
@@ -113,10 +112,7 @@ fn refresh(old: &mut DeviceBatch, new: DeviceBatch) -> Result<()> {
             shape(old)
         );
     }
-    let int = |buf: &mut Tensor<2, Int>, v: Tensor<2, Int>| {
-        let [b, n] = v.dims();
-        buf.inplace(|o| o.slice_assign([0..b, 0..n], v));
-    };
+    let int = |buf: &mut Tensor<2, Int>, v| buf.inplace(|o| write_into(o, v));
     int(&mut old.inputs, new.inputs);
     int(&mut old.targets, new.targets);
     int(&mut old.positions, new.positions);

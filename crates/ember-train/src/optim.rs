@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use ember_models::layers::to_dtype;
+use ember_models::layers::{to_dtype, write_into};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -547,11 +547,6 @@ impl Optimizer {
 /// then fetch it while busy with the upload, and fail.
 pub fn on_host(d: TensorData) -> TensorData {
     TensorData::from_bytes_vec(d.as_bytes().to_vec(), d.shape().clone(), d.dtype())
-}
-
-pub fn write_into<const D: usize>(buffer: Tensor<D>, value: Tensor<D>) -> Tensor<D> {
-    let ranges = buffer.dims().map(|d| 0..d);
-    buffer.slice_assign(ranges, value)
 }
 
 struct Shapes {

@@ -54,9 +54,8 @@ impl ModuleMapper for Normalize {
         let w = if is_autodiff { tensor.inner() } else { tensor };
         let norm = w.clone().square().sum_dim(axis).sqrt().clamp_min(1e-12);
         let mut out = if self.in_place {
-            let ranges = w.dims().map(|d| 0..d);
             let value = w.clone() / norm;
-            w.slice_assign(ranges, value)
+            crate::layers::write_into(w, value)
         } else {
             w / norm
         };

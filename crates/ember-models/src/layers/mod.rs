@@ -22,6 +22,17 @@ pub fn to_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
     }
 }
 
+/// `value` written into `buffer`'s own storage (same shape). A captured graph keeps reading
+/// and writing the buffers it was recorded with, so the state it carries across replays is
+/// updated this way rather than replaced.
+pub fn write_into<const D: usize, K: burn::tensor::kind::Basic>(
+    buffer: Tensor<D, K>,
+    value: Tensor<D, K>,
+) -> Tensor<D, K> {
+    let ranges = buffer.dims().map(|d| 0..d);
+    buffer.slice_assign(ranges, value)
+}
+
 /// `[rows, 1]` log-sum-exp of each row of `x` `[rows, n]`, shifted by the row maximum.
 pub fn logsumexp(x: Tensor<2>) -> Tensor<2> {
     let m = x.clone().max_dim(1);
