@@ -16,7 +16,7 @@
 #   (ember's step and its warm start), torch (both training references), generate, rl, long,
 #   profile, graph (generation through a captured decode graph)
 #   EMBER_GEMM=cublaslt sends ember's projections to cuBLASLt (CUDA builds; found below)
-#   EMBER_DECODE=graph sends ember's RL rollouts through the captured decode step
+#   EMBER_DECODE=eager keeps ember's RL rollouts off the captured decode step (the CUDA default)
 #   TRAIN_GRAPH=1 goes on training through a captured step after ember's eager steps and
 #   times it too (`bench train --graph`; Burn's matmul, since cuBLASLt is not recorded)
 # On an H100 (2026-11-26) ember's first 0.6B training step took 115 s of kernel compilation,

@@ -119,8 +119,9 @@ fn generate_greedy_matches_transformers_generate() {
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    // The eager engine, then the decode step captured as a graph (`--graph`).
-    for graph in [None, Some("--graph")] {
+    // The engine the device picks (eager on the CPU), the decode step captured as a graph,
+    // and the eager engine asked for by name.
+    for graph in [None, Some("--graph"), Some("--eager")] {
         let mut args = vec![
             "generate",
             "--model",
@@ -153,6 +154,17 @@ fn generate_greedy_matches_transformers_generate() {
             );
         }
     }
+    let o = ember(&[
+        "generate",
+        "--model",
+        "tests/fixtures/qwen3_tied",
+        "--prompt-ids",
+        "1,2",
+        "--graph",
+        "--eager",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--eager"), "{}", stderr(&o));
     // Streaming a single prompt prints the decoded text.
     let o = ember(&[
         "generate",

@@ -132,7 +132,7 @@ pub fn run(a: Args) -> Result<()> {
         "group": a.group, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "dtype": a.run.dtype, "device": format!("{base:?}"), "params": params,
         "rollout_s": rollout_s, "rollout_tokens_per_s": rollout_tps,
-        "decode": if decode_graph::requested() { "graph" } else { "eager" }});
+        "decode": if decode_graph::graph_on(&base) { "graph" } else { "eager" }});
     if a.train {
         // Half of each group above the mean, half below; token-level aggregation.
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();

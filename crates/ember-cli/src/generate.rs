@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use ember_data::{StreamDecoder, Tokenizer};
-use ember_models::decode_graph::generate_graph;
+use ember_models::decode_graph::{generate_graph, graph_on};
 use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 
 use crate::models::{self, AnyModel, RunFlags};
@@ -44,9 +44,12 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Decode through a step captured once and replayed as a graph: one launch per token
-    /// on CUDA (Qwen3, greedy).
-    #[arg(long)]
+    /// on CUDA (Qwen3). Already the default on CUDA unless `EMBER_DECODE=eager`.
+    #[arg(long, conflicts_with = "eager")]
     graph: bool,
+    /// Decode with the eager engine where the graph would be the default (CUDA).
+    #[arg(long)]
+    eager: bool,
     #[command(flatten)]
     run: RunFlags,
 }
@@ -77,11 +80,12 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         Some(Tokenizer::from_file(&tok_path)?)
     };
-    let (model, _device) = models::load_any(&a.model, &a.run)?;
+    let (model, device) = models::load_any(&a.model, &a.run)?;
     match model {
         AnyModel::Qwen3(m) => {
             let eos = m.config.eos_ids();
-            let engine = |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| match a.graph {
+            let graph = a.graph || (!a.eager && graph_on(&device));
+            let engine = |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| match graph {
                 true => Ok(generate_graph(&m, p, o, h)?.0),
                 false => generate(&*m, p, o, h),
             };

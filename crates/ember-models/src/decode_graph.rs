@@ -33,29 +33,45 @@ use crate::qwen3::{Qwen3, Qwen3Cache};
 /// cache column past the prompt, so the cache needs that many columns at least.
 const CAPTURE_RUNS: usize = 4;
 
-/// Whether `EMBER_DECODE=graph` asks the engines that can (RL rollouts) to decode through a
-/// captured step. Opt-in until measured on a GPU.
-pub fn requested() -> bool {
-    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WANTED.get_or_init(|| match std::env::var("EMBER_DECODE").as_deref() {
-        Ok("graph") => true,
-        Ok("eager") | Err(_) => false,
+/// Whether the engines that leave the choice to the environment (RL rollouts, `ember
+/// generate` without `--graph`) decode through a captured step on `device`: `EMBER_DECODE=graph`
+/// or `eager` decides; unset (`auto`) takes the graph on CUDA, where an H100 decoded the 0.6B
+/// shape at 6.75 ms a token through it and at more than a second a token eagerly (2026-11-27),
+/// and the eager engine elsewhere (the CPU backend only re-runs the step over the whole cache).
+pub fn graph_on(device: &burn::tensor::Device) -> bool {
+    #[derive(Clone, Copy)]
+    enum Choice {
+        Auto,
+        Eager,
+        Graph,
+    }
+    static CHOICE: std::sync::OnceLock<Choice> = std::sync::OnceLock::new();
+    let choice = *CHOICE.get_or_init(|| match std::env::var("EMBER_DECODE").as_deref() {
+        Ok("graph") => Choice::Graph,
+        Ok("eager") => Choice::Eager,
+        Ok("auto") | Err(_) => Choice::Auto,
         Ok(other) => {
-            eprintln!("warning: EMBER_DECODE={other} is not `graph` or `eager`; using eager");
-            false
+            eprintln!(
+                "warning: EMBER_DECODE={other} is not `auto`, `graph` or `eager`; using auto"
+            );
+            Choice::Auto
         }
-    })
+    });
+    match choice {
+        Choice::Graph => true,
+        Choice::Eager => false,
+        Choice::Auto => crate::device::is_cuda(device),
+    }
 }
 
-/// Generation by the engine `EMBER_DECODE` picks: through a captured step when it asks for
-/// `graph`, else the eager engine.
+/// Generation by the engine [`graph_on`] picks for the model's device.
 pub fn generate_auto(
     model: &Qwen3,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     hooks: &mut Hooks,
 ) -> Result<Vec<Sequence>> {
-    if requested() {
+    if graph_on(&model.embed_tokens.val().device()) {
         Ok(generate_graph(model, prompts, opts, hooks)?.0)
     } else {
         crate::generate::generate(model, prompts, opts, hooks)

@@ -49,6 +49,20 @@ pub fn compiled_backends() -> Vec<&'static str> {
     v
 }
 
+/// Whether `device` is a CUDA device (of a CUDA build), autodiff or not.
+pub fn is_cuda(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Cube(burn_cubecl::CubeDevice::Cuda(_))
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Runs a backend probe that may panic (no driver, no adapter) without printing the panic.
 #[allow(dead_code)]
 fn probe<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {

@@ -14,7 +14,10 @@
 //!   (`cuStreamWaitValue32`), runs the GEMM and writes the counter into a second flag
 //!   (`cuStreamWriteValue32`, which fences the GEMM's writes first); a second one-thread
 //!   cubecl kernel spins until it reads it, so nothing later on cubecl's stream starts
-//!   before the GEMM is done (nor reuses its buffers). Not yet run on a GPU.
+//!   before the GEMM is done (nor reuses its buffers). On an H100 (2026-11-27) it did not
+//!   work: `ember bench gemm` printed no row in 60 s, then in 130 s, where the host order
+//!   runs the same bench in seconds, and a training step did not finish in 150 s. Where it
+//!   stalls is not known (benches/README.md), so it warns when chosen.
 //!
 //! Under fusion the op is lazy and opaque: fusion flushes what came before and runs it in
 //! order. While cubecl records a graph (`decode_graph`) the op runs Burn's matmul: cuBLASLt's
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{bail, Context, Result};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, DispatchDevice, TensorMetadata};
+use burn::backend::{backend_extension, Backend, TensorMetadata};
 use burn::tensor::{DType, Device, Shape, Tensor};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::future::block_on;
@@ -56,11 +59,7 @@ pub fn enabled_on(device: &Device) -> bool {
             false
         }
     });
-    wanted
-        && matches!(
-            device.clone().inner().as_dispatch(),
-            DispatchDevice::Cube(CubeDevice::Cuda(_))
-        )
+    wanted && crate::device::is_cuda(device)
 }
 
 /// `op(a) · op(b)` for 2-D `a`, `b`, off the graph, `op` transposing when its flag is set.
@@ -207,7 +206,8 @@ impl Flags {
             .map_err(|e| anyhow::anyhow!("flags' device pointer: {e:?}"))?;
         let ptr = guard.resource().ptr;
         eprintln!(
-            "cuBLASLt: ordered against cubecl's stream on the device (EMBER_GEMM_ORDER=device)"
+            "cuBLASLt: ordered against cubecl's stream on the device (EMBER_GEMM_ORDER=device); \
+             warning: on an H100 this order never finished a GEMM (2026-11-27), see benches/README.md"
         );
         Ok(Self {
             buf: FlagBuf { handle, ptr },
