@@ -101,13 +101,14 @@ want rl && part rl-torch 90 python3 benches/reference/rollout_hf.py "${common[@]
 ls=${LONG_SEQ:-8192}
 want long && part long-ember 70 "$ember" bench train "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
 want long && part long-torch 40 python3 benches/reference/train_hf.py "${common[@]}" --batch 1 --seq "$ls" --steps 2 --warmup 1
-# 5. Where the time goes: per-kernel GPU time of training, averaged over two steps (the
-# first one's autotune launches included: the log does not separate steps), and of decoding
-# at batch 1, prefill included (cubecl backends only; tables in $dir/profile-*.md).
+# 5. Where the time goes: per-kernel GPU time of training, over the last two of five steps
+# (found as the log's repeating tail, so no compilation probe or autotune candidate is in
+# it; the first step took 125 s on an H100), and of decoding at batch 1, prefill included
+# (cubecl backends only; tables in $dir/profile-*.md).
 if [[ $device != cpu ]]; then
   root=$(pwd); abs=(--model-config "$root/$cfg" --device "$device" --dtype "$dtype")
   [[ $ember = /* ]] || ember="$root/$ember"
-  want profile && part profile-train 60 benches/profile.sh train 2 "$ember" bench train "${abs[@]}" --batch "$tb" --seq "$ts" --steps 1 --warmup 1
+  want profile && part profile-train 220 benches/profile.sh train steady:2 "$ember" bench train "${abs[@]}" --batch "$tb" --seq "$ts" --steps 4 --warmup 1
   want profile && part profile-decode 40 benches/profile.sh decode "${PROFILE_TOKENS:-32}" "$ember" bench generate "${abs[@]}" --batch 1 --new-tokens "${PROFILE_TOKENS:-32}"
 fi
 
