@@ -87,15 +87,15 @@ want torch && part train-torch-compile 130 python3 benches/reference/train_hf.py
 gb=${GEN_BATCHES:-1,32,256}; nt=${NEW_TOKENS:-128}
 want generate && part generate-ember 60 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
   ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
-# The same through the decode step captured as a CUDA graph (greedy), checked against
-# the eager engine's tokens.
+# The same through the decode step captured as a CUDA graph (greedy). Not checked against
+# the eager engine here, which took over a second a token on an H100 (tests check it).
 want graph && part generate-graph 90 "$ember" bench generate "${common[@]}" --batch "$gb" --new-tokens "$nt" \
-  --graph ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
+  --graph --no-check ${BANDWIDTH_GBS:+--bandwidth-gbs "$BANDWIDTH_GBS"}
 want generate && part generate-torch 70 python3 benches/reference/generate_hf.py "${common[@]}" --batch "$gb" --new-tokens "$nt"
 # 3. One RLVR step: G completions of each prompt, then one update on them.
 rl=(--prompts "${RL_PROMPTS:-64}" --group "${RL_GROUP:-8}" --new-tokens "${RL_NEW:-512}" --prompt-len 64
     --train --micro "${RL_MICRO:-8}")
-want rl && part rl-ember 110 "$ember" bench rollout "${common[@]}" "${rl[@]}"
+want rl && part rl-ember 300 "$ember" bench rollout "${common[@]}" "${rl[@]}"
 want rl && part rl-torch 90 python3 benches/reference/rollout_hf.py "${common[@]}" "${rl[@]}"
 # 4. A long sequence: batch 1 must fit.
 ls=${LONG_SEQ:-8192}
