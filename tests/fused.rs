@@ -2,7 +2,7 @@
 //! gradients, on flex here and on each GPU backend in `backends.rs`.
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
-use ember_models::layers::linear::linear;
+use ember_models::layers::linear::{linear, linear_fused, Linear, FUSE_MIN_ROWS};
 use ember_models::layers::rms_norm::RmsNorm;
 use ember_train::objectives::linear_ce::{chunk_rows, linear_cross_entropy, linear_logprobs};
 use ember_train::objectives::lm::{cross_entropy, token_logprobs};
@@ -122,6 +122,57 @@ pub(crate) fn check_linear_logprobs(dev: &Device, dtype: DType, tol: f64) {
             assert_parts_close(&what, &names, &ours, &reference, tol);
         }
     }
+}
+
+/// Several projections of one input as one GEMM (`linear_fused`) against each run alone:
+/// the outputs and the gradients of the input, the weights and a bias.
+pub(crate) fn check_linear_fused(dev: &Device, dtype: DType, tol: f64) {
+    let (b, s, d) = (2, FUSE_MIN_ROWS / 2 + 22, 16);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let x0 = Tensor::<3>::random([b, s, d], normal, dev);
+    let layer = |out: usize, bias: bool| Linear {
+        weight: burn::module::Param::from_tensor(Tensor::random([out, d], normal, dev)),
+        bias: bias.then(|| burn::module::Param::from_tensor(Tensor::random([out], normal, dev))),
+    };
+    // q, k and v shaped: a wide one, then two narrow ones, one with a bias.
+    let layers = [layer(24, false), layer(8, true), layer(8, false)];
+    let probes: Vec<Tensor<3>> = [24, 8, 8]
+        .iter()
+        .map(|&o| Tensor::random([b, s, o], normal, dev))
+        .collect();
+    let run = |fused: bool| {
+        let x = x0.clone().require_grad();
+        let xc = x.clone().cast(dtype);
+        let ys = if fused {
+            linear_fused(xc, &layers.each_ref())
+        } else {
+            layers.iter().map(|l| l.forward(xc.clone())).collect()
+        };
+        let loss = ys
+            .iter()
+            .zip(&probes)
+            .map(|(y, p)| (y.clone().cast(DType::F32) * p.clone()).sum())
+            .reduce(|a, b| a + b)
+            .unwrap();
+        let g = loss.backward();
+        let grad = |t: Tensor<2>| values(t.grad(&g).unwrap().cast(DType::F32));
+        let mut parts: Vec<Vec<f64>> = ys.into_iter().map(|y| values(y.cast(DType::F32))).collect();
+        parts.push(values(x.grad(&g).unwrap().cast(DType::F32)));
+        parts.extend(layers.iter().map(|l| grad(l.weight.val())));
+        let bias = layers[1].bias.as_ref().unwrap().val();
+        parts.push(values(bias.grad(&g).unwrap().cast(DType::F32)));
+        parts
+    };
+    let (ours, reference) = (run(true), run(false));
+    let names = ["q", "k", "v", "d x", "d wq", "d wk", "d wv", "d bk"];
+    assert_parts_close(&format!("{dtype:?}"), &names, &ours, &reference, tol);
+}
+
+#[test]
+fn fused_projections_match_separate_ones() {
+    let dev = device().autodiff();
+    check_linear_fused(&dev, DType::F32, 1e-5);
+    check_linear_fused(&dev, DType::BF16, 2e-2);
 }
 
 /// RMSNorm's own backward against autodiff through the same formula, at ranks 3 and 4 (the

@@ -7,7 +7,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, IndexingUpdateOp, Int, Tensor};
 
 use super::flash;
-use super::linear::Linear;
+use super::linear::{linear_fused, Linear};
 use super::rms_norm::RmsNorm;
 use super::rope::{self, RopeTables};
 use crate::weights::{WeightSink, WeightSource};
@@ -260,15 +260,13 @@ impl Attention {
             Some(n) => n.forward(t),
             None => t,
         };
-        let q = norm(
-            &self.q_norm,
-            self.q_proj.forward(x.clone()).reshape([b, s, h, d]),
-        );
-        let k = norm(
-            &self.k_norm,
-            self.k_proj.forward(x.clone()).reshape([b, s, hkv, d]),
-        );
-        let v = self.v_proj.forward(x).reshape([b, s, hkv, d]);
+        let [q, k, v]: [Tensor<3>; 3] =
+            linear_fused(x, &[&self.q_proj, &self.k_proj, &self.v_proj])
+                .try_into()
+                .expect("three projections");
+        let q = norm(&self.q_norm, q.reshape([b, s, h, d]));
+        let k = norm(&self.k_norm, k.reshape([b, s, hkv, d]));
+        let v = v.reshape([b, s, hkv, d]);
         let rotate = |x: Tensor<4>| match rope_t {
             Some(t) => rope::apply(x.swap_dims(1, 2), t),
             None => x.swap_dims(1, 2),

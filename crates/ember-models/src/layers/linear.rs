@@ -74,3 +74,47 @@ pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) 
     dims[D - 1] = d_out;
     y.reshape(dims)
 }
+
+/// Rows (tokens) from which [`linear_fused`] runs one GEMM for several layers.
+pub const FUSE_MIN_ROWS: usize = 256;
+
+/// `x @ Wᵢᵀ + bᵢ` for layers that read the same input, as one GEMM over their weights
+/// stacked, split back into one output per layer.
+///
+/// Why: on an H100, Burn's bf16 matmul ran `[8192, 1024] · [n, 1024]ᵀ` at 21 TFLOP/s for
+/// n = 1,024 and 29 for n = 2,048, but at 134 for n = 3,072, and the weight gradients alike
+/// (`benches/README.md`, the cuBLASLt table). Qwen3-0.6B's q, k and v projections are those
+/// narrow shapes; stacked they make one 4,096-wide GEMM, and the backward one `dy · W` where
+/// autodiff summed three. Under [`FUSE_MIN_ROWS`] rows (decoding) each product reads its
+/// weights once either way, and the stacking would copy them at every call, so the layers
+/// run one by one.
+pub fn linear_fused<const D: usize>(x: Tensor<D>, layers: &[&Linear]) -> Vec<Tensor<D>> {
+    let d_in = x.dims()[D - 1];
+    let rows = x.shape().num_elements() / d_in.max(1);
+    if layers.len() < 2 || rows < FUSE_MIN_ROWS {
+        return layers.iter().map(|l| l.forward(x.clone())).collect();
+    }
+    let dtype = x.dtype();
+    let mut dims = x.dims();
+    let weights: Vec<Tensor<2>> = layers
+        .iter()
+        .map(|l| to_dtype(l.weight.val(), dtype))
+        .collect();
+    let outs: Vec<usize> = weights.iter().map(|w| w.dims()[0]).collect();
+    let y = matmul_nt(x.reshape([rows, d_in]), Tensor::cat(weights, 0));
+    let mut start = 0;
+    layers
+        .iter()
+        .zip(outs)
+        .map(|(l, d_out)| {
+            let part = y.clone().slice([0..rows, start..start + d_out]);
+            start += d_out;
+            let part = match &l.bias {
+                Some(b) => part + to_dtype(b.val(), dtype).unsqueeze::<2>(),
+                None => part,
+            };
+            dims[D - 1] = d_out;
+            part.reshape(dims)
+        })
+        .collect()
+}
