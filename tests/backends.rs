@@ -34,7 +34,7 @@ fn gpu_backends_match_transformers() {
         crate::fused::check_linear_logprobs(&dev.clone().autodiff(), DType::F32, 1e-4);
         crate::fused::check_rms_norm(&dev.clone().autodiff(), DType::F32, 1e-4);
         crate::fused::check_linear_fused(&dev.clone().autodiff(), DType::F32, 1e-4);
-        eprintln!("{name}: fused linear cross-entropy, log-probs and RMSNorm backward match the unfused ones");
+        eprintln!("{name}: fused linear cross-entropy, log-probs, RMSNorm backward and stacked projections match the unfused ones");
         crate::fused::check_blocked_attention(&dev.clone().autodiff(), DType::F32, 1e-4);
         eprintln!("{name}: blocked attention matches dense attention");
         let fx = load_fixtures("qwen3");

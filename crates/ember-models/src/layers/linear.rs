@@ -62,16 +62,26 @@ impl Linear {
 /// `x @ wᵀ + b` for `w` in `[out, in]` layout; flattens the leading dims into one GEMM.
 pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Option<Tensor<1>>) -> Tensor<D> {
     let dtype = x.dtype();
-    let mut dims = x.dims();
+    let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = x.shape().num_elements() / d_in;
-    let [d_out, _] = w.dims();
     let y = matmul_nt(x.reshape([rows, d_in]), to_dtype(w, dtype));
+    with_bias(y, b, dims)
+}
+
+/// `[rows, out]` products plus the bias, in their own dtype, shaped as the input `dims` with
+/// `out` features.
+fn with_bias<const D: usize>(
+    y: Tensor<2>,
+    b: Option<Tensor<1>>,
+    mut dims: [usize; D],
+) -> Tensor<D> {
+    dims[D - 1] = y.dims()[1];
+    let dtype = y.dtype();
     let y = match b {
         Some(b) => y + to_dtype(b, dtype).unsqueeze::<2>(),
         None => y,
     };
-    dims[D - 1] = d_out;
     y.reshape(dims)
 }
 
@@ -94,8 +104,7 @@ pub fn linear_fused<const D: usize>(x: Tensor<D>, layers: &[&Linear]) -> Vec<Ten
     if layers.len() < 2 || rows < FUSE_MIN_ROWS {
         return layers.iter().map(|l| l.forward(x.clone())).collect();
     }
-    let dtype = x.dtype();
-    let mut dims = x.dims();
+    let (dtype, dims) = (x.dtype(), x.dims());
     let weights: Vec<Tensor<2>> = layers
         .iter()
         .map(|l| to_dtype(l.weight.val(), dtype))
@@ -109,12 +118,7 @@ pub fn linear_fused<const D: usize>(x: Tensor<D>, layers: &[&Linear]) -> Vec<Ten
         .map(|(l, d_out)| {
             let part = y.clone().slice([0..rows, start..start + d_out]);
             start += d_out;
-            let part = match &l.bias {
-                Some(b) => part + to_dtype(b.val(), dtype).unsqueeze::<2>(),
-                None => part,
-            };
-            dims[D - 1] = d_out;
-            part.reshape(dims)
+            with_bias(part, l.bias.as_ref().map(|b| b.val()), dims)
         })
         .collect()
 }
