@@ -177,6 +177,37 @@ pub fn check_graph_decode(model: &Qwen3) -> bool {
     let mut o = opts(max_new, model, Sampling::default());
     o.eos_ids = vec![expected[0][1]];
     assert_eq!(both(&o)[0].finish, FinishReason::Eos);
+    // A stop hook (how RLP ends a thought) ends the row at the same token in both engines,
+    // and streaming sees the same tokens.
+    let o = opts(6, model, Sampling::default());
+    let run = |graph: bool| {
+        let mut streamed = vec![vec![]; prompts.len()];
+        let mut on_token = |r: usize, t: u32| streamed[r].push(t);
+        let mut stop = |r: usize, toks: &[u32]| r == 1 && toks.len() == 4;
+        let mut hooks = Hooks {
+            on_token: Some(&mut on_token),
+            stop: Some(&mut stop),
+        };
+        let out = match graph {
+            true => generate_graph(model, &prompts, &o, &mut hooks).unwrap().0,
+            false => generate(model, &prompts, &o, &mut hooks).unwrap(),
+        };
+        (out, streamed)
+    };
+    let ((eager, eager_streamed), (graph, graph_streamed)) = (run(false), run(true));
+    assert_eq!(graph[1].finish, FinishReason::Stop);
+    assert_eq!(graph[1].tokens.len(), 4);
+    for (r, (e, g)) in eager.iter().zip(&graph).enumerate() {
+        assert_eq!(
+            e.tokens, g.tokens,
+            "row {r}: graph vs eager tokens under a stop hook"
+        );
+        assert_eq!(
+            e.finish, g.finish,
+            "row {r}: graph vs eager ending under a stop hook"
+        );
+    }
+    assert_eq!(graph_streamed, eager_streamed);
     // Seeded sampling, with a temperature, top-k and top-p (alone and after top-k): the same
     // noise in the same order, so the same samples while every row runs (no EOS here).
     for (temperature, top_k, top_p) in [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.9), (1.3, 20, 0.8)]

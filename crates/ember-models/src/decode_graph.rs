@@ -33,8 +33,9 @@ use crate::qwen3::{Qwen3, Qwen3Cache};
 /// cache column past the prompt, so the cache needs that many columns at least.
 const CAPTURE_RUNS: usize = 4;
 
-/// Whether the engines that leave the choice to the environment (RL rollouts, `ember
-/// generate` without `--graph`) decode through a captured step on `device`: `EMBER_DECODE=graph`
+/// Whether the engines that leave the choice to the environment (RL rollouts, RLP's thoughts,
+/// the held-out task evaluations, `ember generate` without `--graph`) decode through a
+/// captured step on `device`: `EMBER_DECODE=graph`
 /// or `eager` decides; unset (`auto`) takes the graph on CUDA, where an H100 decoded the 0.6B
 /// shape at 6.75 ms a token through it and at more than a second a token eagerly (2026-11-27),
 /// and the eager engine elsewhere (the CPU backend only re-runs the step over the whole cache).

@@ -9,7 +9,8 @@ use anyhow::{anyhow, Result};
 use ember_data::chat::{ChatTemplate, Conversation, Message, Role};
 use ember_data::tasks::{self, Problem, Split};
 use ember_data::Tokenizer;
-use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
+use ember_models::decode_graph::generate_auto;
+use ember_models::generate::{GenerateOptions, Hooks, Sampling};
 use ember_models::hf::write_atomic;
 use ember_models::qwen3::Qwen3;
 use serde::Serialize;
@@ -131,7 +132,7 @@ pub fn accuracy(
             .iter()
             .map(|p| prompter.prompt(tok, p))
             .collect::<Result<Vec<_>>>()?;
-        let out = generate(model, &prompts, &opts, &mut Hooks::default())?;
+        let out = generate_auto(model, &prompts, &opts, &mut Hooks::default())?;
         for (p, seq) in chunk.iter().zip(out) {
             let completion = tok.decode(&seq.tokens, true)?;
             let correct = tasks::verify(p, &completion);

@@ -18,7 +18,8 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use ember_data::loader::Batch;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
-use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
+use ember_models::decode_graph::generate_auto;
+use ember_models::generate::{GenerateOptions, Hooks, Sampling};
 use ember_models::hf::SaveOptions;
 use ember_models::layers::to_dtype;
 use ember_models::qwen3::Qwen3;
@@ -297,7 +298,7 @@ impl<'f> Rlp<'f> {
         };
         let t0 = std::time::Instant::now();
         let theta = model.valid();
-        let seqs = generate(&theta, &prompts, &opts, &mut hooks)?;
+        let seqs = generate_auto(&theta, &prompts, &opts, &mut hooks)?;
         m.rollout_s += t0.elapsed().as_secs_f64();
         // Score each thought: log p_θ(next | context, <think>c</think>).
         let mut scoring = Vec::with_capacity(seqs.len());
