@@ -65,9 +65,13 @@ fn gpu_backends_match_transformers() {
         eprintln!("{name}: a captured training step trains as the eager one (replayed as a graph: {trained})");
         let hybrid = crate::hybrid::check_captured_hybrid(&dev);
         eprintln!("{name}: and a hybrid's (replayed as a graph: {hybrid})");
+        let hybrid_decode = crate::hybrid::check_hybrid_graph_decode(&dev);
+        eprintln!(
+            "{name}: a hybrid's graph decoding matches (replayed as a graph: {hybrid_decode})"
+        );
         assert!(
-            replayed,
-            "{name}: the decode step did not replay as a graph"
+            replayed && hybrid_decode,
+            "{name}: a decode step did not replay as a graph"
         );
         assert!(
             trained && hybrid,

@@ -1,6 +1,6 @@
 //! The generation engine against transformers' greedy `generate`, plus sampling behaviour.
 
-use ember_models::decode_graph::generate_graph;
+use ember_models::decode_graph::{generate_graph, GraphDecode};
 use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 use ember_models::qwen3::Qwen3;
 
@@ -143,6 +143,30 @@ fn generation_on_an_autodiff_model_runs_on_a_plain_copy_and_agrees() {
     }
 }
 
+/// Decodes `prompts` through the captured step and eagerly, asserting the same tokens and
+/// endings and log-probs within 1e-4 in every row; the graph's sequences, and whether its
+/// step replayed as a graph.
+pub(crate) fn graph_and_eager<M: GraphDecode>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    o: &GenerateOptions,
+    what: &str,
+) -> (Vec<Sequence>, bool) {
+    let eager = generate(model, prompts, o, &mut Hooks::default()).unwrap();
+    let (graph, stats) = generate_graph(model, prompts, o, &mut Hooks::default()).unwrap();
+    for (r, (e, g)) in eager.iter().zip(&graph).enumerate() {
+        assert_eq!(e.tokens, g.tokens, "{what}, row {r}: graph vs eager tokens");
+        assert_eq!(e.finish, g.finish, "{what}, row {r}: graph vs eager ending");
+        for (a, b) in e.logprobs.iter().zip(&g.logprobs) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{what}, row {r}: log-prob {b} vs eager {a}"
+            );
+        }
+    }
+    (graph, stats.replayed)
+}
+
 /// The captured decode step (`decode_graph`) against transformers' greedy tokens and the
 /// eager engine: the same tokens, log-probs within 1e-4 (f32), and the same endings under
 /// per-row budgets and an EOS, with the fixture's left-padded prompts; and the same seeded
@@ -152,16 +176,8 @@ pub fn check_graph_decode(model: &Qwen3) -> bool {
     let (prompts, expected, max_new) = fixture_generate("qwen3");
     let mut hardware = true;
     let mut both = |o: &GenerateOptions| {
-        let eager = generate(model, &prompts, o, &mut Hooks::default()).unwrap();
-        let (graph, stats) = generate_graph(model, &prompts, o, &mut Hooks::default()).unwrap();
-        hardware &= stats.replayed;
-        for (r, (e, g)) in eager.iter().zip(&graph).enumerate() {
-            assert_eq!(e.tokens, g.tokens, "row {r}: graph vs eager tokens");
-            assert_eq!(e.finish, g.finish, "row {r}: graph vs eager ending");
-            for (a, b) in e.logprobs.iter().zip(&g.logprobs) {
-                assert!((a - b).abs() < 1e-4, "row {r}: log-prob {b} vs eager {a}");
-            }
-        }
+        let (graph, replayed) = graph_and_eager(model, &prompts, o, "qwen3");
+        hardware &= replayed;
         graph
     };
     let out = both(&opts(max_new, model, Sampling::default()));

@@ -5,13 +5,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ember_models::burn::module::Module;
 use ember_models::burn::tensor::Device;
-use ember_models::decode_graph::{generate_graph, GraphStats};
+use ember_models::decode_graph::{generate_graph, GraphDecode, GraphStats};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling, Sequence};
+use ember_models::hybrid::stack::{HybridConfig, HybridLM};
 use ember_models::qwen3::{Qwen3, Qwen3Config};
 use ember_models::rng::Rng;
 
-use crate::models::{self, RunFlags};
+use crate::models::{self, AnyModel, RunFlags};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -81,30 +83,56 @@ pub fn run(c: Command) -> Result<()> {
 }
 
 fn bench_generate(a: GenArgs) -> Result<()> {
-    let (model, device) = match (&a.model_config, &a.model) {
+    match (&a.model_config, &a.model) {
         (Some(cfg), None) => {
-            let config = model_config(cfg)?;
+            let (v, origin) = config_json(cfg)?;
             let device = a.run.device()?;
             let dtype = a.run.dtype(&device)?;
-            eprintln!(
-                "building random {:.0}M-parameter model...",
-                config.num_params() as f64 / 1e6
-            );
-            (
-                Qwen3::random(config, 0, &device)?.into_inference_dtype(dtype),
-                device,
-            )
+            let kind = v.get("model_type").and_then(|k| k.as_str());
+            eprintln!("building a model of this shape with random weights...");
+            if matches!(kind, Some("nemotron_flash" | "mamba2" | "nemotron_h")) {
+                let config = HybridConfig::from_value(&v, &origin)?;
+                let vocab = config.vocab_size;
+                let model = HybridLM::random(config, 0, &device)?.into_inference_dtype(dtype);
+                let params = model.num_params();
+                return bench_decoding(&a, &model, params, vocab, &device);
+            }
+            let config = Qwen3Config::from_value(&v, &origin)?;
+            let (params, vocab) = (config.num_params(), config.vocab_size);
+            let model = Qwen3::random(config, 0, &device)?.into_inference_dtype(dtype);
+            bench_decoding(&a, &model, params, vocab, &device)
         }
-        (None, Some(dir)) => models::load(dir, &a.run)?,
+        (None, Some(dir)) => match models::load_any(dir, &a.run)? {
+            (AnyModel::Qwen3(m), device) => {
+                let (params, vocab) = (m.config.num_params(), m.config.vocab_size);
+                bench_decoding(&a, &*m, params, vocab, &device)
+            }
+            (AnyModel::Hybrid(m), device) => {
+                let (params, vocab) = (m.num_params(), m.config.vocab_size);
+                bench_decoding(&a, &*m, params, vocab, &device)
+            }
+            (AnyModel::ModernBert(_), _) => {
+                bail!("{}: an encoder (modernbert) cannot generate", dir.display())
+            }
+        },
         _ => bail!("give --model-config FILE or --model DIR"),
-    };
-    let params = model.config.num_params();
+    }
+}
+
+/// Times batched greedy decoding of `model` (`params` parameters, `vocab` tokens).
+fn bench_decoding<M: GraphDecode>(
+    a: &GenArgs,
+    model: &M,
+    params: usize,
+    vocab: usize,
+    device: &Device,
+) -> Result<()> {
     let bytes_per_param = match a.run.dtype.as_str() {
         "f32" | "float32" => 4.0,
         _ => 2.0,
     };
     let mut rng = Rng::new(1);
-    let vocab = model.config.vocab_size as u64;
+    let vocab = vocab as u64;
     let opts = |n: usize| GenerateOptions {
         max_new_tokens: vec![n],
         eos_ids: vec![], // every row runs to the full length
@@ -140,9 +168,9 @@ fn bench_generate(a: GenArgs) -> Result<()> {
                 hooks.on_token = Some(&mut stamp);
             }
             if a.graph {
-                generate_graph(&model, &prompts, &opts(n), &mut hooks)
+                generate_graph(model, &prompts, &opts(n), &mut hooks)
             } else {
-                let out = generate(&model, &prompts, &opts(n), &mut hooks)?;
+                let out = generate(model, &prompts, &opts(n), &mut hooks)?;
                 Ok((out, GraphStats::default()))
             }
         };
@@ -214,7 +242,7 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             // The graph's tokens against the eager engine's on the same prompts: the
             // fraction of rows whose first tokens agree (bf16 near-ties may part them later).
             let n = a.new_tokens.min(16);
-            let eager = generate(&model, &prompts, &opts(n), &mut Hooks::default())?;
+            let eager = generate(model, &prompts, &opts(n), &mut Hooks::default())?;
             let same = eager
                 .iter()
                 .zip(&tokens)

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use ember_data::{StreamDecoder, Tokenizer};
-use ember_models::decode_graph::{generate_graph, graph_on};
+use ember_models::decode_graph::{generate_graph, graph_on, GraphDecode};
 use ember_models::generate::{generate, FinishReason, GenerateOptions, Hooks, Sampling, Sequence};
 
 use crate::models::{self, AnyModel, RunFlags};
@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Decode through a step captured once and replayed as a graph: one launch per token
-    /// on CUDA (Qwen3). Already the default on CUDA unless `EMBER_DECODE=eager`.
+    /// on CUDA (Qwen3 and hybrids). Already the default on CUDA unless `EMBER_DECODE=eager`.
     #[arg(long, conflicts_with = "eager")]
     graph: bool,
     /// Decode with the eager engine where the graph would be the default (CUDA).
@@ -56,6 +56,17 @@ pub struct Args {
 
 /// A decoding engine over a loaded model: prompts, options and hooks in, sequences out.
 type Engine<'a> = dyn Fn(&[Vec<u32>], &GenerateOptions, &mut Hooks) -> Result<Vec<Sequence>> + 'a;
+
+/// Decoding through a captured step (`graph`) or eagerly.
+fn engine<M: GraphDecode>(
+    m: &M,
+    graph: bool,
+) -> impl Fn(&[Vec<u32>], &GenerateOptions, &mut Hooks) -> Result<Vec<Sequence>> + '_ {
+    move |p, o, h| match graph {
+        true => Ok(generate_graph(m, p, o, h)?.0),
+        false => generate(m, p, o, h),
+    }
+}
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
@@ -84,23 +95,12 @@ pub fn run(a: Args) -> Result<()> {
     match model {
         AnyModel::Qwen3(m) => {
             let eos = m.config.eos_ids();
-            let graph = a.graph || (!a.eager && graph_on(&device));
-            let engine = |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| match graph {
-                true => Ok(generate_graph(&m, p, o, h)?.0),
-                false => generate(&*m, p, o, h),
-            };
+            let engine = engine(&*m, a.graph || (!a.eager && graph_on(&device)));
             decode(&a, &engine, m.config.vocab_size, eos, tok, &tok_path)
         }
         AnyModel::Hybrid(m) => {
-            if a.graph {
-                bail!(
-                    "--graph: graph decoding is for Qwen3 models; {} is a hybrid",
-                    a.model.display()
-                );
-            }
             let eos = m.eos_ids();
-            let engine =
-                |p: &[Vec<u32>], o: &GenerateOptions, h: &mut Hooks| generate(&*m, p, o, h);
+            let engine = engine(&*m, a.graph || (!a.eager && graph_on(&device)));
             decode(&a, &engine, m.config.vocab_size, eos, tok, &tok_path)
         }
         AnyModel::ModernBert(_) => bail!(

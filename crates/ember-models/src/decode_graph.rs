@@ -8,6 +8,7 @@
 //! - the next input ids, overwritten with the sampled ones (`slice_assign`);
 //! - a step counter, from which each row's position and the cache column follow;
 //! - the KV cache, written at that column (`select_assign`);
+//! - a hybrid's recurrent states (Mamba2, DeltaNet), written back into their own buffers;
 //! - when sampling, the uniform noise of the Gumbel argmax, drawn between replays.
 //!
 //! Attention reads every cache column and masks those not written yet, so no shape
@@ -25,8 +26,8 @@ use crate::generate::{
     empty_sequences, pick_on_device, read_pairs, record, token_pairs, Batch, CausalLm,
     GenerateOptions, Hooks, Sampler, Sequence,
 };
+use crate::hybrid::RecurrentState;
 use crate::layers::to_dtype;
-use crate::qwen3::{Qwen3, Qwen3Cache};
 
 /// How often `burn::tensor::capture` runs the step before replaying it: three warm-up runs
 /// and the recorded one. Each advances the state, which is reset afterwards, and writes a
@@ -66,28 +67,77 @@ pub fn graph_on(device: &burn::tensor::Device) -> bool {
 }
 
 /// Generation by the engine [`graph_on`] picks for the model's device.
-pub fn generate_auto(
-    model: &Qwen3,
+pub fn generate_auto<M: GraphDecode>(
+    model: &M,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     hooks: &mut Hooks,
 ) -> Result<Vec<Sequence>> {
-    if graph_on(&model.embed_tokens.val().device()) {
+    if graph_on(&model.device()) {
         Ok(generate_graph(model, prompts, opts, hooks)?.0)
     } else {
         crate::generate::generate(model, prompts, opts, hooks)
     }
 }
 
+/// Where decoding continues after the prefill of a [`Batch`]: what a captured step needs
+/// to find each row's position and the cache column from a step counter.
+pub struct DecodeLayout {
+    /// Each row's position for its first new token.
+    pub positions: Vec<i64>,
+    /// The cache column the first new token is written to (the same for every row).
+    pub column: usize,
+    /// The cache's columns, all of which the step's attention reads.
+    pub columns: usize,
+    /// `[batch, columns]`, true where a column holds left padding.
+    pub pad: Option<Tensor<2, Bool>>,
+}
+
+/// A causal LM whose decoding step can be captured: one token per row, with the positions,
+/// the cache column and the attention's key mask given as device tensors, so that no shape
+/// and no host value depends on the step.
+pub trait GraphDecode: CausalLm + Module {
+    /// Logits `[batch, vocab]` of the tokens `ids` `[batch, 1]` at `positions` `[batch, 1]`,
+    /// written into the cache at column `col` `[1]`; attention ignores the columns where
+    /// `key_mask` `[batch, columns]` is true.
+    fn decode_step(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        col: Tensor<1, Int>,
+        key_mask: Tensor<2, Bool>,
+        cache: &mut Self::Cache,
+    ) -> Tensor<2>;
+
+    /// Where decoding continues after the prefill of `prompts`, left-padded to `width` in a
+    /// cache of `max_len` token columns whose padding `key_pad` marks.
+    fn decode_layout(
+        &self,
+        prompts: &[Vec<u32>],
+        width: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, Bool>>,
+    ) -> DecodeLayout;
+
+    /// Copies of the state a step advances for good (recurrent layers' states; the KV
+    /// cache's columns are rewritten at the same places, so it needs none).
+    fn save_state(_cache: &Self::Cache) -> Vec<RecurrentState> {
+        vec![]
+    }
+
+    /// Writes [`Self::save_state`]'s copies back into the cache's own buffers.
+    fn restore_state(_cache: &mut Self::Cache, _saved: Vec<RecurrentState>) {}
+}
+
 /// What the captured step reads and overwrites.
-struct State {
+struct State<C> {
     /// `[batch, 1]`: the tokens the step feeds in.
     ids: Tensor<2, Int>,
     /// `[1]`: steps taken since the prefill.
     step: Tensor<1, Int>,
     /// Uniform noise for sampling (`Sampler::noise_shape`); None when greedy.
     noise: Option<Tensor<2>>,
-    cache: Qwen3Cache,
+    cache: C,
 }
 
 /// How a graph decode went.
@@ -104,15 +154,15 @@ pub struct GraphStats {
 /// [`crate::generate::generate`] (EOS, stop hooks, per-row budgets, log-probs, seeded
 /// sampling with a temperature, top-k and top-p). While no row has finished, the samples
 /// equal the eager engine's for the same seed: both draw the same noise in the same order.
-pub fn generate_graph(
-    model: &Qwen3,
+pub fn generate_graph<M: GraphDecode>(
+    model: &M,
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
     hooks: &mut Hooks,
 ) -> Result<(Vec<Sequence>, GraphStats)> {
     opts.sampling.validate()?;
     let mut sampler = Sampler::new(&opts.sampling);
-    let device = model.embed_tokens.val().device();
+    let device = model.device();
     if device.is_autodiff() {
         return generate_graph(&model.valid(), prompts, opts, hooks);
     }
@@ -120,13 +170,7 @@ pub fn generate_graph(
         return Ok((vec![], GraphStats::default()));
     }
     let b = prompts.len();
-    let batch = Batch::new(
-        model.config.vocab_size,
-        prompts,
-        opts,
-        CAPTURE_RUNS,
-        &device,
-    )?;
+    let batch = Batch::new(model.vocab_size(), prompts, opts, CAPTURE_RUNS, &device)?;
     let mut cache = CausalLm::new_cache(model, b, batch.max_len, batch.key_pad.clone());
     let logits = model.step(batch.ids.clone(), batch.positions.clone(), &mut cache);
     let [_, vocab] = logits.dims();
@@ -149,12 +193,15 @@ pub fn generate_graph(
     let zero = Tensor::<1, Int>::zeros([1], &device);
     // Constants the step combines with the counter, made before the capture: a recording
     // may launch kernels but not transfer from the host.
-    let pos0: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let pos0 = Tensor::<2, Int>::from_data(TensorData::new(pos0, [b, 1]), &device);
-    let col0 = Tensor::<1, Int>::from_data(TensorData::new(vec![batch.width as i64], [1]), &device);
-    let columns =
-        Tensor::<1, Int>::arange(0..batch.max_len as i64, &device).reshape([1, batch.max_len]);
-    let pad = batch.key_pad.clone();
+    let layout = model.decode_layout(prompts, batch.width, batch.max_len, batch.key_pad.clone());
+    let width = layout.columns;
+    let pos0 = Tensor::<2, Int>::from_data(TensorData::new(layout.positions, [b, 1]), &device);
+    let col0 =
+        Tensor::<1, Int>::from_data(TensorData::new(vec![layout.column as i64], [1]), &device);
+    let columns = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]);
+    let pad = layout.pad;
+    // The capture's runs advance recurrent states for good; they are put back afterwards.
+    let saved = M::save_state(&cache);
     // Sampling's uniform noise is drawn between replays into a buffer the step reads: a
     // draw inside the graph would replay the same seed.
     let noise_shape = sampler.noise_shape(b, vocab);
@@ -175,8 +222,8 @@ pub fn generate_graph(
         let positions = pos0.clone() + t.reshape([1, 1]);
         let unwritten = columns
             .clone()
-            .greater(col.clone().reshape([1, 1]).expand([1, batch.max_len]))
-            .expand([b, batch.max_len]);
+            .greater(col.clone().reshape([1, 1]).expand([1, width]))
+            .expand([b, width]);
         let key_mask: Tensor<2, Bool> = match &pad {
             Some(p) => p.clone().bool_or(unwritten),
             None => unwritten,
@@ -199,6 +246,7 @@ pub fn generate_graph(
         let mut st = state.borrow_mut();
         st.ids.inplace(|ids| ids.slice_assign([0..b, 0..1], first));
         st.step.inplace(|s| s.slice_assign(0..1, zero));
+        M::restore_state(&mut st.cache, saved);
     }
     let stats = GraphStats {
         replayed: graph.is_hardware(),

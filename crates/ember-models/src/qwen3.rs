@@ -509,27 +509,6 @@ impl Qwen3 {
         }
     }
 
-    /// One decode step whose shapes do not depend on how far decoding has got, so that a
-    /// captured graph can replay it (`decode_graph`): `ids` and `positions` are `[batch, 1]`,
-    /// the keys are written at the cache column `col` (`[1]`, on the device), and attention
-    /// reads every column but those `key_mask` (`[batch, max_len]`) marks: left padding and
-    /// the columns not written yet. Returns the logits, `[batch, vocab]`.
-    pub fn decode_step(
-        &self,
-        ids: Tensor<2, Int>,
-        positions: Tensor<2, Int>,
-        col: Tensor<1, Int>,
-        key_mask: Tensor<2, Bool>,
-        cache: &mut Qwen3Cache,
-    ) -> Tensor<2> {
-        let opts = ForwardOptions::default();
-        let slot = Some((cache, CacheSlot::Device(Box::new(col))));
-        let (x, _) = self.body(ids, positions, Some(key_mask), None, slot, opts);
-        let logits = self.head(x);
-        let [b, _, v] = logits.dims();
-        logits.reshape([b, v])
-    }
-
     /// The training forward over packed rows: `segments` (`[batch, seq]`, a document id
     /// per token) keeps attention inside each document, as flash-attn's varlen packing does;
     /// `positions` should then restart at each document.
@@ -684,5 +663,40 @@ impl Qwen3 {
     pub fn into_inference_dtype(self, dtype: DType) -> Self {
         self.map(&mut crate::layers::CastParams(dtype))
             .with_compute_dtype(dtype)
+    }
+}
+
+impl crate::decode_graph::GraphDecode for Qwen3 {
+    /// Attention reads every cache column but those `key_mask` marks: left padding and the
+    /// columns not written yet.
+    fn decode_step(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        col: Tensor<1, Int>,
+        key_mask: Tensor<2, Bool>,
+        cache: &mut Qwen3Cache,
+    ) -> Tensor<2> {
+        let slot = Some((cache, CacheSlot::Device(Box::new(col))));
+        let opts = ForwardOptions::default();
+        let (x, _) = self.body(ids, positions, Some(key_mask), None, slot, opts);
+        let logits = self.head(x);
+        let [b, _, v] = logits.dims();
+        logits.reshape([b, v])
+    }
+
+    fn decode_layout(
+        &self,
+        prompts: &[Vec<u32>],
+        width: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, Bool>>,
+    ) -> crate::decode_graph::DecodeLayout {
+        crate::decode_graph::DecodeLayout {
+            positions: prompts.iter().map(|p| p.len() as i64).collect(),
+            column: width,
+            columns: max_len,
+            pad: key_pad,
+        }
     }
 }

@@ -97,6 +97,32 @@ impl RecurrentState {
         self.conv = self.conv.clone().select(0, idx.clone());
         self.state = self.state.clone().select(0, idx.clone());
     }
+
+    /// A copy in buffers of its own, to put back later with [`Self::restore`].
+    pub fn snapshot(&self) -> Self {
+        Self {
+            conv: self.conv.clone().add_scalar(0.0),
+            state: self.state.clone().add_scalar(0.0),
+        }
+    }
+
+    /// Writes `saved` into this state's own buffers.
+    pub fn restore(&mut self, saved: Self) {
+        self.conv
+            .inplace(|c| crate::layers::write_into(c, saved.conv));
+        self.state
+            .inplace(|s| crate::layers::write_into(s, saved.state));
+    }
+
+    /// Runs `f`, which advances the state, and writes the advanced state back into the
+    /// buffers it had before: a captured decode step replays against the buffers it was
+    /// recorded with, so its state must stay in them.
+    pub fn advance_in_place<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let mut advanced = self.clone();
+        let out = f(&mut advanced);
+        self.restore(advanced);
+        out
+    }
 }
 
 /// A depthwise conv weight stored as transformers does, `[channels, 1, kernel]`, held as

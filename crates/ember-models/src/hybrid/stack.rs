@@ -11,11 +11,13 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Result};
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::Value;
 
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
+use super::RecurrentState;
+use crate::decode_graph::DecodeLayout;
 use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
 use crate::layers::linear::Linear;
@@ -346,6 +348,8 @@ pub struct HybridCache {
     pub pad: Option<Tensor<2, burn::tensor::Bool>>,
     /// Padding positions at the front of each row, read from `pad` at the first call.
     pub pad_counts: Option<Vec<usize>>,
+    /// RoPE's inverse frequencies, uploaded once: a captured decode step may not transfer.
+    pub rope_freq: Option<rope::RopeFreq>,
 }
 
 impl HybridCache {
@@ -367,6 +371,21 @@ impl HybridCache {
                 .unwrap_or_default();
             *counts = keep.iter().map(|&i| counts[i as usize]).collect();
         }
+    }
+
+    /// The recurrent layers' states, in layer order.
+    fn recurrent(&self) -> impl Iterator<Item = &RecurrentState> {
+        self.layers.iter().filter_map(|l| match l {
+            LayerState::Ssm(s) | LayerState::Delta(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn recurrent_mut(&mut self) -> impl Iterator<Item = &mut RecurrentState> {
+        self.layers.iter_mut().filter_map(|l| match l {
+            LayerState::Ssm(s) | LayerState::Delta(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// Reads each row's leading padding from `pad` (one host read, before the prefill).
@@ -629,7 +648,17 @@ impl HybridLM {
             len: 0,
             pad: None,
             pad_counts: None,
+            rope_freq: c
+                .rope_theta
+                .map(|theta| rope::freq_tensor(theta, c.attn.head_dim, device)),
         }
+    }
+
+    /// Meta tokens a fresh sequence opens with.
+    fn meta_tokens(&self) -> usize {
+        self.memory
+            .as_ref()
+            .map_or(0, |_| self.config.memory_tokens)
     }
 
     /// Every layer's input and the final norm's output (transformers' `hidden_states`), at
@@ -830,6 +859,92 @@ impl HybridLM {
         match &self.lm_head {
             Some(h) => h.weight.val(),
             None => self.embeddings.val(),
+        }
+    }
+}
+
+impl crate::decode_graph::GraphDecode for HybridLM {
+    /// One token per row through every layer: attention writes its keys at the column `col`
+    /// and reads the whole cache under `key_mask`; the recurrent layers advance their states
+    /// in their own buffers.
+    fn decode_step(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        col: Tensor<1, Int>,
+        key_mask: Tensor<2, Bool>,
+        cache: &mut HybridCache,
+    ) -> Tensor<2> {
+        let [b, _] = ids.dims();
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let x = self.embeddings.val().select(0, ids.reshape([b]));
+        let mut x = crate::layers::to_dtype(x.reshape([b, 1, h]), self.compute_dtype);
+        let rope_t = cache
+            .rope_freq
+            .as_ref()
+            .map(|f| rope::tables_with(f, positions, self.compute_dtype));
+        for (block, state) in self.layers.iter().zip(&mut cache.layers) {
+            let y = block.norm.forward(x.clone());
+            let y = match (&block.mixer, state) {
+                (Mixer::Mamba2(m), LayerState::Ssm(st)) => {
+                    st.advance_in_place(|st| m.forward_masked(y, Some(st), None))
+                }
+                (Mixer::DeltaNet(m), LayerState::Delta(st)) => {
+                    st.advance_in_place(|st| m.forward(y, Some(st)))
+                }
+                (Mixer::Attention(a), LayerState::Kv(kv)) => {
+                    let mut ctx = AttnContext {
+                        cache: Some((kv, CacheSlot::Device(Box::new(col.clone())))),
+                        key_pad: Some(key_mask.clone()),
+                        segments: None,
+                        dense: false,
+                        masks: Default::default(),
+                    };
+                    a.forward(y, rope_t.as_ref(), &mut ctx)
+                }
+                (Mixer::Mlp(m), _) => m.forward(y),
+                (Mixer::Ffn(f), _) => f.forward(y),
+                (_, _) => unreachable!("a hybrid cache has one state per layer, of its kind"),
+            };
+            x = x + y;
+        }
+        let x = self.norm_f.forward(x);
+        crate::layers::linear::linear(x, self.head_weight(), None).reshape([b, vocab])
+    }
+
+    /// The cache lays each row out as [padding | meta tokens | tokens]: positions count from
+    /// a row's first meta token, and the meta tokens' columns are never padding.
+    fn decode_layout(
+        &self,
+        prompts: &[Vec<u32>],
+        width: usize,
+        max_len: usize,
+        key_pad: Option<Tensor<2, Bool>>,
+    ) -> DecodeLayout {
+        let meta = self.meta_tokens();
+        let pad = key_pad.map(|p| match meta {
+            0 => p,
+            _ => {
+                let [b, _] = p.dims();
+                let meta_cols = Tensor::<2, Int>::zeros([b, meta], &p.device()).bool();
+                Tensor::cat(vec![p, meta_cols], 1)
+            }
+        });
+        DecodeLayout {
+            positions: prompts.iter().map(|p| (meta + p.len()) as i64).collect(),
+            column: meta + width,
+            columns: meta + max_len,
+            pad,
+        }
+    }
+
+    fn save_state(cache: &HybridCache) -> Vec<RecurrentState> {
+        cache.recurrent().map(|s| s.snapshot()).collect()
+    }
+
+    fn restore_state(cache: &mut HybridCache, saved: Vec<RecurrentState>) {
+        for (s, saved) in cache.recurrent_mut().zip(saved) {
+            s.restore(saved);
         }
     }
 }
