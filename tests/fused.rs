@@ -263,7 +263,7 @@ fn qwen3_gradients_match(tied: bool) {
         let loss = if fused {
             let h = model.packed_hidden(x.clone(), pos.clone(), None);
             let head = model.head_weight();
-            let rows = chunk_rows(head.dims()[0]).min(5);
+            let rows = chunk_rows(head.dims()[0], &head.device()).min(5);
             linear_cross_entropy(
                 h.reshape([12, 64]),
                 head,

@@ -175,7 +175,7 @@ fn timed_train<M: NextTokenModel>(
                 m.head_weight(),
                 y.clone().reshape([n]),
                 None,
-                chunk_rows(vocab),
+                chunk_rows(vocab, dev),
             ))
         })?;
         timelines.push(stats.host);

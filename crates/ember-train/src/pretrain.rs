@@ -233,7 +233,7 @@ pub fn device_batch_loss<M: NextTokenModel>(model: &M, batch: &DeviceBatch) -> T
     );
     let dim = hidden.dims()[2];
     let head = model.head_weight();
-    let rows = chunk_rows(head.dims()[0]);
+    let rows = chunk_rows(head.dims()[0], &head.device());
     let targets = batch.targets.clone().reshape([b * s]);
     linear_cross_entropy(
         hidden.reshape([b * s, dim]),

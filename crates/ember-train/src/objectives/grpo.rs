@@ -416,7 +416,7 @@ fn model_logprobs(
     let hidden = model.forward_packed_hidden(inputs, pos, None);
     let dim = hidden.dims()[2];
     let head = model.head_weight();
-    let rows = chunk_rows(head.dims()[0]);
+    let rows = chunk_rows(head.dims()[0], &head.device());
     let (logp, entropy) = linear_logprobs(
         hidden.reshape([b * s, dim]),
         head,

@@ -20,9 +20,32 @@ use ember_models::layers::{logsumexp, to_dtype};
 /// softmax and gradient.
 const CHUNK_ELEMENTS: usize = 1 << 25;
 
-/// Rows per chunk for a vocabulary, such that a chunk's logits hold `CHUNK_ELEMENTS`.
-pub fn chunk_rows(vocab: usize) -> usize {
-    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+/// Logit elements per chunk on CUDA: 1 GiB of f32 logits. With Qwen3's 151,936 words the
+/// smaller chunk has 220 rows, so the head's three GEMMs per chunk have a 220-long side:
+/// `dH = dZ · W` then fills 16 output tiles of an H100's 132 SMs, `dW = dZᵀ · H` sums over
+/// 220 tokens, and the f32 `dW` is read and written once per chunk, 38 times a 4 × 2048
+/// step. At 1,766 rows there are five chunks.
+const CHUNK_ELEMENTS_CUDA: usize = 1 << 28;
+
+/// Rows per chunk for a vocabulary on `device`: `EMBER_CE_CHUNK_ROWS` when set, else as many
+/// as make a chunk's logits hold `CHUNK_ELEMENTS` (`CHUNK_ELEMENTS_CUDA` on CUDA).
+pub fn chunk_rows(vocab: usize, device: &burn::tensor::Device) -> usize {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *ROWS.get_or_init(|| {
+        let v = std::env::var("EMBER_CE_CHUNK_ROWS").ok()?;
+        match v.parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                eprintln!("warning: EMBER_CE_CHUNK_ROWS={v} is not a positive row count; ignored");
+                None
+            }
+        }
+    });
+    let elements = match ember_models::device::is_cuda(device) {
+        true => CHUNK_ELEMENTS_CUDA,
+        false => CHUNK_ELEMENTS,
+    };
+    fixed.unwrap_or((elements / vocab.max(1)).max(1))
 }
 
 /// Mean cross-entropy of `targets` (`[tokens]`) under `hidden @ headᵀ` (`hidden`
