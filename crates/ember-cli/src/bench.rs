@@ -301,6 +301,8 @@ pub struct Timed {
     pub tokens_per_s: f64,
     pub step_ms: f64,
     pub mfu: Option<f64>,
+    /// The first step's loss: the first warm-up step's, or the first timed one's without
+    /// warm-up.
     pub loss_first: f64,
     pub loss_last: f64,
 }
@@ -336,8 +338,11 @@ pub fn timed_steps(
     }
     let t = std::time::Instant::now();
     let mut last = f64::NAN;
-    for _ in 0..steps {
+    for i in 0..steps {
         last = step()?;
+        if warmup == 0 && i == 0 {
+            first = last;
+        }
     }
     let secs = t.elapsed().as_secs_f64();
     let tps = (tokens_per_step * steps) as f64 / secs;
