@@ -90,7 +90,7 @@ fn bench_generate(a: GenArgs) -> Result<()> {
             let dtype = a.run.dtype(&device)?;
             let kind = v.get("model_type").and_then(|k| k.as_str());
             eprintln!("building a model of this shape with random weights...");
-            if matches!(kind, Some("nemotron_flash" | "mamba2" | "nemotron_h")) {
+            if kind.is_some_and(HybridConfig::is_hybrid_type) {
                 let config = HybridConfig::from_value(&v, &origin)?;
                 let vocab = config.vocab_size;
                 let model = HybridLM::random(config, 0, &device)?.into_inference_dtype(dtype);

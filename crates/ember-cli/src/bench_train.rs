@@ -76,7 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         .get("model_type")
         .and_then(|k| k.as_str())
         .unwrap_or("qwen3");
-    let hybrid = matches!(kind, "nemotron_flash" | "mamba2" | "nemotron_h");
+    let hybrid = HybridConfig::is_hybrid_type(kind);
     if hybrid && (a.phases || a.graph) {
         bail!("--phases and --graph: only for qwen3 shapes");
     }

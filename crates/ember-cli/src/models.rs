@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use ember_models::burn::tensor::{DType, Device};
 use ember_models::hf;
-use ember_models::hybrid::stack::HybridLM;
+use ember_models::hybrid::stack::{HybridConfig, HybridLM};
 use ember_models::modernbert::ModernBert;
 use ember_models::qwen3::Qwen3;
 
@@ -59,7 +59,7 @@ pub fn load_any(dir: &Path, flags: &RunFlags) -> Result<(AnyModel, Device)> {
         "modernbert" => AnyModel::ModernBert(Box::new(
             ModernBert::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
         )),
-        "mamba2" | "nemotron_h" | "nemotron_flash" => AnyModel::Hybrid(Box::new(
+        t if HybridConfig::is_hybrid_type(t) => AnyModel::Hybrid(Box::new(
             HybridLM::from_pretrained(dir, &device)?.into_inference_dtype(dtype),
         )),
         other => bail!(

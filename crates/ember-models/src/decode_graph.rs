@@ -80,19 +80,6 @@ pub fn generate_auto<M: GraphDecode>(
     }
 }
 
-/// Where decoding continues after the prefill of a [`Batch`]: what a captured step needs
-/// to find each row's position and the cache column from a step counter.
-pub struct DecodeLayout {
-    /// Each row's position for its first new token.
-    pub positions: Vec<i64>,
-    /// The cache column the first new token is written to (the same for every row).
-    pub column: usize,
-    /// The cache's columns, all of which the step's attention reads.
-    pub columns: usize,
-    /// `[batch, columns]`, true where a column holds left padding.
-    pub pad: Option<Tensor<2, Bool>>,
-}
-
 /// A causal LM whose decoding step can be captured: one token per row, with the positions,
 /// the cache column and the attention's key mask given as device tensors, so that no shape
 /// and no host value depends on the step.
@@ -109,15 +96,12 @@ pub trait GraphDecode: CausalLm + Module {
         cache: &mut Self::Cache,
     ) -> Tensor<2>;
 
-    /// Where decoding continues after the prefill of `prompts`, left-padded to `width` in a
-    /// cache of `max_len` token columns whose padding `key_pad` marks.
-    fn decode_layout(
-        &self,
-        prompts: &[Vec<u32>],
-        width: usize,
-        max_len: usize,
-        key_pad: Option<Tensor<2, Bool>>,
-    ) -> DecodeLayout;
+    /// Tokens the prefill puts in the cache ahead of every row's prompt, after its left
+    /// padding (a hybrid's meta tokens): positions count from the first of them, and their
+    /// columns are never padding.
+    fn prefix_tokens(&self) -> usize {
+        0
+    }
 
     /// Copies of the state a step advances for good (recurrent layers' states; the KV
     /// cache's columns are rewritten at the same places, so it needs none).
@@ -193,13 +177,23 @@ pub fn generate_graph<M: GraphDecode>(
     let zero = Tensor::<1, Int>::zeros([1], &device);
     // Constants the step combines with the counter, made before the capture: a recording
     // may launch kernels but not transfer from the host.
-    let layout = model.decode_layout(prompts, batch.width, batch.max_len, batch.key_pad.clone());
-    let width = layout.columns;
-    let pos0 = Tensor::<2, Int>::from_data(TensorData::new(layout.positions, [b, 1]), &device);
-    let col0 =
-        Tensor::<1, Int>::from_data(TensorData::new(vec![layout.column as i64], [1]), &device);
+    // Each row's cache holds [padding | prefix | prompt], so the first new token goes to
+    // column `prefix + width`, at position `prefix + prompt length`.
+    let prefix = model.prefix_tokens();
+    let width = prefix + batch.max_len;
+    let pos0: Vec<i64> = prompts.iter().map(|p| (prefix + p.len()) as i64).collect();
+    let pos0 = Tensor::<2, Int>::from_data(TensorData::new(pos0, [b, 1]), &device);
+    let col0 = vec![(prefix + batch.width) as i64];
+    let col0 = Tensor::<1, Int>::from_data(TensorData::new(col0, [1]), &device);
     let columns = Tensor::<1, Int>::arange(0..width as i64, &device).reshape([1, width]);
-    let pad = layout.pad;
+    // Padding sits at the front of a row, so the prefix's columns extend the mask unset.
+    let pad = batch.key_pad.clone().map(|p| match prefix {
+        0 => p,
+        _ => {
+            let none = Tensor::<2, Int>::zeros([b, prefix], &device).bool();
+            Tensor::cat(vec![p, none], 1)
+        }
+    });
     // The capture's runs advance recurrent states for good; they are put back afterwards.
     let saved = M::save_state(&cache);
     // Sampling's uniform noise is drawn between replays into a buffer the step reads: a

@@ -684,19 +684,4 @@ impl crate::decode_graph::GraphDecode for Qwen3 {
         let [b, _, v] = logits.dims();
         logits.reshape([b, v])
     }
-
-    fn decode_layout(
-        &self,
-        prompts: &[Vec<u32>],
-        width: usize,
-        max_len: usize,
-        key_pad: Option<Tensor<2, Bool>>,
-    ) -> crate::decode_graph::DecodeLayout {
-        crate::decode_graph::DecodeLayout {
-            positions: prompts.iter().map(|p| p.len() as i64).collect(),
-            column: width,
-            columns: max_len,
-            pad: key_pad,
-        }
-    }
 }

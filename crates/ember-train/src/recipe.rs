@@ -845,7 +845,7 @@ pub fn model_spec(mut table: toml::Table, path: &Path) -> Result<ModelSpec> {
                 &json, &origin,
             )?))
         }
-        "nemotron_flash" | "mamba2" | "nemotron_h" => {
+        t if HybridConfig::is_hybrid_type(t) => {
             let known = HybridConfig::KNOWN_FIELDS;
             if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
                 let at = line_of(path, &format!("{k} ="))

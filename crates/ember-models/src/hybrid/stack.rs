@@ -17,7 +17,6 @@ use serde_json::Value;
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
 use super::RecurrentState;
-use crate::decode_graph::DecodeLayout;
 use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
 use crate::layers::linear::Linear;
@@ -75,6 +74,11 @@ pub struct HybridConfig {
 }
 
 impl HybridConfig {
+    /// Whether an HF `model_type` names a family this stack loads.
+    pub fn is_hybrid_type(model_type: &str) -> bool {
+        matches!(model_type, "nemotron_flash" | "mamba2" | "nemotron_h")
+    }
+
     /// The keys a recipe's `[model]` may set for the hybrid architectures.
     pub const KNOWN_FIELDS: &'static [&'static str] = &[
         "vocab_size",
@@ -654,13 +658,6 @@ impl HybridLM {
         }
     }
 
-    /// Meta tokens a fresh sequence opens with.
-    fn meta_tokens(&self) -> usize {
-        self.memory
-            .as_ref()
-            .map_or(0, |_| self.config.memory_tokens)
-    }
-
     /// Every layer's input and the final norm's output (transformers' `hidden_states`), at
     /// the tokens' positions (meta tokens, when the model has them, are prepended to a fresh
     /// sequence and left out of the outputs).
@@ -912,30 +909,11 @@ impl crate::decode_graph::GraphDecode for HybridLM {
         crate::layers::linear::linear(x, self.head_weight(), None).reshape([b, vocab])
     }
 
-    /// The cache lays each row out as [padding | meta tokens | tokens]: positions count from
-    /// a row's first meta token, and the meta tokens' columns are never padding.
-    fn decode_layout(
-        &self,
-        prompts: &[Vec<u32>],
-        width: usize,
-        max_len: usize,
-        key_pad: Option<Tensor<2, Bool>>,
-    ) -> DecodeLayout {
-        let meta = self.meta_tokens();
-        let pad = key_pad.map(|p| match meta {
-            0 => p,
-            _ => {
-                let [b, _] = p.dims();
-                let meta_cols = Tensor::<2, Int>::zeros([b, meta], &p.device()).bool();
-                Tensor::cat(vec![p, meta_cols], 1)
-            }
-        });
-        DecodeLayout {
-            positions: prompts.iter().map(|p| (meta + p.len()) as i64).collect(),
-            column: meta + width,
-            columns: meta + max_len,
-            pad,
-        }
+    /// The meta tokens, which the prefill puts after a row's padding (`hidden_states_at`).
+    fn prefix_tokens(&self) -> usize {
+        self.memory
+            .as_ref()
+            .map_or(0, |_| self.config.memory_tokens)
     }
 
     fn save_state(cache: &HybridCache) -> Vec<RecurrentState> {
