@@ -172,11 +172,22 @@ pub fn run(a: Args) -> Result<()> {
             Trainer::new(model, Optimizer::new(OptimConfig::default()), schedule, 1.0);
         let micro = a.micro.clamp(1, policy_rows.len());
         let n = policy_rows.len();
+        let update = |trainer: &mut Trainer<_>| {
+            trainer.train_step(micro, |m, i| {
+                let part = &policy_rows[i * n / micro..(i + 1) * n / micro];
+                Ok(policy_loss(m, part, &cfg)?.0 * micro as f64)
+            })
+        };
+        // An RL stage repeats this update every step, so its steady cost is what counts: the
+        // first one, untimed, compiles and tunes the kernels for these shapes.
         let t = Instant::now();
-        let stats = trainer.train_step(micro, |m, i| {
-            let part = &policy_rows[i * n / micro..(i + 1) * n / micro];
-            Ok(policy_loss(m, part, &cfg)?.0 * micro as f64)
-        })?;
+        update(&mut trainer)?;
+        println!(
+            "update warm-up (compilation and autotuning included): {:.2} s",
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let stats = update(&mut trainer)?;
         let train_s = t.elapsed().as_secs_f64();
         let trained: usize = policy_rows.iter().map(|r| r.ids.len()).sum();
         println!(

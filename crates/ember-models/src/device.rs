@@ -34,6 +34,20 @@ pub fn configure_kernel_cache() {
     }
 }
 
+/// A positive count from the environment variable `name`, for the tuning knobs that A/B runs
+/// set without a rebuild (`EMBER_CE_CHUNK_ROWS`, `EMBER_FLASH_BLOCK`). Anything else set there
+/// is ignored with a warning, so a typo does not silently change a run.
+pub fn count_env(name: &str) -> Option<usize> {
+    let v = std::env::var(name).ok()?;
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            eprintln!("warning: {name}={v} is not a positive count; ignored");
+            None
+        }
+    }
+}
+
 /// Backends this binary was built with.
 pub fn compiled_backends() -> Vec<&'static str> {
     let mut v = vec!["cpu"];

@@ -17,7 +17,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::{json, Value};
 
 use crate::hf::{self, SaveOptions};
-use crate::layers::attention::{document_block, FLASH_BLOCK};
+use crate::layers::attention::{document_block, flash_block};
 use crate::layers::flash;
 use crate::layers::linear::{linear, Linear};
 use crate::layers::rope;
@@ -386,7 +386,7 @@ impl EncoderLayer {
                 let scores = q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5) + mask.clone();
                 softmax(scores, 3).matmul(v)
             }
-            LayerMask::Blocked(spec) => flash::attention(q, k, v, spec, FLASH_BLOCK),
+            LayerMask::Blocked(spec) => flash::attention(q, k, v, spec, flash_block()),
         };
         let attn = to_dtype(attn.swap_dims(1, 2).reshape([b, s, h]), dtype);
         let x = x + self.wo.forward(attn);

@@ -130,6 +130,13 @@ pub struct AttnContext<'a> {
 /// `batch × heads × seq × FLASH_BLOCK` in f32.
 pub const FLASH_BLOCK: usize = 512;
 
+/// The training attention's key block: `EMBER_FLASH_BLOCK` when set (for A/B runs: larger
+/// blocks mean fewer, larger matmuls and more transient memory), else [`FLASH_BLOCK`].
+pub fn flash_block() -> usize {
+    static BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BLOCK.get_or_init(|| crate::device::count_env("EMBER_FLASH_BLOCK").unwrap_or(FLASH_BLOCK))
+}
+
 /// `[b, s, s]`, true where a query and a key lie in different documents.
 pub fn document_block(seg: Tensor<2, Int>) -> Tensor<3, Bool> {
     let [b, s] = seg.dims();
@@ -293,7 +300,7 @@ impl Attention {
                 key_pad: pad,
                 cache: ctx.masks.clone(),
             };
-            flash::attention(q, k, v, &spec, FLASH_BLOCK)
+            flash::attention(q, k, v, &spec, flash_block())
         } else if s == 1 {
             // One query per row: fold the query heads that share a KV head into the query
             // length, so GQA needs no copy of the cache and no causal mask.

@@ -31,16 +31,7 @@ const CHUNK_ELEMENTS_CUDA: usize = 1 << 28;
 /// as make a chunk's logits hold `CHUNK_ELEMENTS` (`CHUNK_ELEMENTS_CUDA` on CUDA).
 pub fn chunk_rows(vocab: usize, device: &burn::tensor::Device) -> usize {
     static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let fixed = *ROWS.get_or_init(|| {
-        let v = std::env::var("EMBER_CE_CHUNK_ROWS").ok()?;
-        match v.parse::<usize>() {
-            Ok(n) if n > 0 => Some(n),
-            _ => {
-                eprintln!("warning: EMBER_CE_CHUNK_ROWS={v} is not a positive row count; ignored");
-                None
-            }
-        }
-    });
+    let fixed = *ROWS.get_or_init(|| ember_models::device::count_env("EMBER_CE_CHUNK_ROWS"));
     let elements = match ember_models::device::is_cuda(device) {
         true => CHUNK_ELEMENTS_CUDA,
         false => CHUNK_ELEMENTS,
