@@ -16,8 +16,11 @@
 //!   cubecl kernel spins until it reads it, so nothing later on cubecl's stream starts
 //!   before the GEMM is done (nor reuses its buffers). On an H100 (2026-11-27) it did not
 //!   work: `ember bench gemm` printed no row in 60 s, then in 130 s, where the host order
-//!   runs the same bench in seconds, and a training step did not finish in 150 s. Where it
-//!   stalls is not known (benches/README.md), so it warns when chosen.
+//!   runs the same bench in seconds, and a training step did not finish in 150 s. The
+//!   likely cause, found by reading cubecl since: cubecl runs its calls on a thread of its
+//!   own, so the flag store could reach the GPU after cuBLASLt's wait, a wait the driver
+//!   cannot see. The store is now launched first; that is untested on a GPU, so it warns
+//!   when chosen.
 //!
 //! Under fusion the op is lazy and opaque: fusion flushes what came before and runs it in
 //! order. While cubecl records a graph (`decode_graph`) the op runs Burn's matmul: cuBLASLt's
@@ -121,6 +124,28 @@ fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result
             .get_resource::<Server>(t.handle.clone())
             .map_err(|e| anyhow::anyhow!("device pointer: {e:?}"))
     };
+    let mut devices = DEVICES.get_or_init(Default::default).lock().unwrap();
+    let lt = match devices.entry(index) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(Lt::new(index)?),
+    };
+    // With device ordering, cubecl's flag store is launched before the guards are taken:
+    // cubecl runs its calls in order on a thread of its own, and taking a guard waits for that
+    // thread, so the store is on the GPU's queue before cuBLASLt's stream is told to wait for
+    // it. Otherwise the wait could reach the GPU first, and the CUDA documentation warns that
+    // waits the driver cannot see may deadlock when streams share a hardware queue.
+    let signalled = match order() {
+        Order::Host => None,
+        Order::Device => {
+            let flags = match &mut lt.flags {
+                Some(f) => f,
+                none => none.insert(Flags::new(&a.client)?),
+            };
+            let count = flags.next();
+            flags.buf.signal(&a.client, count);
+            Some((flags.buf.clone(), count))
+        }
+    };
     // The guards keep the buffers in place (not freed, reused or moved) until the GEMM is
     // enqueued; with device ordering cubecl's stream then waits for it before anything else.
     let (ga, gb, gd) = (resource(&a)?, resource(&b)?, resource(&out)?);
@@ -134,30 +159,18 @@ fn run(index: usize, a: CubeTensor, b: CubeTensor, ta: bool, tb: bool) -> Result
         dtype: a.dtype,
         align: [pa, pb, pd].map(alignment),
     };
-    let mut devices = DEVICES.get_or_init(Default::default).lock().unwrap();
-    let lt = match devices.entry(index) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => e.insert(Lt::new(index)?),
-    };
-    if order() == Order::Host {
+    let Some((flags, count)) = signalled else {
         block_on(a.client.sync()).map_err(|e| anyhow::anyhow!("waiting for cubecl: {e:?}"))?;
         lt.matmul(key, pa, pb, pd)?;
         lt.stream.synchronize().context("cuBLASLt stream")?;
         return Ok(out);
-    }
-    let flags = match &mut lt.flags {
-        Some(f) => f,
-        none => none.insert(Flags::new(&a.client)?),
     };
-    let n = flags.next();
-    let flags = flags.buf.clone();
     let stream = lt.stream.cu_stream();
     // Safety: the flags' buffer is pinned for the process (`Flags::_pinned`).
-    flags.signal(&a.client, n);
-    unsafe { flags.wait_on(stream, n) }?;
+    unsafe { flags.wait_on(stream, count) }?;
     lt.matmul(key, pa, pb, pd)?;
-    unsafe { flags.write_on(stream, n) }?;
-    flags.await_on_cubecl(&a.client, n);
+    unsafe { flags.write_on(stream, count) }?;
+    flags.await_on_cubecl(&a.client, count);
     Ok(out)
 }
 
@@ -207,7 +220,8 @@ impl Flags {
         let ptr = guard.resource().ptr;
         eprintln!(
             "cuBLASLt: ordered against cubecl's stream on the device (EMBER_GEMM_ORDER=device); \
-             warning: on an H100 this order never finished a GEMM (2026-11-27), see benches/README.md"
+             warning: on an H100 this order never finished a GEMM (2026-11-27); the flag store now \
+             reaches the GPU before the wait, which is untested there (benches/README.md)"
         );
         Ok(Self {
             buf: FlagBuf { handle, ptr },
