@@ -172,12 +172,24 @@ fn teacher(tag: &str) -> PathBuf {
 
 /// A smaller student than TINY's model, distilled from `teacher` on level-1 prompts.
 fn opd_recipe(name: &str, teacher: &Path, train_sec: &str, distill: &str) -> (PathBuf, PathBuf) {
+    let model = "arch = \"qwen3\"\nvocab_size = 259\nhidden_size = 16\nintermediate_size = 32\n\
+         num_hidden_layers = 1\nnum_attention_heads = 2\nnum_key_value_heads = 1\nhead_dim = 8\n\
+         max_position_embeddings = 128\ntie_word_embeddings = true";
+    opd_recipe_for(model, name, teacher, train_sec, distill)
+}
+
+/// [`opd_recipe`] with the student's `[model]` body `model`.
+fn opd_recipe_for(
+    model: &str,
+    name: &str,
+    teacher: &Path,
+    train_sec: &str,
+    distill: &str,
+) -> (PathBuf, PathBuf) {
     let dir = temp_dir(name);
     let text = format!(
         "kind = \"opd\"\n[run]\nname = \"student\"\nseed = 5\nout_dir = \"{}\"\n\n\
-         [model]\narch = \"qwen3\"\nvocab_size = 259\nhidden_size = 16\nintermediate_size = 32\n\
-         num_hidden_layers = 1\nnum_attention_heads = 2\nnum_key_value_heads = 1\nhead_dim = 8\n\
-         max_position_embeddings = 128\ntie_word_embeddings = true\n\n\
+         [model]\n{model}\n\n\
          [data]\nseq_len = 64\n[data.generated]\ntask = \"arithmetic\"\ncount = 40\nlevels = [1]\n\n\
          [train]\n{train_sec}\n\n[distill]\nteacher = \"{}\"\nmax_new_tokens = 8\n{distill}\n",
         dir.join("runs").display(),
@@ -186,6 +198,20 @@ fn opd_recipe(name: &str, teacher: &Path, train_sec: &str, distill: &str) -> (Pa
     let path = dir.join("recipe.toml");
     std::fs::write(&path, text).unwrap();
     (path, dir.join("runs/student"))
+}
+
+/// Over 16 steps of `loss = "reverse_kl"`: every step's loss is the full-vocabulary reverse
+/// KL it logs, and the KL of the last 4 steps is below 0.8× that of the first 4.
+fn assert_reverse_kl_falls(recs: &[serde_json::Value]) {
+    for r in recs {
+        let (kl, loss) = (r["kl"].as_f64().unwrap(), r["loss"].as_f64().unwrap());
+        assert!((kl - loss).abs() < 1e-4 * kl.max(1.0), "{r}");
+    }
+    let (first, last) = (mean_of(&recs[..4], "kl"), mean_of(&recs[12..], "kl"));
+    assert!(
+        last < 0.8 * first,
+        "KL to the teacher did not fall: {first:.3} -> {last:.3}"
+    );
 }
 
 #[test]
@@ -216,15 +242,8 @@ fn opd_pulls_the_student_towards_the_teacher_with_every_loss() {
             assert!(r[key].is_number(), "{key} missing from {r}");
         }
         assert_eq!(r["bridge"], 0);
-        // The full-vocabulary reverse KL is the loss itself.
-        let (kl, loss) = (r["kl"].as_f64().unwrap(), r["loss"].as_f64().unwrap());
-        assert!((kl - loss).abs() < 1e-4 * kl.max(1.0), "{r}");
     }
-    let (first, last) = (mean_of(&recs[..4], "kl"), mean_of(&recs[12..], "kl"));
-    assert!(
-        last < 0.8 * first,
-        "KL to the teacher did not fall: {first:.3} -> {last:.3}"
-    );
+    assert_reverse_kl_falls(&recs);
     assert!(run.join("model.safetensors").is_file());
 
     // The other losses, the bridge and extrapolation past the teacher run and log.
@@ -284,6 +303,36 @@ fn opd_resumes_exactly() {
     let o = train(&cut, &["--resume", cut_run.to_str().unwrap()], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(losses(&cut_run), losses(&full_run));
+}
+
+/// Nemotron-Flash's recipe: a transformer teacher distilled into a hybrid student (DeltaNet,
+/// Mamba2 and attention layers, meta tokens, weight normalisation).
+#[test]
+fn opd_distils_a_qwen3_teacher_into_a_hybrid_student() {
+    let teacher = teacher("opd-hybrid-teacher");
+    let hybrid = "arch = \"nemotron_flash\"\nvocab_size = 259\nhidden_size = 32\n\
+         intermediate_size = 64\npattern = \"D F M2 F A F\"\nnum_attention_heads = 4\n\
+         num_key_value_heads = 2\nhead_dim = 8\nmamba_num_heads = 4\nmamba_head_dim = 16\n\
+         ssm_state_size = 8\nmamba_chunk_size = 8\nlinear_num_heads = 2\n\
+         linear_key_head_dim = 16\nlinear_value_head_dim = 16\nlinear_chunk_size = 8\n\
+         num_memory_tokens = 2\nweight_normalization = true";
+    let (p, run) = opd_recipe_for(
+        hybrid,
+        "opd-hybrid",
+        &teacher,
+        "steps = 16\nbatch_size = 4\nlr = 1e-2\nweight_decay = 0.0\nschedule = \"constant\"\n\
+         log_every = 1\nsave_every = 0",
+        "loss = \"reverse_kl\"",
+    );
+    let o = train(&p, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let recs = records(&run);
+    assert_eq!(recs.len(), 16);
+    assert_reverse_kl_falls(&recs);
+    let student =
+        ember_models::hybrid::stack::HybridLM::from_pretrained(&run, &crate::common::device())
+            .unwrap();
+    assert_eq!(student.config.memory_tokens, 2);
 }
 
 #[test]

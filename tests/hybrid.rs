@@ -1,8 +1,9 @@
 //! The Nemotron-Flash-style stack (DeltaNet, Mamba2, attention with RoPE, SwiGLU FFN, meta
 //! tokens, weight normalisation): cached decoding against recomputation, batched left-padded
 //! generation against one prompt at a time, the captured decode step against the eager one,
-//! HF-layout save and load, the normalisation after a step, and `ember train` on a hybrid
-//! recipe.
+//! HF-layout save and load, the normalisation after a step, `ember train` on a hybrid
+//! recipe, and a hybrid through pretraining, phased CPT, padded SFT and RLVR in one
+//! pipeline.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
@@ -314,8 +315,279 @@ fn flash_recipe_mistakes_are_one_line_errors() {
                 |s| s.replace("D F M2 F A F", "D F M3 F"),
                 &["M3"],
             ),
+            (
+                "flash-sft-packed",
+                |s| format!("kind = \"sft\"\n{s}"),
+                &["batching", "\"pad\"", "hybrid"],
+            ),
+            (
+                "flash-mlm",
+                |s| format!("objective = \"mlm\"\n{s}"),
+                &["hybrid", "objective = \"ntp\""],
+            ),
         ],
     );
+}
+
+/// After FLASH's pretraining: a CPT stage over two phases, a padded SFT stage with a task
+/// evaluation and an RLVR stage with a KL to the SFT model, each starting from the stage
+/// before it.
+const FLASH_LATER_STAGES: &str = r#"
+[[stage]]
+name = "cpt"
+kind = "cpt"
+[stage.data]
+seq_len = 32
+val_fraction = 0.1
+doc_masks = false
+[stage.data.datasets.easy.generated]
+task = "arithmetic"
+count = 200
+levels = [1]
+[stage.data.datasets.hard.generated]
+task = "arithmetic"
+count = 300
+levels = [3]
+[stage.train]
+batch_size = 8
+lr = 5e-3
+weight_decay = 0.0
+warmup_steps = 2
+log_every = 1
+eval_every = 6
+eval_batches = 1
+save_every = 6
+[[stage.phase]]
+name = "easy-first"
+steps = 6
+mix = { easy = 0.75, hard = 0.25 }
+[[stage.phase]]
+name = "hard-first"
+steps = 6
+mix = { easy = 0.25, hard = 0.75 }
+
+[[stage]]
+name = "sft"
+kind = "sft"
+[stage.data]
+seq_len = 64
+val_fraction = 0.1
+batching = "pad"
+[stage.data.generated]
+task = "arithmetic"
+count = 200
+levels = [1]
+[stage.train]
+steps = 20
+batch_size = 8
+lr = 5e-3
+weight_decay = 0.0
+warmup_steps = 2
+log_every = 1
+eval_every = 10
+eval_batches = 2
+save_every = 10
+[stage.eval]
+task = "arithmetic"
+count = 8
+levels = [1]
+every = 10
+max_new_tokens = 8
+batch_size = 8
+
+[[stage]]
+name = "rlvr"
+kind = "rlvr"
+[stage.data]
+seq_len = 64
+[stage.data.generated]
+task = "arithmetic"
+count = 100
+levels = [1]
+[stage.train]
+steps = 3
+batch_size = 4
+lr = 1e-3
+schedule = "constant"
+warmup_steps = 0
+weight_decay = 0.0
+log_every = 1
+save_every = 3
+[stage.rl]
+group_size = 4
+max_new_tokens = 8
+temperature = 1.0
+beta = 0.05
+dynamic_sampling = false
+[[stage.rl.rewards]]
+kind = "math_answer"
+"#;
+
+/// FLASH's pretraining as the first `[[stage]]` of a pipeline, then FLASH_LATER_STAGES.
+fn flash_pipeline(s: String) -> String {
+    let (head, rest) = s.split_once("[data]").unwrap();
+    let (data, train) = rest.split_once("[train]").unwrap();
+    let data = data.replace("[data.generated]", "[stage.data.generated]");
+    format!(
+        "{head}[[stage]]\nname = \"pre\"\nkind = \"pretrain\"\n[stage.data]{data}[stage.train]{train}{FLASH_LATER_STAGES}"
+    )
+}
+
+fn metric(records: &[serde_json::Value], key: &str) -> Vec<(u64, f64)> {
+    records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get(key)?.as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn a_hybrid_pretrains_continues_in_phases_fine_tunes_and_learns_from_rewards_in_one_pipeline() {
+    let (path, _) = flash_recipe("flash-pipeline", flash_pipeline);
+    let root = path.parent().unwrap().join("runs").join("flash");
+    let o = crate::train::ember_env(&["pipeline", path.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pre_val = metric(&crate::stages::records(&root.join("pre")), "val_loss");
+
+    // CPT starts where pretraining ended, and both phases train.
+    let cpt = crate::stages::records(&root.join("cpt"));
+    let cpt_loss = metric(&cpt, "loss");
+    assert_eq!(cpt_loss.len(), 12);
+    let phases: Vec<&str> = cpt.iter().filter_map(|r| r["phase"].as_str()).collect();
+    assert_eq!(phases.first(), Some(&"easy-first"));
+    assert_eq!(phases.last(), Some(&"hard-first"));
+    let first_cpt = cpt_loss[0].1;
+    assert!(
+        first_cpt < pre_val[0].1,
+        "CPT's first loss {first_cpt} should start below the untrained model's {pre_val:?}"
+    );
+
+    // SFT: held-out loss falls; the task is scored before the first step and after the last.
+    let sft = crate::stages::records(&root.join("sft"));
+    let sft_val = metric(&sft, "val_loss");
+    assert_eq!(sft_val.iter().map(|v| v.0).collect::<Vec<_>>(), [10, 20]);
+    let sft_loss = metric(&sft, "loss");
+    assert!(
+        sft_val[1].1 < sft_val[0].1 && sft_loss[19].1 < sft_loss[0].1 - 0.3,
+        "SFT losses {sft_loss:?}, held out {sft_val:?}"
+    );
+    let acc = metric(&sft, "accuracy");
+    assert_eq!(acc.iter().map(|a| a.0).collect::<Vec<_>>(), [0, 10, 20]);
+    assert!(root
+        .join("sft/eval/arithmetic-step-00000020.jsonl")
+        .is_file());
+
+    // The result is a hybrid checkpoint that knows its end-of-text token.
+    let model = HybridLM::from_pretrained(&root.join("sft"), &device()).unwrap();
+    assert_eq!(model.config.memory_tokens, 4);
+    assert_eq!(model.eos_ids(), [256]);
+    let report = std::fs::read_to_string(root.join("report.md")).unwrap();
+    assert_eq!(report.matches("| trained |").count(), 4, "{report}");
+
+    // RLVR samples through the decoding cache (left-padded prompts, recurrent states) and
+    // trains on right-padded rows through the chunked forms: with one update per rollout
+    // the two must give the same log-probs. The KL to the SFT model starts at zero.
+    let rl = crate::stages::records(&root.join("rlvr"));
+    assert_eq!(rl.len(), 3, "{rl:?}");
+    for r in &rl {
+        assert!(r["reward"].is_number(), "{r}");
+        let diff = r["rollout/logprob_diff"].as_f64().unwrap();
+        assert!(
+            diff < 1e-4,
+            "log-probs differ from the sampler's by {diff}: {r}"
+        );
+    }
+    assert!(rl[0]["kl"].as_f64().unwrap().abs() < 1e-6, "{}", rl[0]);
+    assert!(rl[2]["kl"].as_f64().unwrap() > 0.0, "{}", rl[2]);
+    let rl_model = HybridLM::from_pretrained(&root.join("rlvr"), &device()).unwrap();
+    assert_eq!(rl_model.eos_ids(), [256]);
+
+    // `ember eval` on the saved model answers the stage's last evaluation word for word.
+    let answers = root.join("answers.jsonl");
+    let sft_dir = root.join("sft");
+    let o = crate::train::ember_env(
+        &[
+            "eval",
+            "--model",
+            sft_dir.to_str().unwrap(),
+            "--task",
+            "arithmetic",
+            "--seed",
+            "4",
+            "--count",
+            "8",
+            "--levels",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--answers",
+            answers.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let completions = |f: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["completion"].to_string()
+            })
+            .collect()
+    };
+    let staged = completions(&root.join("sft/eval/arithmetic-step-00000020.jsonl"));
+    assert_eq!(staged.len(), 8);
+    assert_eq!(completions(&answers), staged);
+    // The answers tell the models apart: the CPT model's, before SFT, were different.
+    assert_ne!(
+        completions(&root.join("sft/eval/arithmetic-step-00000000.jsonl")),
+        staged
+    );
+}
+
+/// A hybrid trains on padded SFT rows as if each conversation were alone: the padding
+/// follows it, and nothing in the stack (meta tokens, chunked scans, convolutions) lets a
+/// later token reach an earlier position.
+#[test]
+fn a_hybrid_reads_a_right_padded_row_as_its_conversation_alone() {
+    use ember_train::trainer::NextTokenModel;
+    let dev = device();
+    let model = HybridLM::random(flash_config(3, false), 7, &dev).unwrap();
+    let lens = [10usize, 6];
+    let width = 16;
+    let convs: Vec<Vec<i64>> = lens
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            (0..n as i64)
+                .map(|j| (5 * j + 11 * r as i64 + 2) % 64)
+                .collect()
+        })
+        .collect();
+    let padded: Vec<Vec<i64>> = convs
+        .iter()
+        .map(|c| {
+            let mut row = c.clone();
+            row.resize(width, 63);
+            row
+        })
+        .collect();
+    let positions = ids(&vec![(0..width as i64).collect::<Vec<_>>(); 2]);
+    let logits = model.packed_logits(ids(&padded), positions, None);
+    for (r, conv) in convs.iter().enumerate() {
+        let n = conv.len();
+        let alone = model.packed_logits(
+            ids(std::slice::from_ref(conv)),
+            ids(&[(0..n as i64).collect()]),
+            None,
+        );
+        let got = logits.clone().narrow(0, r, 1).narrow(1, 0, n);
+        assert_close(
+            &format!("row {r} padded vs alone"),
+            &values(got),
+            &values(alone),
+            1e-5,
+        );
+    }
 }
 
 /// A Nemotron-Flash hybrid (memory tokens, every mixer, weight normalisation after each

@@ -11,7 +11,7 @@ use ember_train::evaluate::{accuracy, held_out};
 use ember_train::pretrain::{eval_loss, SPECIALS};
 use ember_train::recipe::PromptFormat;
 
-use crate::models::{self, RunFlags};
+use crate::models::{self, Decoder, RunFlags};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -65,8 +65,10 @@ fn task_accuracy(a: &Args) -> Result<()> {
     let problems = held_out(&a.task, a.seed, a.count, &a.levels)
         .map_err(|e| anyhow!("--task {}: {e:#} (or lm)", a.task))?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
-    let (model, _) = models::load(&a.model, &a.run)?;
-    let acc = accuracy(&model, &tok, &problems, format, a.max_new_tokens, a.batch)?;
+    let acc = match models::load_decoder(&a.model, &a.run)?.0 {
+        Decoder::Qwen3(m) => accuracy(&*m, &tok, &problems, format, a.max_new_tokens, a.batch),
+        Decoder::Hybrid(m) => accuracy(&*m, &tok, &problems, format, a.max_new_tokens, a.batch),
+    }?;
     if let Some(p) = &a.answers {
         let body: String = acc
             .graded
@@ -104,7 +106,7 @@ pub fn run(a: Args) -> Result<()> {
             SPECIALS[0]
         );
     };
-    let (model, device) = models::load(&a.model, &a.run)?;
+    let (model, device) = models::load_decoder(&a.model, &a.run)?;
     let dir = std::env::temp_dir().join(format!("ember-eval-{}", std::process::id()));
     let spec = CacheSpec {
         sources: std::slice::from_ref(&source),
@@ -124,7 +126,10 @@ pub fn run(a: Args) -> Result<()> {
         eos,
     )?;
     let batches = loader.eval_batches(a.max_batches)?;
-    let loss = eval_loss(&model, &batches, &device)?;
+    let loss = match model {
+        Decoder::Qwen3(m) => eval_loss(&*m, &batches, &device),
+        Decoder::Hybrid(m) => eval_loss(&*m, &batches, &device),
+    }?;
     let _ = std::fs::remove_dir_all(&dir);
     let tokens = batches.len() * a.batch * a.seq_len;
     println!(

@@ -70,16 +70,30 @@ pub fn load_any(dir: &Path, flags: &RunFlags) -> Result<(AnyModel, Device)> {
     Ok((model, device))
 }
 
-/// Loads an HF decoder directory for inference (generation, evaluation).
-pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
+/// A decoder ember can load: what generates and has next-token loss.
+pub enum Decoder {
+    Qwen3(Box<Qwen3>),
+    Hybrid(Box<HybridLM>),
+}
+
+/// Loads an HF decoder directory of any family for inference (evaluation).
+pub fn load_decoder(dir: &Path, flags: &RunFlags) -> Result<(Decoder, Device)> {
     match load_any(dir, flags)? {
-        (AnyModel::Qwen3(m), device) => Ok((*m, device)),
+        (AnyModel::Qwen3(m), device) => Ok((Decoder::Qwen3(m), device)),
+        (AnyModel::Hybrid(m), device) => Ok((Decoder::Hybrid(m), device)),
         (AnyModel::ModernBert(_), _) => bail!(
             "{}: field `model_type` is `modernbert`, an encoder: it has MLM logits (ember forward) but cannot generate",
             dir.join(hf::CONFIG).display()
         ),
-        (AnyModel::Hybrid(_), _) => bail!(
-            "{}: a hybrid model works with `ember generate` and `ember forward`, not this command yet",
+    }
+}
+
+/// Loads an HF Qwen3 directory for inference.
+pub fn load(dir: &Path, flags: &RunFlags) -> Result<(Qwen3, Device)> {
+    match load_decoder(dir, flags)? {
+        (Decoder::Qwen3(m), device) => Ok((*m, device)),
+        (Decoder::Hybrid(_), _) => bail!(
+            "{}: a hybrid model works with `ember generate`, `ember eval` and `ember forward`, not this command yet",
             dir.join(hf::CONFIG).display()
         ),
     }

@@ -15,13 +15,16 @@ use ember_data::cache::{build_or_reuse, CacheSpec, TokenCache};
 use ember_data::loader::{Batch, PackedLoader};
 use ember_data::mixture::{MixtureLoader, MixtureState};
 use ember_data::rng::fnv1a;
+use ember_models::hybrid::stack::HybridLM;
+use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
 use crate::pretrain::{resolve_sources, resolve_tokenizer, val_batches};
 use crate::recipe::{PromptFormat, StageSection, TrainSection};
 use crate::schedule::{LrPlan, Schedule};
 use crate::stages::{
-    check_common, evaluators, run_loop, Feed, LoopSpec, Setup, StageRun, Summary, Supervised,
+    check_common, evaluators, run_loop, Feed, LoopSpec, Setup, StageModel, StageRun, Summary,
+    Supervised,
 };
 
 /// One phase, resolved: its first step, length, weights per dataset and schedule.
@@ -209,8 +212,16 @@ impl Feed for MixtureFeed {
     }
 }
 
-/// A CPT stage.
+/// A CPT stage, on a Qwen3 or a hybrid model.
 pub fn run(s: &StageRun) -> Result<Summary> {
+    if crate::hybrid_lm::is_hybrid(s)? {
+        run_as::<HybridLM>(s)
+    } else {
+        run_as::<Qwen3>(s)
+    }
+}
+
+fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let (recipe, path) = (s.recipe, s.path);
     check_common(&s.stage, path)?;
     let (data, tcfg) = (&s.stage.data, &s.stage.train);
@@ -230,7 +241,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     let phases = plan_phases(&s.stage, path, tokens_per_step)?;
     let total_steps = phases.iter().map(|p| p.steps).sum();
 
-    let mut setup = Setup::new(s)?;
+    let mut setup = Setup::<M>::new(s)?;
     let data_dir = s.run_dir.join("data");
     let mut per_dataset = Vec::new();
     for (name, d) in &data.datasets {

@@ -90,6 +90,9 @@ fn describe(
         (Some(s), None) => format!("new {}", model_line(s)),
     };
     check_model_fits(spec.as_ref(), st.kind, objective, path)?;
+    if matches!(spec, Some(ModelSpec::Hybrid(_))) {
+        crate::hybrid_lm::check_section(st, path)?;
+    }
 
     // Every file the stage reads.
     let mut inputs = Vec::new();

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Result};
 use ember_data::chat::{ChatTemplate, Conversation, Message, Role};
 use ember_data::tasks::{self, Problem, Split};
 use ember_data::Tokenizer;
-use ember_models::decode_graph::generate_auto;
+use ember_models::decode_graph::{generate_auto, GraphDecode};
 use ember_models::generate::{GenerateOptions, Hooks, Sampling};
 use ember_models::hf::write_atomic;
 use ember_models::qwen3::Qwen3;
@@ -106,8 +106,8 @@ impl Prompter {
 }
 
 /// Greedy answers to `problems`, `batch` at a time, scored by the task's verifier.
-pub fn accuracy(
-    model: &Qwen3,
+pub fn accuracy<M: GraphDecode>(
+    model: &M,
     tok: &Tokenizer,
     problems: &[Problem],
     format: PromptFormat,
@@ -165,12 +165,12 @@ pub struct TaskAccuracy<'a> {
     pub out_dir: PathBuf,
 }
 
-impl Evaluator for TaskAccuracy<'_> {
+impl<M: GraphDecode> Evaluator<M> for TaskAccuracy<'_> {
     fn due(&self, step: u64, last: bool) -> bool {
         step == 0 || last || (self.every > 0 && step.is_multiple_of(self.every))
     }
 
-    fn evaluate(&mut self, model: &Qwen3, step: u64) -> Result<(Map<String, Value>, String)> {
+    fn evaluate(&mut self, model: &M, step: u64) -> Result<(Map<String, Value>, String)> {
         let acc = accuracy(
             model,
             self.tokenizer,
@@ -215,25 +215,25 @@ impl Evaluator for TaskAccuracy<'_> {
 
 /// The stage's `[eval]` section as an evaluator, if it has one. `default_format` is the
 /// stage kind's: chat prompts for SFT, plain text for pretraining.
-pub fn task_evaluator<'a>(
+pub fn task_evaluator<'a, M: GraphDecode>(
     s: &StageRun,
     tok: &'a Tokenizer,
     default_format: PromptFormat,
-) -> Result<Option<Box<dyn Evaluator + 'a>>> {
-    Ok(task_accuracy(s, tok, default_format)?.map(|t| Box::new(t) as Box<dyn Evaluator>))
+) -> Result<Option<Box<dyn Evaluator<M> + 'a>>> {
+    Ok(task_accuracy(s, tok, default_format)?.map(|t| Box::new(t) as Box<dyn Evaluator<M>>))
 }
 
 /// A frozen teacher's accuracy on the stage's `[eval]` task, before the first step, as
 /// `teacher_accuracy` (what an OPD student is measured against).
-pub fn teacher_evaluator<'a>(
+pub fn teacher_evaluator<'a, M>(
     s: &StageRun,
     tok: &'a Tokenizer,
     default_format: PromptFormat,
     teacher: &'a Qwen3,
-) -> Result<Option<Box<dyn Evaluator + 'a>>> {
+) -> Result<Option<Box<dyn Evaluator<M> + 'a>>> {
     Ok(task_accuracy(s, tok, default_format)?.map(|mut inner| {
         inner.name = format!("teacher-{}", inner.name);
-        Box::new(TeacherAccuracy { inner, teacher }) as Box<dyn Evaluator>
+        Box::new(TeacherAccuracy { inner, teacher }) as Box<dyn Evaluator<M>>
     }))
 }
 
@@ -242,12 +242,12 @@ struct TeacherAccuracy<'a> {
     teacher: &'a Qwen3,
 }
 
-impl Evaluator for TeacherAccuracy<'_> {
+impl<M> Evaluator<M> for TeacherAccuracy<'_> {
     fn due(&self, step: u64, _last: bool) -> bool {
         step == 0
     }
 
-    fn evaluate(&mut self, _student: &Qwen3, step: u64) -> Result<(Map<String, Value>, String)> {
+    fn evaluate(&mut self, _student: &M, step: u64) -> Result<(Map<String, Value>, String)> {
         let (m, line) = self.inner.evaluate(self.teacher, step)?;
         let m = m
             .into_iter()

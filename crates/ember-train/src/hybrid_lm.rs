@@ -1,23 +1,24 @@
-//! Pretraining a hybrid decoder (`arch = "nemotron_flash"`, `"mamba2"` or `"nemotron_h"`):
-//! the pretraining stage's packed data and next-token loss, on a [`HybridLM`]. Rows are read
-//! as whole sequences: a recurrent state would carry across documents, so `doc_masks` is
-//! refused rather than silently ignored.
+//! Hybrid decoders (`arch = "nemotron_flash"`, `"mamba2"` or `"nemotron_h"`) as a stage model:
+//! they train in every decoder stage (pretraining with next-token loss, CPT, SFT, RLVR, and
+//! OPD as the student) through the same loop, data and evaluators as Qwen3. A recurrent
+//! state would carry across the documents of a packed row, so rows are read as whole
+//! sequences: packed stages must set `doc_masks = false`, and SFT must pad one conversation
+//! per row, which is exact since its padding comes after the conversation and carries no
+//! loss (RL rows are padded the same way).
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
+use ember_data::sft::Batching;
 use ember_models::hf;
 use ember_models::hybrid::stack::HybridLM;
+use serde_json::json;
 
-use crate::pretrain::{packed_data, prepare_data, val_sets};
-use crate::recipe::{ModelSpec, TrainObjective};
+use crate::recipe::{ModelSpec, StageKind, StageSection, TrainObjective};
 use crate::stages::{
-    check_vocab, load_matching, run_loop, stage_model_spec, CursorFeed, Evaluator, LoopSpec, Setup,
-    StageRun, Summary, Supervised, ValLoss,
+    hybrid_trains, load_matching, stage_model_spec, StageModel, StageRun, HYBRID_OBJECTIVE,
 };
-
-const HYBRIDS: [&str; 3] = ["nemotron_flash", "mamba2", "nemotron_h"];
 
 /// Whether the stage trains a hybrid: its `[model]` says so, or the checkpoint it starts
 /// from is one.
@@ -29,7 +30,7 @@ pub fn is_hybrid(s: &StageRun) -> Result<bool> {
             Ok(match from {
                 Some(dir) if dir.join(hf::CONFIG).is_file() => {
                     let kind = hf::model_type(&hf::read_config(dir)?, dir)?;
-                    HYBRIDS.contains(&kind.as_str())
+                    ember_models::hybrid::stack::HybridConfig::is_hybrid_type(&kind)
                 }
                 _ => false,
             })
@@ -37,108 +38,87 @@ pub fn is_hybrid(s: &StageRun) -> Result<bool> {
     }
 }
 
-fn build(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<HybridLM> {
-    let path = s.path;
-    let spec = match stage_model_spec(s)? {
-        Some(ModelSpec::Hybrid(c)) => Some(c),
-        Some(_) => bail!("{}: [model] is not a hybrid", path.display()),
-        None => None,
-    };
-    let model = match (from, spec) {
-        (Some(dir), Some(config)) => load_matching(
-            dir,
-            path,
-            |ckpt| HybridLM::load(config, ckpt, device),
-            &["lm_head.weight"],
-        )?,
-        (Some(dir), None) => HybridLM::from_pretrained(dir, device)?,
-        (None, Some(config)) => {
-            let norm = config.weight_normalization;
-            let m = HybridLM::random(config, s.recipe.run.seed, device)?;
-            // Weight-normalised training starts on the sphere it stays on.
-            if norm {
-                ember_models::hybrid::weight_norm::normalize(m)
-            } else {
-                m
-            }
+/// Refuses, in one line naming the key, what a hybrid cannot train on in `stage` of recipe
+/// `path`.
+pub fn check_section(stage: &StageSection, path: &Path) -> Result<()> {
+    let (path, data) = (path.display(), &stage.data);
+    let objective = stage.objective.unwrap_or(TrainObjective::Ntp);
+    if !hybrid_trains(objective) {
+        bail!("{path}: {}: {HYBRID_OBJECTIVE}", stage.name);
+    }
+    let why = "a hybrid's recurrent layers read each row as one sequence";
+    match stage.kind {
+        StageKind::Sft if data.batching != Batching::Pad => {
+            bail!("{path} [data]: batching must be \"pad\" for a hybrid model ({why})")
         }
-        (None, None) => bail!(
-            "{}: needs a [model] section or train.init_from",
-            path.display()
-        ),
-    };
-    Ok(model)
+        StageKind::Pretrain | StageKind::Cpt if data.doc_masks => {
+            bail!("{path} [data]: doc_masks must be false for a hybrid model ({why})")
+        }
+        _ => Ok(()),
+    }
 }
 
-/// A pretraining stage on a hybrid decoder.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    let (recipe, path) = (s.recipe, s.path);
-    let (data, tcfg) = (&s.stage.data, &s.stage.train);
-    let at = |what: &str| format!("{}: {what}", path.display());
-    if data.doc_masks {
-        bail!(
-            "{} (a hybrid's recurrent layers read each row as one sequence)",
-            at("[data] doc_masks must be false for a hybrid model")
-        );
+impl StageModel for HybridLM {
+    fn build(s: &StageRun, from: Option<&Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let path = s.path;
+        let spec = match stage_model_spec(s)? {
+            Some(ModelSpec::Hybrid(c)) => Some(c),
+            Some(_) => bail!("{}: [model] is not a hybrid", path.display()),
+            None => None,
+        };
+        let model = match (from, spec) {
+            (Some(dir), Some(config)) => load_matching(
+                dir,
+                path,
+                |ckpt| HybridLM::load(config, ckpt, device),
+                &["lm_head.weight"],
+            )?,
+            (Some(dir), None) => HybridLM::from_pretrained(dir, device)?,
+            (None, Some(config)) => {
+                let norm = config.weight_normalization;
+                let m = HybridLM::random(config, s.recipe.run.seed, device)?;
+                // Weight-normalised training starts on the sphere it stays on.
+                if norm {
+                    ember_models::hybrid::weight_norm::normalize(m)
+                } else {
+                    m
+                }
+            }
+            (None, None) => bail!(
+                "{}: needs a [model] section or train.init_from",
+                path.display()
+            ),
+        };
+        if model.config.weight_normalization && s.stage.train.weight_decay.unwrap_or(0.1) != 0.0 {
+            bail!(
+                "{}: [train] weight_decay must be 0 with weight_normalization (the weights stay on the unit sphere)",
+                path.display()
+            );
+        }
+        Ok(model.with_compute_dtype(dtype))
     }
-    if s.stage.objective.is_some_and(|o| o != TrainObjective::Ntp) {
-        bail!(
-            "{}",
-            at("a hybrid model trains with objective = \"ntp\" only")
-        );
+
+    fn frozen(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(HybridLM::from_pretrained(dir, device)?.with_compute_dtype(dtype))
     }
-    if s.stage.eval.is_some() {
-        bail!(
-            "{}",
-            at("[eval] (generation-based) is not available for hybrid models yet")
-        );
+
+    fn check_stage(s: &StageRun) -> Result<()> {
+        check_section(&s.stage, s.path)
     }
-    let setup: Setup<HybridLM> = Setup::build(s, |from, device, dtype| {
-        Ok(build(s, from, device)?.with_compute_dtype(dtype))
-    })?;
-    if setup.model.config.weight_normalization && tcfg.weight_decay.unwrap_or(0.1) != 0.0 {
-        bail!(
-            "{}",
-            at("[train] weight_decay must be 0 with weight_normalization (the weights stay on the unit sphere)")
-        );
+
+    fn set_eos(&mut self, eos_id: u32) {
+        if let Some(c) = self.config.source.as_object_mut() {
+            c.insert("eos_token_id".into(), json!(eos_id));
+        }
     }
-    let prepared = prepare_data(
-        data,
-        path,
-        recipe.run.seed,
-        &s.run_dir,
-        setup.tokenizer_from.as_deref(),
-        &[],
-    )?;
-    check_vocab(setup.model.config.vocab_size, &prepared.tokenizer, path)?;
-    let (loader, val) = packed_data(&prepared, data, tcfg, recipe.run.seed)?;
-    let sets = val_sets(val);
-    let mut evaluators: Vec<Box<dyn Evaluator<HybridLM>>> =
-        ValLoss::boxed(sets, tcfg.eval_every, &setup.base)
-            .into_iter()
+
+    fn describe(&self) -> Option<String> {
+        let kinds: Vec<String> = self
+            .config
+            .layers
+            .iter()
+            .map(|k| format!("{k:?}"))
             .collect();
-    let kinds: Vec<String> = setup
-        .model
-        .config
-        .layers
-        .iter()
-        .map(|k| format!("{k:?}"))
-        .collect();
-    let data_line = format!(
-        "{} train tokens ({} val), layers {}",
-        prepared.cache.train_tokens,
-        prepared.cache.val_tokens,
-        kinds.join(" ")
-    );
-    let mut feed = CursorFeed(loader);
-    let mut objective = Supervised::new(&mut feed, s, &setup.train_dev);
-    run_loop(
-        setup,
-        LoopSpec {
-            train_file: Some(prepared.cache.train_file()),
-            ..LoopSpec::single(s, &prepared.tokenizer, data_line)
-        },
-        &mut objective,
-        &mut evaluators,
-    )
+        Some(format!("layers {}", kinds.join(" ")))
+    }
 }

@@ -14,6 +14,7 @@ use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
@@ -25,7 +26,7 @@ use crate::recipe::{DistillLossKind, DistillSection};
 use crate::rollout::{sample_groups, Rewarder, RolloutSpec};
 use crate::stages::{
     check_common, evaluators, frozen_model, micro_ranges, reference_model, run_loop, LoopSpec,
-    Objective, Setup, StageRun, Summary,
+    Objective, Setup, StageModel, StageRun, Summary,
 };
 
 /// The PPO clip of the sampled loss's importance ratio (inactive on the on-policy update).
@@ -82,14 +83,14 @@ fn checked_section(s: &StageRun) -> Result<DistillSection> {
 
 /// The teacher must score the student's tokens: the same vocabulary size, and (when its
 /// directory ships one) the same tokenizer.
-fn check_teacher(
+fn check_teacher<M: StageModel>(
     teacher: &Qwen3,
-    student: &Qwen3,
+    student: &M,
     dir: &Path,
     tok: &Tokenizer,
     origin: &str,
 ) -> Result<()> {
-    let (t, s) = (teacher.config.vocab_size, student.config.vocab_size);
+    let (t, s) = (teacher.config.vocab_size, student.vocab_size());
     if t != s {
         bail!(
             "{origin} teacher {}: vocab_size {t} differs from the student's {s}; the teacher must share the student's tokenizer",
@@ -110,15 +111,23 @@ fn check_teacher(
     Ok(())
 }
 
-/// An OPD stage.
+/// An OPD stage: a Qwen3 teacher, a Qwen3 or hybrid student.
 pub fn run(s: &StageRun) -> Result<Summary> {
+    if crate::hybrid_lm::is_hybrid(s)? {
+        run_as::<HybridLM>(s)
+    } else {
+        run_as::<Qwen3>(s)
+    }
+}
+
+fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     check_prompt_data(s)?;
     let d = checked_section(s)?;
     let origin = format!("{} [distill]", path.display());
     let rewarder = Rewarder::new(&d.rewards, d.max_new_tokens, &origin)?;
-    let mut setup = Setup::new(s)?;
+    let mut setup = Setup::<M>::new(s)?;
     let (tok, Encoded { prompts, eos, .. }) = stage_prompts(s, &mut setup, d.format)?;
     let route = match (&d.route_open, &d.route_close) {
         (Some(o), Some(c)) => {
@@ -130,7 +139,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         }
         _ => None,
     };
-    let teacher = frozen_model(&d.teacher, &setup, &format!("{origin} teacher"))?;
+    let teacher: Qwen3 = frozen_model(&d.teacher, &setup, &format!("{origin} teacher"))?;
     check_teacher(&teacher, &setup.model, &d.teacher, &tok, &origin)?;
     let reference = match (&d.reference, d.lambda != 1.0) {
         (Some(p), _) => Some(frozen_model(p, &setup, &format!("{origin} reference"))?),
@@ -235,7 +244,7 @@ fn loss_name(d: &DistillSection) -> String {
     }
 }
 
-struct Opd<'a> {
+struct Opd<'a, M> {
     cfg: DistillConfig,
     prompts: Vec<(PromptRow, Vec<u32>)>,
     order: PromptOrder,
@@ -243,7 +252,7 @@ struct Opd<'a> {
     rewarder: Rewarder,
     spec: RolloutSpec,
     teacher: &'a Qwen3,
-    reference: Option<Qwen3>,
+    reference: Option<M>,
     /// Token routing's open and close markers, and each current row's mask (1: distil).
     route: Option<(Vec<u32>, Vec<u32>)>,
     routes: Vec<Vec<f32>>,
@@ -261,8 +270,8 @@ struct Opd<'a> {
     t_train: Instant,
 }
 
-impl Objective for Opd<'_> {
-    fn prepare(&mut self, model: &Qwen3, step: u64) -> Result<(usize, u64)> {
+impl<M: StageModel> Objective<M> for Opd<'_, M> {
+    fn prepare(&mut self, model: &M, step: u64) -> Result<(usize, u64)> {
         self.bridge = step < self.bridge_steps;
         let picks: Vec<usize> = (0..self.prompts_per_step)
             .map(|_| self.order.draw())
@@ -271,10 +280,13 @@ impl Objective for Opd<'_> {
             .iter()
             .map(|&i| (i, self.prompts[i].1.as_slice(), &self.prompts[i].0))
             .collect();
-        let sampler = if self.bridge { self.teacher } else { model };
         let seed = mix64(self.seed ^ mix64(step ^ 0x4F50_4400));
-        let (groups, cost) =
-            sample_groups(sampler, self.tok, &self.rewarder, &batch, &self.spec, seed)?;
+        let (tok, rewarder, spec) = (self.tok, &self.rewarder, &self.spec);
+        let (groups, cost) = if self.bridge {
+            sample_groups(self.teacher, tok, rewarder, &batch, spec, seed)
+        } else {
+            sample_groups(model, tok, rewarder, &batch, spec, seed)
+        }?;
         let (mut correct, mut graded, mut truncated) = (0usize, 0usize, 0usize);
         let mut rows = Vec::new();
         self.routes.clear();
@@ -361,7 +373,7 @@ impl Objective for Opd<'_> {
         Ok((micro, tokens))
     }
 
-    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>> {
+    fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>> {
         let rows = &self.current[self.micro[i].clone()];
         let cfg = if self.bridge {
             // Teacher samples: the student matches the teacher's whole distribution on them.

@@ -11,6 +11,8 @@ use ember_data::cache::{build_or_reuse, CacheSpec, TokenCache};
 use ember_data::loader::{Batch, PackedLoader};
 use ember_data::{tasks, train_bpe, Source, Tokenizer};
 use ember_models::hf;
+use ember_models::hybrid::stack::HybridLM;
+use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
@@ -19,8 +21,8 @@ use crate::recipe::{
 };
 use crate::rlp::Rlp;
 use crate::stages::{
-    check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Objective, Setup,
-    StageRun, Summary, Supervised,
+    check_common, evaluators, run_loop, run_stage, CursorFeed, Feed, LoopSpec, Objective, Setup,
+    StageModel, StageRun, Summary, Supervised,
 };
 use crate::trainer::{scalar, NextTokenModel};
 
@@ -347,11 +349,11 @@ pub fn val_sets(val: Vec<Batch>) -> Vec<(String, Vec<Batch>)> {
     }
 }
 
-/// A pretraining stage: packed documents, next-token loss.
+/// A pretraining stage: packed documents, next-token loss (or RLP's reward on Qwen3).
 pub fn run(s: &StageRun) -> Result<Summary> {
-    let (recipe, path) = (s.recipe, s.path);
+    let path = s.path;
     check_common(&s.stage, path)?;
-    let (data, tcfg) = (&s.stage.data, &s.stage.train);
+    let data = &s.stage.data;
     if !data.datasets.is_empty() || !data.chat.is_empty() {
         bail!(
             "{}: [data] `datasets` belong to kind = \"cpt\" and `chat` to kind = \"sft\"",
@@ -359,7 +361,9 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         );
     }
     if crate::hybrid_lm::is_hybrid(s)? {
-        return crate::hybrid_lm::run(s);
+        return run_packed::<HybridLM>(s, |feed, setup, _| {
+            Ok(Box::new(Supervised::new(feed, s, &setup.train_dev)))
+        });
     }
     match s.stage.objective {
         Some(TrainObjective::Rlp) => {
@@ -368,7 +372,32 @@ pub fn run(s: &StageRun) -> Result<Summary> {
         Some(TrainObjective::Mlm) => return crate::mlm::run(s),
         _ => {}
     }
-    let mut setup = Setup::new(s)?;
+    run_packed::<Qwen3>(s, |feed, setup, prepared| {
+        Ok(match s.stage.objective {
+            Some(TrainObjective::Rlp) => Box::new(Rlp::new(
+                feed,
+                s,
+                setup,
+                &prepared.tokenizer,
+                prepared.eos_id,
+            )?),
+            _ => Box::new(Supervised::new(feed, s, &setup.train_dev)),
+        })
+    })
+}
+
+/// A pretraining stage of model family `M` on packed documents, with `objective`'s loss.
+fn run_packed<M: StageModel>(
+    s: &StageRun,
+    objective: impl for<'f> FnOnce(
+        &'f mut dyn Feed,
+        &Setup<M>,
+        &PreparedData,
+    ) -> Result<Box<dyn Objective<M> + 'f>>,
+) -> Result<Summary> {
+    let (recipe, path) = (s.recipe, s.path);
+    let (data, tcfg) = (&s.stage.data, &s.stage.train);
+    let mut setup = Setup::<M>::new(s)?;
     let prepared = prepare_data(
         data,
         path,
@@ -382,20 +411,17 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     let sets = val_sets(val);
     let mut evaluators = evaluators(s, &setup, sets, &prepared.tokenizer, PromptFormat::Text)?;
     let data_line = format!(
-        "{} train tokens ({} val)",
-        prepared.cache.train_tokens, prepared.cache.val_tokens
+        "{} train tokens ({} val){}",
+        prepared.cache.train_tokens,
+        prepared.cache.val_tokens,
+        setup
+            .model
+            .describe()
+            .map(|d| format!(", {d}"))
+            .unwrap_or_default()
     );
     let mut feed = CursorFeed(loader);
-    let mut objective: Box<dyn Objective> = match s.stage.objective {
-        Some(TrainObjective::Rlp) => Box::new(Rlp::new(
-            &mut feed,
-            s,
-            &setup,
-            &prepared.tokenizer,
-            prepared.eos_id,
-        )?),
-        _ => Box::new(Supervised::new(&mut feed, s, &setup.train_dev)),
-    };
+    let mut objective = objective(&mut feed, &setup, &prepared)?;
     run_loop(
         setup,
         LoopSpec {

@@ -12,7 +12,7 @@ use ember_data::Tokenizer;
 use crate::evaluate::Prompter;
 use crate::pretrain::resolve_tokenizer;
 use crate::recipe::PromptFormat;
-use crate::stages::{Setup, StageRun};
+use crate::stages::{Setup, StageModel, StageRun};
 
 /// A sampling stage reads prompts, not documents or conversations.
 pub fn check_prompt_data(s: &StageRun) -> Result<()> {
@@ -34,9 +34,9 @@ pub fn check_prompt_data(s: &StageRun) -> Result<()> {
 
 /// The stage's tokenizer (checked against the model) and its prompts as the model is asked
 /// them, prompts longer than `seq_len` left out.
-pub fn stage_prompts(
+pub fn stage_prompts<M: StageModel>(
     s: &StageRun,
-    setup: &mut Setup,
+    setup: &mut Setup<M>,
     format: PromptFormat,
 ) -> Result<(Tokenizer, Encoded)> {
     let (data, path) = (&s.stage.data, s.path);

@@ -13,6 +13,7 @@ use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
@@ -25,7 +26,7 @@ use crate::recipe::RlSection;
 use crate::rollout::{rl_origin, sample_groups, Group, Rewarder, RolloutSpec};
 use crate::stages::{
     check_common, evaluators, micro_ranges, reference_model, run_loop, LoopSpec, Objective, Setup,
-    StageRun, Summary,
+    StageModel, StageRun, Summary,
 };
 
 /// Checks `[rl]` and returns it with ε_high resolved.
@@ -81,13 +82,21 @@ fn checked_section(s: &StageRun) -> Result<(RlSection, f64)> {
 
 /// An RLVR stage.
 pub fn run(s: &StageRun) -> Result<Summary> {
+    if crate::hybrid_lm::is_hybrid(s)? {
+        run_as::<HybridLM>(s)
+    } else {
+        run_as::<Qwen3>(s)
+    }
+}
+
+fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     let (rl, eps_high) = checked_section(s)?;
     let tcfg = &s.stage.train;
     check_prompt_data(s)?;
     let rewarder = Rewarder::new(&rl.rewards, rl.max_new_tokens, &rl_origin(path))?;
-    let mut setup = Setup::new(s)?;
+    let mut setup = Setup::<M>::new(s)?;
     let (
         tok,
         Encoded {
@@ -153,7 +162,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
     )
 }
 
-struct Rlvr<'a> {
+struct Rlvr<'a, M> {
     rl: RlSection,
     surrogate: SurrogateConfig,
     prompts: Vec<(PromptRow, Vec<u32>)>,
@@ -161,7 +170,7 @@ struct Rlvr<'a> {
     tok: &'a Tokenizer,
     rewarder: Rewarder,
     spec: RolloutSpec,
-    reference: Option<Qwen3>,
+    reference: Option<M>,
     prompts_per_step: usize,
     accum: usize,
     seed: u64,
@@ -177,10 +186,10 @@ struct Rlvr<'a> {
     t_train: Instant,
 }
 
-impl Rlvr<'_> {
+impl<M: StageModel> Rlvr<'_, M> {
     /// Samples rollout batch `rollout` (starting at optimizer step `step`) and keeps its
     /// groups, dropping and refilling zero-variance groups under dynamic sampling.
-    fn fill(&mut self, model: &Qwen3, rollout: u64) -> Result<()> {
+    fn fill(&mut self, model: &M, rollout: u64) -> Result<()> {
         let need = self.prompts_per_step * self.rl.updates_per_rollout;
         let rounds = if self.rl.dynamic_sampling {
             self.rl.max_sampling_rounds
@@ -312,8 +321,8 @@ impl Rlvr<'_> {
     }
 }
 
-impl Objective for Rlvr<'_> {
-    fn prepare(&mut self, model: &Qwen3, step: u64) -> Result<(usize, u64)> {
+impl<M: StageModel> Objective<M> for Rlvr<'_, M> {
+    fn prepare(&mut self, model: &M, step: u64) -> Result<(usize, u64)> {
         let k = self.rl.updates_per_rollout as u64;
         let rollout = step / k;
         if self.buffer_rollout != Some(rollout) {
@@ -338,7 +347,7 @@ impl Objective for Rlvr<'_> {
         Ok((micro, tokens))
     }
 
-    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>> {
+    fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>> {
         let rows = &self.current[self.micro[i].clone()];
         let (loss, sums) = policy_loss(model, rows, &self.surrogate)?;
         self.stats.add(&sums);

@@ -7,13 +7,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use burn::module::Module;
 use ember_data::prompts::PromptRow;
 use ember_data::rewards::{ExactMatch, MathAnswer, OverlongPenalty, Reward, Sample, ThinkFormat};
 use ember_data::Tokenizer;
-use ember_models::decode_graph::generate_auto;
+use ember_models::decode_graph::{generate_auto, GraphDecode};
 use ember_models::generate::{FinishReason, GenerateOptions, Hooks, Sampling};
-use ember_models::qwen3::Qwen3;
 
 use crate::recipe::{RewardKind, RewardSpec};
 
@@ -167,8 +165,8 @@ pub struct RolloutCost {
 
 /// Samples `group_size` completions for each of `prompts` (token ids, with the rows they
 /// came from) and scores them. `seed` makes the batch reproducible.
-pub fn sample_groups(
-    model: &Qwen3,
+pub fn sample_groups<M: GraphDecode>(
+    model: &M,
     tok: &Tokenizer,
     rewarder: &Rewarder,
     prompts: &[(usize, &[u32], &PromptRow)],

@@ -10,12 +10,15 @@ use ember_data::rng::mix64;
 use ember_data::sft::{render_all, Batching, Example, SftLoader};
 use ember_data::tasks::{self, Split};
 use ember_data::Tokenizer;
+use ember_models::hybrid::stack::HybridLM;
+use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::pretrain::{resolve_tokenizer, write_if_changed};
 use crate::recipe::{DataSection, PromptFormat};
 use crate::stages::{
-    check_common, evaluators, run_loop, CursorFeed, LoopSpec, Setup, StageRun, Summary, Supervised,
+    check_common, evaluators, run_loop, CursorFeed, LoopSpec, Setup, StageModel, StageRun, Summary,
+    Supervised,
 };
 
 /// The stage's chat sources: `[[data.chat]]` plus, with `[data.generated]`, the task's
@@ -124,8 +127,16 @@ fn loader(
     )
 }
 
-/// An SFT stage.
+/// An SFT stage, on a Qwen3 or a hybrid model.
 pub fn run(s: &StageRun) -> Result<Summary> {
+    if crate::hybrid_lm::is_hybrid(s)? {
+        run_as::<HybridLM>(s)
+    } else {
+        run_as::<Qwen3>(s)
+    }
+}
+
+fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     let (data, tcfg) = (&s.stage.data, &s.stage.train);
@@ -141,7 +152,7 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             path.display()
         );
     }
-    let mut setup = Setup::new(s)?;
+    let mut setup = Setup::<M>::new(s)?;
     let sources = chat_sources(s)?;
     let (tok, eos) = resolve_tokenizer(data, &[], path, setup.tokenizer_from.as_deref(), &[])?;
     setup.adopt_tokenizer(&tok, eos, path)?;

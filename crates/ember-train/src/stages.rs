@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor};
 use ember_data::loader::{Batch, Cursor, PackedLoader};
 use ember_data::sft::SftLoader;
 use ember_data::Tokenizer;
+use ember_models::decode_graph::GraphDecode;
 use ember_models::hf::Checkpoint;
 use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
@@ -394,17 +394,75 @@ pub struct Setup<M = Qwen3> {
     pub tokenizer_from: Option<PathBuf>,
 }
 
-impl Setup {
+/// A decoder family that the decoder stages (next-token pretraining, CPT, SFT, RLVR and
+/// OPD's student) train, sample from and evaluate by generation: Qwen3 and the hybrids.
+pub trait StageModel: NextTokenModel + GraphDecode + Sized {
+    /// The model of stage `s` in compute dtype `dtype`: from checkpoint `from` (checked
+    /// against the stage's `[model]` when it has one), else random from that `[model]`.
+    fn build(s: &StageRun, from: Option<&Path>, device: &Device, dtype: DType) -> Result<Self>;
+    /// A frozen model (a reference, a teacher) from checkpoint or HF directory `dir`.
+    fn frozen(dir: &Path, device: &Device, dtype: DType) -> Result<Self>;
+    /// Refuses, in one line naming the key, what the family cannot train on in stage `s`.
+    fn check_stage(_s: &StageRun) -> Result<()> {
+        Ok(())
+    }
+    /// Records the tokenizer's end-of-text id in the config the model saves.
+    fn set_eos(&mut self, eos_id: u32);
+    /// What the start-of-run line adds about the model (a hybrid's layer kinds).
+    fn describe(&self) -> Option<String> {
+        None
+    }
+}
+
+impl StageModel for Qwen3 {
+    fn build(s: &StageRun, from: Option<&Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let path = s.path;
+        let spec = stage_model_spec(s)?;
+        let objective = s.stage.objective.unwrap_or(TrainObjective::Ntp);
+        check_model_fits(spec.as_ref(), s.stage.kind, objective, path)?;
+        let model = match (from, spec) {
+            (Some(dir), Some(ModelSpec::Qwen3(config))) => load_matching(
+                dir,
+                path,
+                |ckpt| Qwen3::load(config, ckpt, device),
+                &["lm_head.weight"],
+            ),
+            (Some(dir), None) => Qwen3::from_pretrained(dir, device),
+            (None, Some(ModelSpec::Qwen3(config))) => {
+                Qwen3::random(config, s.recipe.run.seed, device)
+            }
+            (_, Some(_)) => bail!(
+                "{}: {}: this stage trains a qwen3 [model] only",
+                path.display(),
+                s.stage.name
+            ),
+            (None, None) => bail!(
+                "{}: needs a [model] section or train.init_from",
+                path.display()
+            ),
+        }?;
+        Ok(model.with_compute_dtype(dtype))
+    }
+
+    fn frozen(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Qwen3::from_pretrained(dir, device)?.with_compute_dtype(dtype))
+    }
+
+    fn set_eos(&mut self, eos_id: u32) {
+        self.config.eos_token_id = Some(eos_id.into());
+    }
+}
+
+impl<M: StageModel> Setup<M> {
     pub fn new(s: &StageRun) -> Result<Self> {
-        Setup::build(s, |from, device, dtype| {
-            Ok(build_model(s, from, device)?.with_compute_dtype(dtype))
-        })
+        M::check_stage(s)?;
+        Setup::build(s, |from, device, dtype| M::build(s, from, device, dtype))
     }
 
     /// Checks the tokenizer against the model and records its end-of-text id.
     pub fn adopt_tokenizer(&mut self, tok: &Tokenizer, eos_id: u32, path: &Path) -> Result<()> {
-        check_vocab(self.model.config.vocab_size, tok, path)?;
-        self.model.config.eos_token_id = Some(eos_id.into());
+        check_vocab(self.model.vocab_size(), tok, path)?;
+        self.model.set_eos(eos_id);
         Ok(())
     }
 }
@@ -454,53 +512,22 @@ impl<M> Setup<M> {
 /// The frozen model a stage started from (`init_from`, or `[model]` drawn with the run's
 /// seed), without autodiff: the reference of a KL penalty. A resumed run rebuilds it rather
 /// than taking the checkpoint it resumes.
-pub fn reference_model(s: &StageRun, setup: &Setup) -> Result<Qwen3> {
+pub fn reference_model<M: StageModel>(s: &StageRun, setup: &Setup<M>) -> Result<M> {
     if setup.resume_ckpt.is_none() {
         return Ok(setup.model.valid());
     }
     let from = s.stage.train.init_from.as_deref();
-    Ok(build_model(s, from, &setup.base)?.with_compute_dtype(setup.dtype))
+    M::build(s, from, &setup.base, setup.dtype)
 }
 
 /// A frozen model from a checkpoint or HF directory (a teacher, a reference), without
 /// autodiff, in the stage's compute dtype; `what` names it in errors.
-pub fn frozen_model(dir: &Path, setup: &Setup, what: &str) -> Result<Qwen3> {
-    let m = Qwen3::from_pretrained(dir, &setup.base)
-        .map_err(|e| anyhow!("{what} {}: {e:#}", dir.display()))?;
-    Ok(m.with_compute_dtype(setup.dtype))
-}
-
-/// Builds or loads the model: a checkpoint when resuming or `init_from` is set (checked
-/// against the stage's `[model]`, or the recipe's, when there is one), otherwise random from
-/// that `[model]`.
-fn build_model(s: &StageRun, from: Option<&Path>, device: &Device) -> Result<Qwen3> {
-    let path = s.path;
-    let spec = stage_model_spec(s)?;
-    let objective = s.stage.objective.unwrap_or(TrainObjective::Ntp);
-    check_model_fits(spec.as_ref(), s.stage.kind, objective, path)?;
-    match (from, spec) {
-        (Some(dir), Some(ModelSpec::Qwen3(config))) => load_matching(
-            dir,
-            path,
-            |ckpt| Qwen3::load(config, ckpt, device),
-            &["lm_head.weight"],
-        ),
-        (Some(dir), None) => Qwen3::from_pretrained(dir, device),
-        (None, Some(ModelSpec::Qwen3(config))) => Qwen3::random(config, s.recipe.run.seed, device),
-        (_, Some(_)) => bail!(
-            "{}: {}: this stage trains a qwen3 [model] only",
-            path.display(),
-            s.stage.name
-        ),
-        (None, None) => bail!(
-            "{}: needs a [model] section or train.init_from",
-            path.display()
-        ),
-    }
+pub fn frozen_model<T: StageModel, M>(dir: &Path, setup: &Setup<M>, what: &str) -> Result<T> {
+    T::frozen(dir, &setup.base, setup.dtype).map_err(|e| anyhow!("{what} {}: {e:#}", dir.display()))
 }
 
 /// Whether a model of `spec` can train in a stage of `kind` with `objective`; the error
-/// names what would: encoders train with MLM, hybrids in pretraining with next-token loss.
+/// names what would: encoders train with MLM, hybrids pretrain with next-token loss.
 pub fn check_model_fits(
     spec: Option<&ModelSpec>,
     kind: StageKind,
@@ -512,13 +539,8 @@ pub fn check_model_fits(
             "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
             path.display()
         ),
-        (Some(ModelSpec::Hybrid(_)), k, o)
-            if k != StageKind::Pretrain || o != TrainObjective::Ntp =>
-        {
-            bail!(
-                "{}: a hybrid [model] trains in kind = \"pretrain\" with next-token loss only",
-                path.display()
-            )
+        (Some(ModelSpec::Hybrid(_)), _, o) if !hybrid_trains(o) => {
+            bail!("{}: {HYBRID_OBJECTIVE}", path.display())
         }
         (Some(ModelSpec::Qwen3(_)), _, TrainObjective::Mlm) => bail!(
             "{}: objective = \"mlm\" needs arch = \"modernbert\"",
@@ -526,6 +548,16 @@ pub fn check_model_fits(
         ),
         _ => Ok(()),
     }
+}
+
+/// What a hybrid model pretrains with, for errors.
+pub const HYBRID_OBJECTIVE: &str =
+    "a hybrid model pretrains with objective = \"ntp\" (\"rlp\" is Qwen3's, \"mlm\" ModernBERT's)";
+
+/// Whether a hybrid model can train with `objective`: next-token loss in pretraining (RLP is
+/// Qwen3's, MLM ModernBERT's); the other stage kinds have their own losses.
+pub fn hybrid_trains(objective: TrainObjective) -> bool {
+    objective == TrainObjective::Ntp
 }
 
 /// Loads checkpoint `dir` into the shape a recipe's `[model]` gives (`load`), saying which
@@ -835,14 +867,14 @@ pub fn run_loop<M: TrainModel>(
 /// A stage's evaluators: validation loss on `sets` (when there are any) every
 /// `train.eval_every` steps, and the `[eval]` task's accuracy, prompting in `format` unless
 /// the section says otherwise.
-pub fn evaluators<'a>(
+pub fn evaluators<'a, M: StageModel>(
     s: &StageRun,
-    setup: &Setup,
+    setup: &Setup<M>,
     sets: Vec<(String, Vec<Batch>)>,
     tok: &'a Tokenizer,
     format: PromptFormat,
-) -> Result<Vec<Box<dyn Evaluator + 'a>>> {
-    let mut out: Vec<Box<dyn Evaluator + 'a>> =
+) -> Result<Vec<Box<dyn Evaluator<M> + 'a>>> {
+    let mut out: Vec<Box<dyn Evaluator<M> + 'a>> =
         ValLoss::boxed(sets, s.stage.train.eval_every, &setup.base)
             .into_iter()
             .collect();

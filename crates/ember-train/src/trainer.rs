@@ -114,6 +114,15 @@ pub trait NextTokenModel: TrainModel {
     /// The LM head's matrix, `[vocab, hidden]`.
     fn head_weight(&self) -> Tensor<2>;
 
+    /// Logits `[batch, seq, vocab]` of whole rows, positions counted from 0.
+    fn logits(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = ids.dims();
+        let positions = Tensor::<1, Int>::arange(0..s as i64, &ids.device())
+            .reshape([1, s])
+            .expand([b, s]);
+        self.packed_logits(ids, positions, None)
+    }
+
     /// Logits `[batch, seq, vocab]` of packed rows.
     fn packed_logits(
         &self,
@@ -141,6 +150,10 @@ impl NextTokenModel for Qwen3 {
 
     fn head_weight(&self) -> Tensor<2> {
         Qwen3::head_weight(self)
+    }
+
+    fn logits(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.forward(ids)
     }
 }
 

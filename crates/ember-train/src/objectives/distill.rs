@@ -17,11 +17,10 @@ use anyhow::Result;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use ember_models::layers::to_dtype;
-use ember_models::qwen3::Qwen3;
 
 use crate::objectives::grpo::{clipped_surrogate, PolicyRow, RowTensors, Surrogate};
 use crate::recipe::DistillLossKind;
-use crate::trainer::scalar;
+use crate::trainer::{scalar, NextTokenModel};
 
 /// A divergence between two distributions given as log-probs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -130,16 +129,21 @@ impl DistillSums {
 }
 
 /// `model`'s log-probs at temperature `t`, `[batch, len, vocab]` in f32.
-fn log_probs(model: &Qwen3, inputs: Tensor<2, Int>, t: f64) -> Tensor<3> {
-    let z = to_dtype(model.forward(inputs), DType::F32);
+fn log_probs<M: NextTokenModel>(model: &M, inputs: Tensor<2, Int>, t: f64) -> Tensor<3> {
+    let z = to_dtype(model.logits(inputs), DType::F32);
     log_softmax(if t != 1.0 { z / t } else { z }, 2)
 }
 
 /// A frozen model's log-probs of `inputs`, computed on its own device and moved to `to`'s.
 /// Both are one physical device, with and without autodiff, so nothing leaves it: the
 /// `[batch, len, vocab]` log-probs are gigabytes at a real vocabulary.
-fn frozen_log_probs(model: &Qwen3, inputs: &Tensor<2, Int>, t: f64, to: &Tensor<2>) -> Tensor<3> {
-    let device = model.embed_tokens.val().device();
+fn frozen_log_probs<M: NextTokenModel>(
+    model: &M,
+    inputs: &Tensor<2, Int>,
+    t: f64,
+    to: &Tensor<2>,
+) -> Tensor<3> {
+    let device = model.head_weight().device();
     let x = inputs.clone().to_device(&device);
     log_probs(model, x, t).to_device(&to.device())
 }
@@ -184,15 +188,15 @@ fn route_masks(
 /// against `teacher`, with `reference` for extrapolation, and what it measured. With
 /// `routes` (per row, 1 for each completion token to distil), the other tokens are trained
 /// by the clipped surrogate on the rows' own advantages (GRPO) instead.
-pub fn distill_loss(
-    student: &Qwen3,
-    teacher: &Qwen3,
-    reference: Option<&Qwen3>,
+pub fn distill_loss<S: NextTokenModel, T: NextTokenModel>(
+    student: &S,
+    teacher: &T,
+    reference: Option<&S>,
     rows: &[PolicyRow],
     routes: Option<&[Vec<f32>]>,
     cfg: &DistillConfig,
 ) -> Result<(Tensor<1>, DistillSums)> {
-    let device = student.embed_tokens.val().device();
+    let device = student.head_weight().device();
     let t = RowTensors::new(rows, &device);
     let (distil, reward) = route_masks(rows, routes, &t);
     let temp = cfg.temperature;

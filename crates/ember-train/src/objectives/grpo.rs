@@ -12,11 +12,10 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use ember_models::qwen3::Qwen3;
 use serde::{Deserialize, Serialize};
 
 use crate::objectives::linear_ce::{chunk_rows, linear_logprobs};
-use crate::trainer::scalar;
+use crate::trainer::{scalar, NextTokenModel};
 
 /// Added to the group's standard deviation so a group with equal rewards gets zero
 /// advantages rather than a division by zero (verl's value).
@@ -363,13 +362,12 @@ impl RowTensors {
 
 /// The clipped surrogate of `rows` under `model` (with a graph), Σ w ℓ over their
 /// completion tokens, and what it measured.
-pub fn policy_loss(
-    model: &Qwen3,
+pub fn policy_loss<M: NextTokenModel>(
+    model: &M,
     rows: &[PolicyRow],
     cfg: &SurrogateConfig,
 ) -> Result<(Tensor<1>, LossSums)> {
-    let device = model.embed_tokens.val().device();
-    let t = RowTensors::new(rows, &device);
+    let t = RowTensors::new(rows, &model.head_weight().device());
     let (logp, entropy) =
         model_logprobs(model, t.inputs.clone(), t.targets.clone(), cfg.temperature);
     let weight: f64 = rows
@@ -403,8 +401,8 @@ pub fn policy_loss(
 /// Log-probs of `targets` `[rows, len]` after `inputs` under `model` at `temperature`
 /// (with a graph when the model has one) and the entropies, through the fused head: the
 /// `[rows, len, vocab]` logits never exist whole.
-fn model_logprobs(
-    model: &Qwen3,
+fn model_logprobs<M: NextTokenModel>(
+    model: &M,
     inputs: Tensor<2, Int>,
     targets: Tensor<2, Int>,
     temperature: f64,
@@ -413,7 +411,7 @@ fn model_logprobs(
     let pos = Tensor::<1, Int>::arange(0..s as i64, &inputs.device())
         .reshape([1, s])
         .expand([b, s]);
-    let hidden = model.forward_packed_hidden(inputs, pos, None);
+    let hidden = model.packed_hidden(inputs, pos, None);
     let dim = hidden.dims()[2];
     let head = model.head_weight();
     let rows = chunk_rows(head.dims()[0], &head.device());
@@ -429,8 +427,12 @@ fn model_logprobs(
 
 /// Each row's completion log-probs under `model` at `temperature`, without a graph (the
 /// reference model's pass).
-pub fn completion_logprobs(model: &Qwen3, rows: &[PolicyRow], temperature: f64) -> Vec<Vec<f32>> {
-    let t = RowTensors::new(rows, &model.embed_tokens.val().device());
+pub fn completion_logprobs<M: NextTokenModel>(
+    model: &M,
+    rows: &[PolicyRow],
+    temperature: f64,
+) -> Vec<Vec<f32>> {
+    let t = RowTensors::new(rows, &model.head_weight().device());
     let (logp, _) = model_logprobs(model, t.inputs, t.targets, temperature);
     let [_, l] = logp.dims();
     let v: Vec<f32> = logp.into_data().iter::<f32>().collect();
