@@ -323,7 +323,7 @@ fn flash_recipe_mistakes_are_one_line_errors() {
             (
                 "flash-mlm",
                 |s| format!("objective = \"mlm\"\n{s}"),
-                &["hybrid", "objective = \"ntp\""],
+                &["mlm", "modernbert"],
             ),
         ],
     );

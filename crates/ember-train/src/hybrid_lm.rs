@@ -1,6 +1,6 @@
 //! Hybrid decoders (`arch = "nemotron_flash"`, `"mamba2"` or `"nemotron_h"`) as a stage model:
-//! they train in every decoder stage (pretraining with next-token loss, CPT, SFT, RLVR, and
-//! OPD as the student) through the same loop, data and evaluators as Qwen3. A recurrent
+//! they train in every decoder stage (pretraining with next-token loss or RLP, CPT, SFT,
+//! RLVR, and OPD as the student) through the same loop, data and evaluators as Qwen3. A recurrent
 //! state would carry across the documents of a packed row, so rows are read as whole
 //! sequences: packed stages must set `doc_masks = false`, and SFT must pad one conversation
 //! per row, which is exact since its padding comes after the conversation and carries no
@@ -16,9 +16,7 @@ use ember_models::hybrid::stack::HybridLM;
 use serde_json::json;
 
 use crate::recipe::{ModelSpec, StageKind, StageSection, TrainObjective};
-use crate::stages::{
-    hybrid_trains, load_matching, stage_model_spec, StageModel, StageRun, HYBRID_OBJECTIVE,
-};
+use crate::stages::{load_matching, stage_model_spec, StageModel, StageRun, MLM_NEEDS_ENCODER};
 
 /// Whether the stage trains a hybrid: its `[model]` says so, or the checkpoint it starts
 /// from is one.
@@ -42,9 +40,8 @@ pub fn is_hybrid(s: &StageRun) -> Result<bool> {
 /// `path`.
 pub fn check_section(stage: &StageSection, path: &Path) -> Result<()> {
     let (path, data) = (path.display(), &stage.data);
-    let objective = stage.objective.unwrap_or(TrainObjective::Ntp);
-    if !hybrid_trains(objective) {
-        bail!("{path}: {}: {HYBRID_OBJECTIVE}", stage.name);
+    if stage.objective == Some(TrainObjective::Mlm) {
+        bail!("{path}: {}: {MLM_NEEDS_ENCODER}", stage.name);
     }
     let why = "a hybrid's recurrent layers read each row as one sequence";
     match stage.kind {

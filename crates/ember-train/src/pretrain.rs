@@ -21,7 +21,7 @@ use crate::recipe::{
 };
 use crate::rlp::Rlp;
 use crate::stages::{
-    check_common, evaluators, run_loop, run_stage, CursorFeed, Feed, LoopSpec, Objective, Setup,
+    check_common, evaluators, run_loop, run_stage, CursorFeed, LoopSpec, Objective, Setup,
     StageModel, StageRun, Summary, Supervised,
 };
 use crate::trainer::{scalar, NextTokenModel};
@@ -349,7 +349,8 @@ pub fn val_sets(val: Vec<Batch>) -> Vec<(String, Vec<Batch>)> {
     }
 }
 
-/// A pretraining stage: packed documents, next-token loss (or RLP's reward on Qwen3).
+/// A pretraining stage: packed documents, next-token loss or RLP's reward, on a Qwen3 or a
+/// hybrid model.
 pub fn run(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
@@ -360,41 +361,23 @@ pub fn run(s: &StageRun) -> Result<Summary> {
             path.display()
         );
     }
-    if crate::hybrid_lm::is_hybrid(s)? {
-        return run_packed::<HybridLM>(s, |feed, setup, _| {
-            Ok(Box::new(Supervised::new(feed, s, &setup.train_dev)))
-        });
-    }
+    let hybrid = crate::hybrid_lm::is_hybrid(s)?;
     match s.stage.objective {
         Some(TrainObjective::Rlp) => {
             crate::rlp::checked_section(s)?;
         }
-        Some(TrainObjective::Mlm) => return crate::mlm::run(s),
+        Some(TrainObjective::Mlm) if !hybrid => return crate::mlm::run(s),
         _ => {}
     }
-    run_packed::<Qwen3>(s, |feed, setup, prepared| {
-        Ok(match s.stage.objective {
-            Some(TrainObjective::Rlp) => Box::new(Rlp::new(
-                feed,
-                s,
-                setup,
-                &prepared.tokenizer,
-                prepared.eos_id,
-            )?),
-            _ => Box::new(Supervised::new(feed, s, &setup.train_dev)),
-        })
-    })
+    if hybrid {
+        run_packed::<HybridLM>(s)
+    } else {
+        run_packed::<Qwen3>(s)
+    }
 }
 
-/// A pretraining stage of model family `M` on packed documents, with `objective`'s loss.
-fn run_packed<M: StageModel>(
-    s: &StageRun,
-    objective: impl for<'f> FnOnce(
-        &'f mut dyn Feed,
-        &Setup<M>,
-        &PreparedData,
-    ) -> Result<Box<dyn Objective<M> + 'f>>,
-) -> Result<Summary> {
+/// A pretraining stage of model family `M` on packed documents.
+fn run_packed<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let (recipe, path) = (s.recipe, s.path);
     let (data, tcfg) = (&s.stage.data, &s.stage.train);
     let mut setup = Setup::<M>::new(s)?;
@@ -421,7 +404,16 @@ fn run_packed<M: StageModel>(
             .unwrap_or_default()
     );
     let mut feed = CursorFeed(loader);
-    let mut objective = objective(&mut feed, &setup, &prepared)?;
+    let mut objective: Box<dyn Objective<M>> = match s.stage.objective {
+        Some(TrainObjective::Rlp) => Box::new(Rlp::new(
+            &mut feed,
+            s,
+            &setup,
+            &prepared.tokenizer,
+            prepared.eos_id,
+        )?),
+        _ => Box::new(Supervised::new(&mut feed, s, &setup.train_dev)),
+    };
     run_loop(
         setup,
         LoopSpec {

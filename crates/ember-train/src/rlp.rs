@@ -12,7 +12,6 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use ember_data::loader::Batch;
@@ -20,9 +19,7 @@ use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::decode_graph::generate_auto;
 use ember_models::generate::{GenerateOptions, Hooks, Sampling};
-use ember_models::hf::SaveOptions;
 use ember_models::layers::to_dtype;
-use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
 use crate::objectives::grpo::{
@@ -31,7 +28,7 @@ use crate::objectives::grpo::{
 use crate::objectives::rlp::{ema_update, information_gain, rlp_advantages};
 use crate::pretrain::batch_loss;
 use crate::recipe::{PositionChoice, RlpSection};
-use crate::stages::{Feed, Objective, Setup, StageRun};
+use crate::stages::{Feed, Objective, Setup, StageModel, StageRun};
 
 const EMA_DIR: &str = "ema";
 
@@ -83,7 +80,7 @@ struct Position {
     baseline: f64,
 }
 
-pub struct Rlp<'f> {
+pub struct Rlp<'f, M> {
     feed: &'f mut dyn Feed,
     cfg: RlpSection,
     surrogate: SurrogateConfig,
@@ -93,7 +90,7 @@ pub struct Rlp<'f> {
     base: Device,
     dtype: DType,
     /// The no-thought baseline φ, and how many optimizer steps it has folded in.
-    ema: Option<Qwen3>,
+    ema: Option<M>,
     ema_steps: u64,
     seed: u64,
     open: Vec<u32>,
@@ -109,11 +106,11 @@ pub struct Rlp<'f> {
     sums: LossSums,
 }
 
-impl<'f> Rlp<'f> {
+impl<'f, M: StageModel> Rlp<'f, M> {
     pub fn new(
         feed: &'f mut dyn Feed,
         s: &StageRun,
-        setup: &Setup,
+        setup: &Setup<M>,
         tok: &Tokenizer,
         eos: u32,
     ) -> Result<Self> {
@@ -163,7 +160,7 @@ impl<'f> Rlp<'f> {
         })
     }
 
-    fn ema(&self) -> &Qwen3 {
+    fn ema(&self) -> &M {
         self.ema.as_ref().expect("the EMA is present between steps")
     }
 
@@ -174,7 +171,7 @@ impl<'f> Rlp<'f> {
             let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
             Tensor::<2, Int>::from_data(TensorData::new(v, [n, s]), &self.base)
         };
-        let logits = to_dtype(self.ema().forward(ids(&b.inputs)), DType::F32);
+        let logits = to_dtype(self.ema().logits(ids(&b.inputs)), DType::F32);
         let v = logits.dims()[2];
         let lp = log_softmax(logits.reshape([n * s, v]), 1);
         let picked = lp.clone().gather(1, ids(&b.targets).reshape([n * s, 1]));
@@ -235,7 +232,7 @@ impl<'f> Rlp<'f> {
     /// what it measured.
     fn thoughts(
         &self,
-        model: &Qwen3,
+        model: &M,
         b: &Batch,
         step: u64,
         micro: usize,
@@ -382,8 +379,8 @@ struct Measured {
     rollout_s: f64,
 }
 
-impl Objective for Rlp<'_> {
-    fn prepare(&mut self, model: &Qwen3, step: u64) -> Result<(usize, u64)> {
+impl<M: StageModel> Objective<M> for Rlp<'_, M> {
+    fn prepare(&mut self, model: &M, step: u64) -> Result<(usize, u64)> {
         if self.ema_steps + 1 == step {
             let ema = self.ema.take().expect("the EMA is present between steps");
             self.ema = Some(ema_update(ema, model, self.cfg.ema_decay));
@@ -420,7 +417,7 @@ impl Objective for Rlp<'_> {
         rec.insert("time/rollout_s".into(), json!(m.rollout_s));
         // 2N per token run forward, 6N per token trained (attention not counted): what the
         // same compute buys in next-token training.
-        let n = model.config.num_params() as f64;
+        let n = model.param_count() as f64;
         rec.insert(
             "rlp/flops".into(),
             json!(2.0 * n * m.forward_tokens as f64 + 6.0 * n * m.train_tokens as f64),
@@ -432,7 +429,7 @@ impl Objective for Rlp<'_> {
         Ok((self.accum, tokens.sum()))
     }
 
-    fn loss(&mut self, model: &Qwen3, i: usize) -> Result<Tensor<1>> {
+    fn loss(&mut self, model: &M, i: usize) -> Result<Tensor<1>> {
         let (mut loss, sums) = if self.rows[i].is_empty() {
             (Tensor::zeros([1], &self.device), LossSums::default())
         } else {
@@ -467,15 +464,14 @@ impl Objective for Rlp<'_> {
     }
 
     fn save_files(&self, dir: &Path) -> Result<()> {
-        self.ema()
-            .save_pretrained(&dir.join(EMA_DIR), &SaveOptions::default())
+        self.ema().save_hf(&dir.join(EMA_DIR))
     }
 
     fn load_files(&mut self, dir: &Path) -> Result<()> {
         let d = dir.join(EMA_DIR);
-        let ema = Qwen3::from_pretrained(&d, &self.base)
+        let ema = M::frozen(&d, &self.base, self.dtype)
             .map_err(|e| anyhow!("{}: the RLP baseline (EMA) model: {e:#}", d.display()))?;
-        self.ema = Some(ema.with_compute_dtype(self.dtype));
+        self.ema = Some(ema);
         Ok(())
     }
 

@@ -527,7 +527,7 @@ pub fn frozen_model<T: StageModel, M>(dir: &Path, setup: &Setup<M>, what: &str) 
 }
 
 /// Whether a model of `spec` can train in a stage of `kind` with `objective`; the error
-/// names what would: encoders train with MLM, hybrids pretrain with next-token loss.
+/// names what would: encoders train with MLM, decoders without it.
 pub fn check_model_fits(
     spec: Option<&ModelSpec>,
     kind: StageKind,
@@ -539,26 +539,15 @@ pub fn check_model_fits(
             "{}: arch modernbert is an encoder; it trains with objective = \"mlm\"",
             path.display()
         ),
-        (Some(ModelSpec::Hybrid(_)), _, o) if !hybrid_trains(o) => {
-            bail!("{}: {HYBRID_OBJECTIVE}", path.display())
+        (Some(ModelSpec::Qwen3(_) | ModelSpec::Hybrid(_)), _, TrainObjective::Mlm) => {
+            bail!("{}: {MLM_NEEDS_ENCODER}", path.display())
         }
-        (Some(ModelSpec::Qwen3(_)), _, TrainObjective::Mlm) => bail!(
-            "{}: objective = \"mlm\" needs arch = \"modernbert\"",
-            path.display()
-        ),
         _ => Ok(()),
     }
 }
 
-/// What a hybrid model pretrains with, for errors.
-pub const HYBRID_OBJECTIVE: &str =
-    "a hybrid model pretrains with objective = \"ntp\" (\"rlp\" is Qwen3's, \"mlm\" ModernBERT's)";
-
-/// Whether a hybrid model can train with `objective`: next-token loss in pretraining (RLP is
-/// Qwen3's, MLM ModernBERT's); the other stage kinds have their own losses.
-pub fn hybrid_trains(objective: TrainObjective) -> bool {
-    objective == TrainObjective::Ntp
-}
+/// Why a decoder cannot take `objective = "mlm"`.
+pub const MLM_NEEDS_ENCODER: &str = "objective = \"mlm\" needs arch = \"modernbert\"";
 
 /// Loads checkpoint `dir` into the shape a recipe's `[model]` gives (`load`), saying which
 /// two disagree when they do; every tensor must be used except `ignorable` ones.

@@ -7,7 +7,6 @@
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use ember_models::qwen3::Qwen3;
 
 /// The information gain of each thought: its log-prob of the next tokens minus the
 /// no-thought baseline's.
@@ -46,20 +45,19 @@ impl ModuleMapper for Blend {
             .next()
             .expect("the EMA and the model have the same parameters");
         let dims = phi.dims();
-        let blended = phi * self.tau + theta.reshape(dims) * (1.0 - self.tau);
+        let theta = theta.reshape(dims).to_device(&phi.device());
+        let blended = phi * self.tau + theta * (1.0 - self.tau);
         Param::from_mapped_value(id, blended, mapper)
     }
 }
 
 /// One EMA step of `ema` towards `model` (which may carry autodiff; its values are used):
 /// φ ← τφ + (1−τ)θ.
-pub fn ema_update(ema: Qwen3, model: &Qwen3, tau: f64) -> Qwen3 {
+pub fn ema_update<M: Module>(ema: M, model: &M, tau: f64) -> M {
     let mut c = Collect(Vec::new());
     model.valid().visit(&mut c);
-    let device = ema.embed_tokens.val().device();
-    let theta: Vec<Tensor<1>> = c.0.into_iter().map(|t| t.to_device(&device)).collect();
     ema.map(&mut Blend {
-        theta: theta.into_iter(),
+        theta: c.0.into_iter(),
         tau,
     })
 }
