@@ -15,8 +15,6 @@ use ember_data::cache::{build_or_reuse, CacheSpec, TokenCache};
 use ember_data::loader::{Batch, PackedLoader};
 use ember_data::mixture::{MixtureLoader, MixtureState};
 use ember_data::rng::fnv1a;
-use ember_models::hybrid::stack::HybridLM;
-use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
 use crate::pretrain::{resolve_sources, resolve_tokenizer, val_batches};
@@ -212,16 +210,8 @@ impl Feed for MixtureFeed {
     }
 }
 
-/// A CPT stage, on a Qwen3 or a hybrid model.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    if crate::hybrid_lm::is_hybrid(s)? {
-        run_as::<HybridLM>(s)
-    } else {
-        run_as::<Qwen3>(s)
-    }
-}
-
-fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
+/// A CPT stage, on a model of family `M` (Qwen3 or a hybrid).
+pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let (recipe, path) = (s.recipe, s.path);
     check_common(&s.stage, path)?;
     let (data, tcfg) = (&s.stage.data, &s.stage.train);

@@ -14,7 +14,6 @@ use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
-use ember_models::hybrid::stack::HybridLM;
 use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
@@ -111,16 +110,8 @@ fn check_teacher<M: StageModel>(
     Ok(())
 }
 
-/// An OPD stage: a Qwen3 teacher, a Qwen3 or hybrid student.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    if crate::hybrid_lm::is_hybrid(s)? {
-        run_as::<HybridLM>(s)
-    } else {
-        run_as::<Qwen3>(s)
-    }
-}
-
-fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
+/// An OPD stage: a Qwen3 teacher and a student of family `M` (Qwen3 or a hybrid).
+pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     check_prompt_data(s)?;

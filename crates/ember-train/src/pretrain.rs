@@ -11,8 +11,6 @@ use ember_data::cache::{build_or_reuse, CacheSpec, TokenCache};
 use ember_data::loader::{Batch, PackedLoader};
 use ember_data::{tasks, train_bpe, Source, Tokenizer};
 use ember_models::hf;
-use ember_models::hybrid::stack::HybridLM;
-use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::objectives::linear_ce::{chunk_rows, linear_cross_entropy};
@@ -349,37 +347,29 @@ pub fn val_sets(val: Vec<Batch>) -> Vec<(String, Vec<Batch>)> {
     }
 }
 
-/// A pretraining stage: packed documents, next-token loss or RLP's reward, on a Qwen3 or a
-/// hybrid model.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    let path = s.path;
+/// A pretraining stage: packed documents, next-token loss or RLP's reward, on a model of
+/// family `M` (Qwen3 or a hybrid); `objective = "mlm"` trains an encoder instead.
+pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
+    let (recipe, path) = (s.recipe, s.path);
     check_common(&s.stage, path)?;
-    let data = &s.stage.data;
+    let (data, tcfg) = (&s.stage.data, &s.stage.train);
     if !data.datasets.is_empty() || !data.chat.is_empty() {
         bail!(
             "{}: [data] `datasets` belong to kind = \"cpt\" and `chat` to kind = \"sft\"",
             path.display()
         );
     }
-    let hybrid = crate::hybrid_lm::is_hybrid(s)?;
     match s.stage.objective {
         Some(TrainObjective::Rlp) => {
             crate::rlp::checked_section(s)?;
         }
-        Some(TrainObjective::Mlm) if !hybrid => return crate::mlm::run(s),
+        Some(TrainObjective::Mlm) => {
+            // The family's own refusal first (a hybrid checkpoint is no encoder).
+            M::check_stage(s)?;
+            return crate::mlm::run(s);
+        }
         _ => {}
     }
-    if hybrid {
-        run_packed::<HybridLM>(s)
-    } else {
-        run_packed::<Qwen3>(s)
-    }
-}
-
-/// A pretraining stage of model family `M` on packed documents.
-fn run_packed<M: StageModel>(s: &StageRun) -> Result<Summary> {
-    let (recipe, path) = (s.recipe, s.path);
-    let (data, tcfg) = (&s.stage.data, &s.stage.train);
     let mut setup = Setup::<M>::new(s)?;
     let prepared = prepare_data(
         data,

@@ -13,8 +13,6 @@ use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
-use ember_models::hybrid::stack::HybridLM;
-use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
 use crate::objectives::grpo::{
@@ -80,16 +78,8 @@ fn checked_section(s: &StageRun) -> Result<(RlSection, f64)> {
     Ok((rl, eps_high))
 }
 
-/// An RLVR stage.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    if crate::hybrid_lm::is_hybrid(s)? {
-        run_as::<HybridLM>(s)
-    } else {
-        run_as::<Qwen3>(s)
-    }
-}
-
-fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
+/// An RLVR stage, on a model of family `M` (Qwen3 or a hybrid).
+pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     let (rl, eps_high) = checked_section(s)?;

@@ -10,8 +10,6 @@ use ember_data::rng::mix64;
 use ember_data::sft::{render_all, Batching, Example, SftLoader};
 use ember_data::tasks::{self, Split};
 use ember_data::Tokenizer;
-use ember_models::hybrid::stack::HybridLM;
-use ember_models::qwen3::Qwen3;
 use serde_json::json;
 
 use crate::pretrain::{resolve_tokenizer, write_if_changed};
@@ -127,16 +125,8 @@ fn loader(
     )
 }
 
-/// An SFT stage, on a Qwen3 or a hybrid model.
-pub fn run(s: &StageRun) -> Result<Summary> {
-    if crate::hybrid_lm::is_hybrid(s)? {
-        run_as::<HybridLM>(s)
-    } else {
-        run_as::<Qwen3>(s)
-    }
-}
-
-fn run_as<M: StageModel>(s: &StageRun) -> Result<Summary> {
+/// An SFT stage, on a model of family `M` (Qwen3 or a hybrid).
+pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
     let path = s.path;
     check_common(&s.stage, path)?;
     let (data, tcfg) = (&s.stage.data, &s.stage.train);

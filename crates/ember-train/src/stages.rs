@@ -13,6 +13,7 @@ use ember_data::sft::SftLoader;
 use ember_data::Tokenizer;
 use ember_models::decode_graph::GraphDecode;
 use ember_models::hf::Checkpoint;
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::qwen3::Qwen3;
 use ember_models::rng::Rng;
 use serde_json::{json, Map, Value};
@@ -54,14 +55,22 @@ pub struct StageRun<'a> {
     pub resume: Option<PathBuf>,
 }
 
-/// Runs a stage of any kind.
+/// Runs a stage of any kind, on the model family its `[model]` or starting checkpoint names.
 pub fn run_stage(s: &StageRun) -> Result<Summary> {
+    if crate::hybrid_lm::is_hybrid(s)? {
+        run_kind::<HybridLM>(s)
+    } else {
+        run_kind::<Qwen3>(s)
+    }
+}
+
+fn run_kind<M: StageModel>(s: &StageRun) -> Result<Summary> {
     match s.stage.kind {
-        StageKind::Pretrain => crate::pretrain::run(s),
-        StageKind::Cpt => crate::cpt::run(s),
-        StageKind::Sft => crate::sft::run(s),
-        StageKind::Rlvr => crate::rlvr::run(s),
-        StageKind::Opd => crate::opd::run(s),
+        StageKind::Pretrain => crate::pretrain::run::<M>(s),
+        StageKind::Cpt => crate::cpt::run::<M>(s),
+        StageKind::Sft => crate::sft::run::<M>(s),
+        StageKind::Rlvr => crate::rlvr::run::<M>(s),
+        StageKind::Opd => crate::opd::run::<M>(s),
     }
 }
 
