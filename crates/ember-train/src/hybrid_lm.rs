@@ -86,7 +86,7 @@ impl StageModel for HybridLM {
                 path.display()
             ),
         };
-        if model.config.weight_normalization && s.stage.train.weight_decay.unwrap_or(0.1) != 0.0 {
+        if model.config.weight_normalization && s.stage.train.optim().weight_decay != 0.0 {
             bail!(
                 "{}: [train] weight_decay must be 0 with weight_normalization (the weights stay on the unit sphere)",
                 path.display()
