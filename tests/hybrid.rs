@@ -2,8 +2,8 @@
 //! tokens, weight normalisation): cached decoding against recomputation, batched left-padded
 //! generation against one prompt at a time, the captured decode step against the eager one,
 //! HF-layout save and load, the normalisation after a step, `ember train` on a hybrid
-//! recipe, and a hybrid through pretraining, phased CPT, padded SFT and RLVR in one
-//! pipeline.
+//! recipe, each document of a packed row against itself alone, and a hybrid through
+//! pretraining, phased CPT, packed SFT and RLVR in one pipeline.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
@@ -243,7 +243,7 @@ weight_normalization = true
 tokenizer = "byte_level"
 seq_len = 32
 val_fraction = 0.05
-doc_masks = false
+doc_masks = true
 
 [data.generated]
 task = "arithmetic"
@@ -301,9 +301,9 @@ fn flash_recipe_mistakes_are_one_line_errors() {
         "flash",
         &[
             (
-                "flash-docmask",
-                |s| s.replace("doc_masks = false", "doc_masks = true"),
-                &["doc_masks"],
+                "flash-docmask-captured",
+                |s| s.replace("[train]\n", "[train]\ncaptured_step = true\n"),
+                &["captured_step", "meta tokens", "doc_masks"],
             ),
             (
                 "flash-decay",
@@ -316,11 +316,6 @@ fn flash_recipe_mistakes_are_one_line_errors() {
                 &["M3"],
             ),
             (
-                "flash-sft-packed",
-                |s| format!("kind = \"sft\"\n{s}"),
-                &["batching", "\"pad\"", "hybrid"],
-            ),
-            (
                 "flash-mlm",
                 |s| format!("objective = \"mlm\"\n{s}"),
                 &["mlm", "modernbert"],
@@ -329,7 +324,7 @@ fn flash_recipe_mistakes_are_one_line_errors() {
     );
 }
 
-/// After FLASH's pretraining: a CPT stage over two phases, a padded SFT stage with a task
+/// After FLASH's pretraining: a CPT stage over two phases, a packed SFT stage with a task
 /// evaluation and an RLVR stage with a KL to the SFT model, each starting from the stage
 /// before it.
 const FLASH_LATER_STAGES: &str = r#"
@@ -339,7 +334,7 @@ kind = "cpt"
 [stage.data]
 seq_len = 32
 val_fraction = 0.1
-doc_masks = false
+doc_masks = true
 [stage.data.datasets.easy.generated]
 task = "arithmetic"
 count = 200
@@ -372,7 +367,7 @@ kind = "sft"
 [stage.data]
 seq_len = 64
 val_fraction = 0.1
-batching = "pad"
+batching = "pack"
 [stage.data.generated]
 task = "arithmetic"
 count = 200
@@ -587,6 +582,60 @@ fn a_hybrid_reads_a_right_padded_row_as_its_conversation_alone() {
             &values(alone),
             1e-5,
         );
+    }
+}
+
+/// A packed row reads every document as if it were alone: attention, RoPE positions, the
+/// recurrent layers' states and convolutions, and (with meta tokens) its own meta tokens.
+/// Documents end inside chunks and across them (the scans' chunks are 4 tokens), and the two
+/// rows hold different numbers of documents (so with meta tokens their layouts differ).
+#[test]
+fn a_hybrid_reads_each_document_of_a_packed_row_as_if_alone() {
+    use ember_train::trainer::NextTokenModel;
+    let dev = device();
+    let docs: [&[usize]; 2] = [&[5, 1, 7, 3], &[9, 7]];
+    let width = 16;
+    let mut rows = vec![];
+    let (mut positions, mut segments) = (vec![], vec![]);
+    for (r, lens) in docs.iter().enumerate() {
+        let (mut row, mut pos, mut seg) = (vec![], vec![], vec![]);
+        for (d, &n) in lens.iter().enumerate() {
+            let doc: Vec<i64> = (0..n as i64)
+                .map(|j| (7 * j + 13 * d as i64 + 5 * r as i64 + 1) % 64)
+                .collect();
+            row.extend(doc);
+            pos.extend(0..n as i64);
+            seg.extend(std::iter::repeat_n(d as i64, n));
+        }
+        assert_eq!(row.len(), width);
+        rows.push(row);
+        positions.push(pos);
+        segments.push(seg);
+    }
+    for meta in [0, 3] {
+        let model = HybridLM::random(flash_config(meta, false), 7, &dev).unwrap();
+        let packed = model.packed_logits(ids(&rows), ids(&positions), Some(ids(&segments)));
+        let whole = model.packed_logits(ids(&rows), ids(&positions), None);
+        for (r, lens) in docs.iter().enumerate() {
+            let mut at = 0;
+            for (d, &n) in lens.iter().enumerate() {
+                let doc = rows[r][at..at + n].to_vec();
+                let alone = model.packed_logits(ids(&[doc]), ids(&[(0..n as i64).collect()]), None);
+                let got = packed.clone().narrow(0, r, 1).narrow(1, at, n);
+                let what = format!("meta {meta}, row {r}, document {d}");
+                assert_close(&what, &values(got), &values(alone.clone()), 1e-5);
+                // Without the documents every later one would read its predecessors.
+                if d > 0 {
+                    let read = values(whole.clone().narrow(0, r, 1).narrow(1, at, n));
+                    let gap = max_abs_diff(&read, &values(alone));
+                    assert!(
+                        gap > 1e-2,
+                        "{what}: the whole row reads it as alone too ({gap})"
+                    );
+                }
+                at += n;
+            }
+        }
     }
 }
 

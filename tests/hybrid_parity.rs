@@ -257,7 +257,7 @@ fn delta_rule_chunked_and_recurrent_forms_agree() {
         let want_state = values(s_rec);
         for chunk in [1, 4, 8, 16, 64] {
             let mut s = s0.clone();
-            let got = values(chunked(inputs(), chunk, &mut s));
+            let got = values(chunked(inputs(), chunk, &mut s, None));
             let what = format!("gated {gated}, chunk {chunk}");
             assert_close(&what, &got, &want, 1e-4);
             assert_close(&format!("{what} state"), &values(s), &want_state, 1e-4);

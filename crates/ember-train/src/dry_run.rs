@@ -90,8 +90,8 @@ fn describe(
         (Some(s), None) => format!("new {}", model_line(s)),
     };
     check_model_fits(spec.as_ref(), st.kind, objective, path)?;
-    if matches!(spec, Some(ModelSpec::Hybrid(_))) {
-        crate::hybrid_lm::check_section(st, path)?;
+    if let Some(ModelSpec::Hybrid(c)) = &spec {
+        crate::hybrid_lm::check_section(st, path, Some(c.memory_tokens))?;
     }
 
     // Every file the stage reads.

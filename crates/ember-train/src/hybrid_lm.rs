@@ -1,16 +1,13 @@
 //! Hybrid decoders (`arch = "nemotron_flash"`, `"mamba2"` or `"nemotron_h"`) as a stage model:
 //! they train in every decoder stage (pretraining with next-token loss or RLP, CPT, SFT,
-//! RLVR, and OPD as the student) through the same loop, data and evaluators as Qwen3. A recurrent
-//! state would carry across the documents of a packed row, so rows are read as whole
-//! sequences: packed stages must set `doc_masks = false`, and SFT must pad one conversation
-//! per row, which is exact since its padding comes after the conversation and carries no
-//! loss (RL rows are padded the same way).
+//! RLVR, and OPD as the student) through the same loop, data and evaluators as Qwen3. Packed
+//! rows (`doc_masks`, packed SFT) read each document as if alone: the recurrent layers' states
+//! and convolutions stop at document boundaries, as attention does (`HybridLM::packed_hidden`).
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
 use burn::tensor::{DType, Device};
-use ember_data::sft::Batching;
 use ember_models::hf;
 use ember_models::hybrid::stack::HybridLM;
 use serde_json::json;
@@ -36,23 +33,35 @@ pub fn is_hybrid(s: &StageRun) -> Result<bool> {
     }
 }
 
-/// Refuses, in one line naming the key, what a hybrid cannot train on in `stage` of recipe
-/// `path`.
-pub fn check_section(stage: &StageSection, path: &Path) -> Result<()> {
-    let (path, data) = (path.display(), &stage.data);
+/// Refuses, in one line naming the key, what a hybrid with `meta` meta tokens (when known)
+/// cannot train on in `stage` of recipe `path`.
+pub fn check_section(stage: &StageSection, path: &Path, meta: Option<usize>) -> Result<()> {
     if stage.objective == Some(TrainObjective::Mlm) {
-        bail!("{path}: {}: {MLM_NEEDS_ENCODER}", stage.name);
+        bail!("{}: {}: {MLM_NEEDS_ENCODER}", path.display(), stage.name);
     }
-    let why = "a hybrid's recurrent layers read each row as one sequence";
-    match stage.kind {
-        StageKind::Sft if data.batching != Batching::Pad => {
-            bail!("{path} [data]: batching must be \"pad\" for a hybrid model ({why})")
-        }
-        StageKind::Pretrain | StageKind::Cpt if data.doc_masks => {
-            bail!("{path} [data]: doc_masks must be false for a hybrid model ({why})")
-        }
-        _ => Ok(()),
+    match meta {
+        Some(n) => check_capture(stage, path, n),
+        None => Ok(()),
     }
+}
+
+/// A captured step replays one layout, but a model with meta tokens gives every document of
+/// a row its own, so rows of several documents change layout from batch to batch.
+fn check_capture(stage: &StageSection, path: &Path, meta: usize) -> Result<()> {
+    let documents = match stage.kind {
+        StageKind::Sft => true,
+        StageKind::Pretrain | StageKind::Cpt => stage.data.doc_masks,
+        _ => false,
+    };
+    if stage.train.captured_step && meta > 0 && documents {
+        bail!(
+            "{} [train]: `captured_step` cannot train a hybrid with meta tokens on rows of \
+             several documents (SFT, or doc_masks = true): each document gets its own meta \
+             tokens, so the layout changes from batch to batch",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 impl StageModel for HybridLM {
@@ -92,6 +101,7 @@ impl StageModel for HybridLM {
                 path.display()
             );
         }
+        check_capture(&s.stage, path, model.config.memory_tokens)?;
         Ok(model.with_compute_dtype(dtype))
     }
 
@@ -100,7 +110,11 @@ impl StageModel for HybridLM {
     }
 
     fn check_stage(s: &StageRun) -> Result<()> {
-        check_section(&s.stage, s.path)
+        let meta = match stage_model_spec(s)? {
+            Some(ModelSpec::Hybrid(c)) => Some(c.memory_tokens),
+            _ => None,
+        };
+        check_section(&s.stage, s.path, meta)
     }
 
     fn set_eos(&mut self, eos_id: u32) {

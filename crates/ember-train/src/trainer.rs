@@ -187,15 +187,13 @@ impl TrainModel for HybridLM {
 }
 
 impl NextTokenModel for HybridLM {
-    /// Hybrids read rows as whole sequences (their recurrent state would cross document
-    /// boundaries; stages refuse `doc_masks` for them), so positions and segments are unused.
     fn packed_hidden(
         &self,
         ids: Tensor<2, Int>,
-        _positions: Tensor<2, Int>,
-        _segments: Option<Tensor<2, Int>>,
+        positions: Tensor<2, Int>,
+        segments: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        self.final_hidden(ids, None)
+        HybridLM::packed_hidden(self, ids, positions, segments)
     }
 
     fn head_weight(&self) -> Tensor<2> {

@@ -12,7 +12,8 @@ use burn::tensor::{DType, Device, Tensor};
 
 use super::delta_rule::{self, DeltaInputs};
 use super::{
-    causal_conv_silu, conv_param, export_conv, l2_normalize, repeat_heads, RecurrentState,
+    causal_conv_silu, conv_param, export_conv, l2_normalize, repeat_heads, Documents,
+    RecurrentState,
 };
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
@@ -183,6 +184,7 @@ impl GatedDeltaNet {
             Tensor::cat(vec![q, k, v], 2),
             self.conv_weight.val(),
             None,
+            None,
         );
         let (kd, vd) = (d.key_dim(), d.value_dim());
         let heads = |m: Tensor<3>, g: usize, dim: usize| m.reshape([b, l, g, dim]);
@@ -215,7 +217,7 @@ impl GatedDeltaNet {
         let o = if l == 1 {
             delta_rule::recurrent(inputs, &mut st.state)
         } else {
-            delta_rule::chunked(inputs, d.chunk, &mut st.state)
+            delta_rule::chunked(inputs, d.chunk, &mut st.state, None)
         };
         let o = o.swap_dims(1, 2); // [b, l, v_heads, dv]
         let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();
@@ -304,7 +306,14 @@ impl DeltaNet {
     }
 
     /// As [`GatedDeltaNet::forward`]; the state's conv history holds [q | k | v] channels.
-    pub fn forward(&self, x: Tensor<3>, state: Option<&mut DeltaState>) -> Tensor<3> {
+    /// With `docs` (the documents of packed rows), the state does not cross from one document
+    /// into the next.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        state: Option<&mut DeltaState>,
+        docs: Option<&Documents>,
+    ) -> Tensor<3> {
         let d = self.dims;
         let [b, l, _] = x.dims();
         let dtype = x.dtype();
@@ -321,7 +330,7 @@ impl DeltaNet {
         // One conv history for the three convs, as [q | k | v] channels.
         let hist = |from: usize, n: usize, input: Tensor<3>, w: Tensor<2>| {
             let mut h = st.conv.clone().narrow(2, from, n);
-            let y = causal_conv_silu(&mut h, input, w, None);
+            let y = causal_conv_silu(&mut h, input, w, None, docs);
             (y, h)
         };
         let (q, hq) = hist(0, kd, self.q_proj.forward(x.clone()), self.q_conv.val());
@@ -351,7 +360,7 @@ impl DeltaNet {
         let o = if l == 1 {
             delta_rule::recurrent(inputs, &mut st.state)
         } else {
-            delta_rule::chunked(inputs, d.chunk, &mut st.state)
+            delta_rule::chunked(inputs, d.chunk, &mut st.state, docs)
         };
         let o = o.swap_dims(1, 2);
         let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();

@@ -12,7 +12,7 @@
 
 use burn::tensor::{Bool, Tensor};
 
-use super::segment_decay;
+use super::{segment_decay, Documents};
 
 /// Inputs `[batch, heads, seq, ·]` (q, k: dk; v: dv), `beta` and `g` `[batch, heads, seq]`.
 pub struct DeltaInputs {
@@ -53,8 +53,14 @@ pub fn recurrent(x: DeltaInputs, state: &mut Tensor<4>) -> Tensor<4> {
     Tensor::cat(out, 2)
 }
 
-/// The chunked form with chunks of `chunk` tokens, from and into `state`.
-pub fn chunked(x: DeltaInputs, chunk: usize, state: &mut Tensor<4>) -> Tensor<4> {
+/// The chunked form with chunks of `chunk` tokens, from and into `state`. With `docs` (the
+/// documents of packed rows), every decay across a document boundary is zero.
+pub fn chunked(
+    x: DeltaInputs,
+    chunk: usize,
+    state: &mut Tensor<4>,
+    docs: Option<&Documents>,
+) -> Tensor<4> {
     let [b, h, l, dk] = x.k.dims();
     let dv = x.v.dims()[3];
     let t = chunk.max(1);
@@ -86,21 +92,44 @@ pub fn chunked(x: DeltaInputs, chunk: usize, state: &mut Tensor<4>) -> Tensor<4>
     let (q, k, v) = (chunks(q, dk), chunks(k, dk), chunks(v, dv));
     let (k_beta, v_beta) = (k.clone() * bcol.clone(), v * bcol);
     let cum = g.reshape([b, h, c, t]).cumsum(3);
-    let decay = segment_decay(cum.clone()); // [b, h, c, t, t], zero above the diagonal
+    let masks = docs.map(|d| d.chunks(t));
+    let cut = |decay: Tensor<5>, mask: Option<Tensor<4>>| match mask {
+        Some(m) => decay * m.unsqueeze_dim::<5>(1),
+        None => decay,
+    };
+    // [b, h, c, t, t], zero above the diagonal
+    let decay = cut(
+        segment_decay(cum.clone()),
+        masks.as_ref().map(|m| m.within.clone()),
+    );
     let strict = Tensor::<2, Bool>::tril_mask([t, t], -1, &device)
         .reshape([1, 1, 1, t, t])
         .expand([b, h, c, t, t]);
     let a =
         (k_beta.clone().matmul(k.clone().swap_dims(3, 4)) * decay.clone()).mask_fill(strict, 0.0);
     let inv = unit_lower_inverse(a);
-    let exp_cum = cum.clone().exp().reshape([b, h, c, t, 1]);
+    let exp_cum = cut(
+        cum.clone().exp().reshape([b, h, c, t, 1]),
+        masks
+            .as_ref()
+            .map(|m| m.from_start.clone().reshape([b, c, t, 1])),
+    );
     let u = inv.clone().matmul(v_beta);
     let w = inv.matmul(k_beta * exp_cum.clone());
     let intra = q.clone().matmul(k.clone().swap_dims(3, 4)) * decay;
     let last = cum.clone().narrow(3, t - 1, 1); // [b, h, c, 1]
     let q = q * exp_cum;
-    let k = k * (last.clone() - cum).exp().reshape([b, h, c, t, 1]);
-    let chunk_decay = last.exp(); // [b, h, c, 1]
+    let k = k * cut(
+        (last.clone() - cum).exp().reshape([b, h, c, t, 1]),
+        masks
+            .as_ref()
+            .map(|m| m.to_end.clone().reshape([b, c, t, 1])),
+    );
+    let chunk_decay = cut(
+        last.exp().reshape([b, h, c, 1, 1]),
+        masks.map(|m| m.through.reshape([b, c, 1, 1])),
+    )
+    .reshape([b, h, c, 1]);
     let at = |m: &Tensor<5>, i: usize, d: usize| m.clone().narrow(2, i, 1).reshape([b, h, t, d]);
     let mut out = Vec::with_capacity(c);
     let mut s = state.clone();

@@ -13,7 +13,8 @@ use burn::tensor::activation::{silu, softplus};
 use burn::tensor::{DType, Device, Tensor};
 
 use super::{
-    causal_conv_silu, conv_param, export_conv, repeat_heads, segment_decay, RecurrentState,
+    causal_conv_silu, conv_param, export_conv, repeat_heads, segment_decay, Documents,
+    RecurrentState,
 };
 use crate::layers::linear::Linear;
 use crate::layers::to_dtype;
@@ -175,16 +176,19 @@ impl Mamba2Mixer {
     /// conv sees the previous inputs, the scan starts from the SSM state) and the state is
     /// advanced. One token takes the recurrent step, longer inputs the chunked scan.
     pub fn forward(&self, x: Tensor<3>, state: Option<&mut Mamba2State>) -> Tensor<3> {
-        self.forward_masked(x, state, None)
+        self.forward_masked(x, state, None, None)
     }
 
     /// As [`Mamba2Mixer::forward`], with `keep` `[batch, seq]` 0 at left padding: a padded
-    /// position neither writes to nor decays the state (as transformers masks its inputs).
+    /// position neither writes to nor decays the state (as transformers masks its inputs);
+    /// and with `docs`, the documents of packed rows, whose state does not cross from one
+    /// document into the next.
     pub fn forward_masked(
         &self,
         x: Tensor<3>,
         state: Option<&mut Mamba2State>,
         keep: Option<Tensor<2>>,
+        docs: Option<&Documents>,
     ) -> Tensor<3> {
         let d = self.dims;
         let [b, l, _] = x.dims();
@@ -217,6 +221,7 @@ impl Mamba2Mixer {
             xbc,
             self.conv_weight.val(),
             self.conv_bias.as_ref().map(|b| b.val()),
+            docs,
         ));
         let gs = d.groups * d.state;
         let xs = xbc
@@ -243,7 +248,7 @@ impl Mamba2Mixer {
             + if l == 1 {
                 self.step(inputs, st)
             } else {
-                self.scan(inputs, st)
+                self.scan(inputs, st, docs)
             };
         let y = self.gated_norm(y.reshape([b, l, inner]), to_dtype(gate, DType::F32));
         self.out_proj.forward(to_dtype(y, dtype))
@@ -286,7 +291,7 @@ impl Mamba2Mixer {
     }
 
     /// The chunked SSD scan over `[b, l, heads, ..]`, from and into `st.state`.
-    fn scan(&self, i: SsmInputs, st: &mut Mamba2State) -> Tensor<4> {
+    fn scan(&self, i: SsmInputs, st: &mut Mamba2State, docs: Option<&Documents>) -> Tensor<4> {
         let SsmInputs { x, dt, a, bm, cm } = i;
         let d = self.dims;
         let [b, l, h, p] = x.dims();
@@ -313,21 +318,42 @@ impl Mamba2Mixer {
         let bc = bm.reshape([b, c, t, h, n]).permute([0, 1, 3, 2, 4]);
         let cc = cm.reshape([b, c, t, h, n]).permute([0, 1, 3, 2, 4]);
         let acum = adt.permute([0, 1, 3, 2]).cumsum(3); // [b, c, h, t]
-                                                        // 1. Within chunks: y_l = Σ_{s≤l} (C_l·B_s) exp(A_l − A_s) x_s.
-        let decay_in = segment_decay(acum.clone());
+        let masks = docs.map(|d| d.chunks(t));
+        // Each decay below, times its mask: zero across a document boundary.
+        let cut = |decay: Tensor<5>, mask: Option<Tensor<5>>| match mask {
+            Some(m) => decay * m,
+            None => decay,
+        };
+        // 1. Within chunks: y_l = Σ_{s≤l} (C_l·B_s) exp(A_l − A_s) x_s.
+        let decay_in = cut(
+            segment_decay(acum.clone()),
+            masks
+                .as_ref()
+                .map(|m| m.within.clone().reshape([b, c, 1, t, t])),
+        );
         let scores = cc.clone().matmul(bc.clone().swap_dims(3, 4)) * decay_in;
         let y_diag = scores.matmul(xc.clone());
         // 2. Each chunk's own end state: Σ_l exp(A_end − A_l) x_l ⊗ B_l  → [b, c, h, p, n].
         let last = acum.clone().narrow(3, t - 1, 1);
-        let to_end = (last.clone() - acum.clone()).exp().reshape([b, c, h, t, 1]);
+        let to_end = cut(
+            (last.clone() - acum.clone()).exp().reshape([b, c, h, t, 1]),
+            masks
+                .as_ref()
+                .map(|m| m.to_end.clone().reshape([b, c, 1, t, 1])),
+        );
         let states = xc.swap_dims(3, 4).matmul(bc * to_end);
         // 3. Across chunks: the state entering chunk i, from the initial state and chunks < i.
         let init = st.state.clone().reshape([b, 1, h, p, n]);
         let all = Tensor::cat(vec![init, states], 1).reshape([b, c + 1, h, p * n]);
         let ends = last.reshape([b, c, h]).permute([0, 2, 1]); // [b, h, c]
         let ends = Tensor::cat(vec![Tensor::zeros([b, h, 1], &device), ends], 2).cumsum(2);
-        let decay_across =
-            segment_decay(ends.reshape([b, h, 1, c + 1])).reshape([b, h, c + 1, c + 1]);
+        let decay_across = cut(
+            segment_decay(ends.reshape([b, h, 1, c + 1])),
+            masks
+                .as_ref()
+                .map(|m| m.across.clone().reshape([b, 1, 1, c + 1, c + 1])),
+        )
+        .reshape([b, h, c + 1, c + 1]);
         let entering = decay_across.matmul(all.permute([0, 2, 1, 3])); // [b, h, c+1, p·n]
         st.state = entering.clone().narrow(2, c, 1).reshape([b, h, p, n]);
         let entering = entering
@@ -335,7 +361,11 @@ impl Mamba2Mixer {
             .reshape([b, h, c, p, n])
             .permute([0, 2, 1, 3, 4]); // [b, c, h, p, n]
                                        // 4. The entering state's contribution: exp(A_l) C_l · state.
-        let y_off = cc.matmul(entering.swap_dims(3, 4)) * acum.exp().reshape([b, c, h, t, 1]);
+        let from_start = cut(
+            acum.exp().reshape([b, c, h, t, 1]),
+            masks.map(|m| m.from_start.reshape([b, c, 1, t, 1])),
+        );
+        let y_off = cc.matmul(entering.swap_dims(3, 4)) * from_start;
         let y = (y_diag + y_off)
             .permute([0, 1, 3, 2, 4])
             .reshape([b, c * t, h, p]);

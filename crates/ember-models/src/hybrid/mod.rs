@@ -3,7 +3,9 @@
 
 pub mod delta_net;
 pub mod delta_rule;
+pub mod documents;
 pub mod mamba2;
+mod packed;
 pub mod qwen3_next;
 pub mod stack;
 pub mod weight_norm;
@@ -12,6 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use crate::layers::to_dtype;
+pub use documents::Documents;
 
 /// exp of the segment sums of a cumulative sum over the last axis: out[.., i, j] =
 /// exp(cum_i − cum_j) for j ≤ i and 0 above the diagonal. `[.., k]` → `[.., k, k]`.
@@ -27,20 +30,28 @@ pub fn segment_decay(cum: Tensor<4>) -> Tensor<5> {
 
 /// A causal depthwise conv over `[batch, seq, channels]` that continues `history` (the last
 /// `kernel − 1` inputs, `[batch, kernel − 1, channels]`, updated in place), then SiLU; in
-/// f32. `weight` is `[channels, kernel]`.
+/// f32. `weight` is `[channels, kernel]`. With `docs`, no tap reaches into an earlier
+/// document of a packed row.
 pub fn causal_conv_silu(
     history: &mut Tensor<3>,
     x: Tensor<3>,
     weight: Tensor<2>,
     bias: Option<Tensor<1>>,
+    docs: Option<&Documents>,
 ) -> Tensor<3> {
     let [_, l, ch] = x.dims();
     let k = weight.dims()[1];
     let full = Tensor::cat(vec![history.clone(), to_dtype(x, DType::F32)], 1);
     *history = full.clone().narrow(1, l, k - 1);
     let w = to_dtype(weight, DType::F32);
-    let tap =
-        |j: usize| full.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, ch]);
+    let tap = |j: usize| {
+        let t = full.clone().narrow(1, j, l) * w.clone().narrow(1, j, 1).reshape([1, 1, ch]);
+        match docs {
+            // Tap j reads the input k − 1 − j steps back.
+            Some(d) if j + 1 < k => t * d.reaches_back(k - 1 - j),
+            _ => t,
+        }
+    };
     let mut out = tap(0);
     for j in 1..k {
         out = out + tap(j);

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
-use super::RecurrentState;
+use super::{Documents, RecurrentState};
 use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
 use crate::layers::linear::Linear;
@@ -418,10 +418,30 @@ fn layout_index(
         .collect()
 }
 
-fn index3(idx: Vec<i64>, b: usize, w: usize, h: usize, device: &Device) -> Tensor<3, Int> {
+pub(super) fn index3(
+    idx: Vec<i64>,
+    b: usize,
+    w: usize,
+    h: usize,
+    device: &Device,
+) -> Tensor<3, Int> {
     Tensor::<2, Int>::from_data(TensorData::new(idx, [b, w]), device)
         .reshape([b, w, 1])
         .expand([b, w, h])
+}
+
+/// What one pass through the layers reads besides its input.
+pub(super) struct Pass<'a> {
+    pub rope: Option<&'a rope::RopeTables>,
+    /// The cache position of the first input.
+    pub start: usize,
+    /// `[batch, len]`, 0 at left padding.
+    pub keep: Option<Tensor<2>>,
+    /// `[batch, start + len]`, true at left padding.
+    pub pad: Option<Tensor<2, Bool>>,
+    /// `[batch, len]` document ids of packed rows: neither attention nor a recurrent state
+    /// crosses from one document into the next.
+    pub segments: Option<Tensor<2, Int>>,
 }
 
 #[derive(Module, Debug)]
@@ -681,12 +701,7 @@ impl HybridLM {
         let c = &self.config;
         let h = c.hidden_size;
         let device = input_ids.device();
-        let mut x = self
-            .embeddings
-            .val()
-            .select(0, input_ids.reshape([b * s]))
-            .reshape([b, s, h]);
-        x = crate::layers::to_dtype(x, self.compute_dtype);
+        let mut x = self.embed(input_ids);
         let start = cache.as_ref().map_or(0, |c| c.len);
         if start == 0 {
             if let Some(c) = cache.as_deref_mut() {
@@ -735,11 +750,7 @@ impl HybridLM {
                     .reshape([1, len])
                     .expand([b, len]),
             };
-            // In the compute dtype, as the attention's q and k (angles stay f32).
-            match &self.rope_freq {
-                Some(f) => rope::tables_with(f, pos, self.compute_dtype),
-                None => rope::tables(theta, c.attn.head_dim, pos, self.compute_dtype, &device),
-            }
+            self.rope_at(theta, pos)
         });
         // Left padding over the cache's positions so far, and this call's share of it.
         let pad = counts.as_ref().filter(|_| padded).map(|v| {
@@ -755,52 +766,19 @@ impl HybridLM {
         let keep = pad
             .as_ref()
             .map(|p| p.clone().narrow(1, start, len).bool_not().float());
-        let mut out = vec![x.clone()];
-        for (i, block) in self.layers.iter().enumerate() {
-            let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let y = block.norm.forward(x.clone());
-            let y = match (&block.mixer, state) {
-                (Mixer::Mamba2(m), Some(LayerState::Ssm(st))) => {
-                    m.forward_masked(y, Some(st), keep.clone())
-                }
-                (Mixer::Mamba2(m), _) => m.forward(y, None),
-                (Mixer::DeltaNet(m), Some(LayerState::Delta(st))) => {
-                    // A zero input leaves the delta-rule state as it was.
-                    let y = match &keep {
-                        Some(k) => {
-                            let dtype = y.dtype();
-                            y * k.clone().reshape([b, len, 1]).cast(dtype)
-                        }
-                        None => y,
-                    };
-                    m.forward(y, Some(st))
-                }
-                (Mixer::DeltaNet(m), _) => m.forward(y, None),
-                (Mixer::Attention(a), state) => {
-                    let cache = match state {
-                        Some(LayerState::Kv(kv)) => Some((kv, CacheSlot::At(start))),
-                        _ => None,
-                    };
-                    let mut ctx = AttnContext {
-                        cache,
-                        key_pad: pad.clone(),
-                        segments: None,
-                        dense: self.dense_attention,
-                        masks: Default::default(),
-                    };
-                    a.forward(y, rope_t.as_ref(), &mut ctx)
-                }
-                (Mixer::Mlp(m), _) => m.forward(y),
-                (Mixer::Ffn(f), _) => f.forward(y),
-            };
-            x = x + y;
-            out.push(x.clone());
-        }
+        let pass = Pass {
+            rope: rope_t.as_ref(),
+            start,
+            keep,
+            pad,
+            segments: None,
+        };
+        let mut out = self.blocks(x, &pass, cache.as_deref_mut());
         if let Some(c) = cache {
             c.len += len;
         }
         let last = out.len() - 1;
-        out[last] = self.norm_f.forward(x);
+        out[last] = self.norm_f.forward(out[last].clone());
         if meta > 0 {
             out = match (&counts, padded) {
                 // Back to the tokens' own layout: [padding | tokens].
@@ -812,6 +790,84 @@ impl HybridLM {
                 }
                 _ => out.into_iter().map(|t| t.narrow(1, meta, s)).collect(),
             };
+        }
+        out
+    }
+
+    /// The tokens' embeddings `[batch, seq, hidden]` in the compute dtype.
+    pub(super) fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = ids.dims();
+        let x = self.embeddings.val().select(0, ids.reshape([b * s]));
+        crate::layers::to_dtype(
+            x.reshape([b, s, self.config.hidden_size]),
+            self.compute_dtype,
+        )
+    }
+
+    /// RoPE's tables at `positions`, in the compute dtype as the attention's q and k (the
+    /// angles stay f32).
+    pub(super) fn rope_at(&self, theta: f64, positions: Tensor<2, Int>) -> rope::RopeTables {
+        match &self.rope_freq {
+            Some(f) => rope::tables_with(f, positions, self.compute_dtype),
+            None => {
+                let device = positions.device();
+                let d = self.config.attn.head_dim;
+                rope::tables(theta, d, positions, self.compute_dtype, &device)
+            }
+        }
+    }
+
+    /// Every layer's input and the last layer's output (before the final norm), from `x`
+    /// `[batch, len, hidden]`.
+    pub(super) fn blocks(
+        &self,
+        mut x: Tensor<3>,
+        pass: &Pass,
+        mut cache: Option<&mut HybridCache>,
+    ) -> Vec<Tensor<3>> {
+        let [b, len, _] = x.dims();
+        let docs = pass.segments.clone().map(Documents::new);
+        let keep = &pass.keep;
+        let mut out = vec![x.clone()];
+        for (i, block) in self.layers.iter().enumerate() {
+            let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let y = block.norm.forward(x.clone());
+            let y = match (&block.mixer, state) {
+                (Mixer::Mamba2(m), Some(LayerState::Ssm(st))) => {
+                    m.forward_masked(y, Some(st), keep.clone(), docs.as_ref())
+                }
+                (Mixer::Mamba2(m), _) => m.forward_masked(y, None, None, docs.as_ref()),
+                (Mixer::DeltaNet(m), Some(LayerState::Delta(st))) => {
+                    // A zero input leaves the delta-rule state as it was.
+                    let y = match keep {
+                        Some(k) => {
+                            let dtype = y.dtype();
+                            y * k.clone().reshape([b, len, 1]).cast(dtype)
+                        }
+                        None => y,
+                    };
+                    m.forward(y, Some(st), docs.as_ref())
+                }
+                (Mixer::DeltaNet(m), _) => m.forward(y, None, docs.as_ref()),
+                (Mixer::Attention(a), state) => {
+                    let cache = match state {
+                        Some(LayerState::Kv(kv)) => Some((kv, CacheSlot::At(pass.start))),
+                        _ => None,
+                    };
+                    let mut ctx = AttnContext {
+                        cache,
+                        key_pad: pass.pad.clone(),
+                        segments: pass.segments.clone(),
+                        dense: self.dense_attention,
+                        masks: Default::default(),
+                    };
+                    a.forward(y, pass.rope, &mut ctx)
+                }
+                (Mixer::Mlp(m), _) => m.forward(y),
+                (Mixer::Ffn(f), _) => f.forward(y),
+            };
+            x = x + y;
+            out.push(x.clone());
         }
         out
     }
@@ -884,10 +940,10 @@ impl crate::decode_graph::GraphDecode for HybridLM {
             let y = block.norm.forward(x.clone());
             let y = match (&block.mixer, state) {
                 (Mixer::Mamba2(m), LayerState::Ssm(st)) => {
-                    st.advance_in_place(|st| m.forward_masked(y, Some(st), None))
+                    st.advance_in_place(|st| m.forward_masked(y, Some(st), None, None))
                 }
                 (Mixer::DeltaNet(m), LayerState::Delta(st)) => {
-                    st.advance_in_place(|st| m.forward(y, Some(st)))
+                    st.advance_in_place(|st| m.forward(y, Some(st), None))
                 }
                 (Mixer::Attention(a), LayerState::Kv(kv)) => {
                     let mut ctx = AttnContext {
