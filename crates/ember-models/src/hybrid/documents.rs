@@ -10,14 +10,22 @@
 //! likewise drops the taps that reach back into an earlier document. This is what
 //! mamba_ssm's `seq_idx` and FLA's `cu_seqlens` compute.
 
+use std::cell::RefCell;
+
 use burn::tensor::{Int, Tensor};
 
 /// Document ids `[batch, seq]` of packed rows, non-decreasing along each row, as f32 (exact
-/// for any realistic count).
-#[derive(Clone, Debug)]
-pub struct Documents(Tensor<2>);
+/// for any realistic count). One value serves every layer of a forward pass, so each mask
+/// is made once and handed out again to the layers that ask for it after the first.
+#[derive(Debug)]
+pub struct Documents {
+    ids: Tensor<2>,
+    taps: RefCell<Vec<(usize, Tensor<3>)>>,
+    chunks: RefCell<Vec<(usize, ChunkMasks)>>,
+}
 
 /// [`Documents`] laid out in chunks of `t` for a chunked scan, as 1/0 masks.
+#[derive(Clone, Debug)]
 pub struct ChunkMasks {
     /// `[b, c, t, t]`: positions i and j are in the same document.
     pub within: Tensor<4>,
@@ -34,41 +42,53 @@ pub struct ChunkMasks {
 
 impl Documents {
     pub fn new(segments: Tensor<2, Int>) -> Self {
-        Self(segments.float())
+        Self {
+            ids: segments.float(),
+            taps: RefCell::default(),
+            chunks: RefCell::default(),
+        }
     }
 
     /// 1 where the input `back` steps before each position is in the same document,
     /// `[b, l, 1]`. Inputs before the row (a continued state's history) count as the first
     /// document's.
     pub fn reaches_back(&self, back: usize) -> Tensor<3> {
-        let [b, l] = self.0.dims();
-        let first = self.0.clone().narrow(1, 0, 1);
-        let earlier = if back >= l {
-            first.expand([b, l])
-        } else {
-            let head = first.expand([b, back]);
-            Tensor::cat(vec![head, self.0.clone().narrow(1, 0, l - back)], 1)
-        };
-        earlier.equal(self.0.clone()).float().reshape([b, l, 1])
+        remembered(&self.taps, back, || {
+            let ids = &self.ids;
+            let [b, l] = ids.dims();
+            let first = ids.clone().narrow(1, 0, 1);
+            let earlier = if back >= l {
+                first.expand([b, l])
+            } else {
+                let head = first.expand([b, back]);
+                Tensor::cat(vec![head, ids.clone().narrow(1, 0, l - back)], 1)
+            };
+            earlier.equal(ids.clone()).float().reshape([b, l, 1])
+        })
     }
 
     /// The masks of chunks of `t` positions; the row is padded to whole chunks by repeating
     /// its last id (padding continues the last document).
     pub fn chunks(&self, t: usize) -> ChunkMasks {
-        let [b, l] = self.0.dims();
+        remembered(&self.chunks, t, || self.make_chunks(t))
+    }
+
+    fn make_chunks(&self, t: usize) -> ChunkMasks {
+        let [b, l] = self.ids.dims();
         let c = l.div_ceil(t);
         let ids = if c * t > l {
-            let last = self.0.clone().narrow(1, l - 1, 1).expand([b, c * t - l]);
-            Tensor::cat(vec![self.0.clone(), last], 1)
+            let last = self.ids.clone().narrow(1, l - 1, 1).expand([b, c * t - l]);
+            Tensor::cat(vec![self.ids.clone(), last], 1)
         } else {
-            self.0.clone()
+            self.ids.clone()
         }
         .reshape([b, c, t]);
         let same = |x: Tensor<3>, y: Tensor<3>| x.equal(y).float();
-        let last = ids.clone().narrow(2, t - 1, 1); // [b, c, 1]
-        let first = ids.clone().narrow(1, 0, 1).narrow(2, 0, 1); // [b, 1, 1]
-                                                                 // The document of the state entering each chunk: the previous chunk's last position's
-                                                                 // (the first position's for the first chunk, so that an initial state continues it).
+        // [b, c, 1] and [b, 1, 1]
+        let last = ids.clone().narrow(2, t - 1, 1);
+        let first = ids.clone().narrow(1, 0, 1).narrow(2, 0, 1);
+        // The document of the state entering each chunk: the previous chunk's last position's
+        // (the first position's for the first chunk, so that an initial state continues it).
         let entering = if c > 1 {
             Tensor::cat(vec![first.clone(), last.clone().narrow(1, 0, c - 1)], 1)
         } else {
@@ -98,4 +118,18 @@ impl Documents {
             ),
         }
     }
+}
+
+/// The value `make` gives for `key`, made on the first call and cloned after it.
+fn remembered<T: Clone>(
+    memo: &RefCell<Vec<(usize, T)>>,
+    key: usize,
+    make: impl FnOnce() -> T,
+) -> T {
+    if let Some((_, v)) = memo.borrow().iter().find(|(k, _)| *k == key) {
+        return v.clone();
+    }
+    let v = make();
+    memo.borrow_mut().push((key, v.clone()));
+    v
 }

@@ -26,9 +26,10 @@ impl HybridLM {
             return self.final_hidden(ids, None);
         };
         let x = self.embed(ids);
-        let (x, positions, segments, back) = match self.memory.is_some() {
-            true => self.meta_per_document(x, positions, segments),
-            false => (x, positions, segments, None),
+        let (x, positions, segments, back) = if self.memory.is_some() {
+            self.meta_per_document(x, positions, segments)
+        } else {
+            (x, positions, segments, None)
         };
         let rope = self
             .config
@@ -99,14 +100,14 @@ impl HybridLM {
             self.compute_dtype,
         );
         let all = Tensor::cat(vec![meta.reshape([1, n, h]).expand([b, n, h]), x], 1);
-        let idx2 = Tensor::<2, Int>::from_data(TensorData::new(src.clone(), [b, width]), &device);
+        let src = Tensor::<2, Int>::from_data(TensorData::new(src, [b, width]), &device);
         let meta_pos = Tensor::<1, Int>::arange(0..n as i64, &device)
             .reshape([1, n])
             .expand([b, n]);
         let positions = Tensor::cat(vec![meta_pos, positions.add_scalar(n as i64)], 1);
         (
-            all.gather(1, index3(src, b, width, h, &device)),
-            positions.gather(1, idx2),
+            all.gather(1, src.clone().reshape([b, width, 1]).expand([b, width, h])),
+            positions.gather(1, src),
             Tensor::from_data(TensorData::new(doc, [b, width]), &device),
             Some(index3(at, b, s, h, &device)),
         )
