@@ -178,7 +178,7 @@ fn opd_recipe(name: &str, teacher: &Path, train_sec: &str, distill: &str) -> (Pa
     opd_recipe_for(model, name, teacher, train_sec, distill)
 }
 
-/// [`opd_recipe`] with the student's `[model]` body `model`.
+/// [`opd_recipe`] with the student's `[model]` body `model` (none when empty).
 fn opd_recipe_for(
     model: &str,
     name: &str,
@@ -187,9 +187,14 @@ fn opd_recipe_for(
     distill: &str,
 ) -> (PathBuf, PathBuf) {
     let dir = temp_dir(name);
+    // No `[model]` body: the student is the checkpoint `train.init_from` names.
+    let model = match model {
+        "" => String::new(),
+        m => format!("[model]\n{m}\n\n"),
+    };
     let text = format!(
         "kind = \"opd\"\n[run]\nname = \"student\"\nseed = 5\nout_dir = \"{}\"\n\n\
-         [model]\n{model}\n\n\
+         {model}\
          [data]\nseq_len = 64\n[data.generated]\ntask = \"arithmetic\"\ncount = 40\nlevels = [1]\n\n\
          [train]\n{train_sec}\n\n[distill]\nteacher = \"{}\"\nmax_new_tokens = 8\n{distill}\n",
         dir.join("runs").display(),
@@ -333,6 +338,61 @@ fn opd_distils_a_qwen3_teacher_into_a_hybrid_student() {
         ember_models::hybrid::stack::HybridLM::from_pretrained(&run, &crate::common::device())
             .unwrap();
     assert_eq!(student.config.memory_tokens, 2);
+}
+
+/// A hybrid teacher (DeltaNet, Mamba2 and attention layers, 4 meta tokens, weight
+/// normalisation) for a student of either family. Distilled into itself, its scores of the
+/// student's samples equal the student's own, so the first step's KL is zero; a Qwen3
+/// student moves towards it.
+#[test]
+fn opd_takes_a_hybrid_teacher_for_a_student_of_either_family() {
+    let (p, teacher) = crate::hybrid::flash_recipe("opd-hybrid-as-teacher", |s| {
+        s.replace("steps = 30", "steps = 8")
+    });
+    let o = train(&p, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // On the student's samples, and (the bridge) on the teacher's own.
+    for (tag, distill) in [
+        ("self", "loss = \"reverse_kl\"\nsamples_per_prompt = 2"),
+        ("self-bridge", "bridge_steps = 1\nsamples_per_prompt = 2"),
+    ] {
+        let (p, run) = opd_recipe_for(
+            "",
+            &format!("opd-hybrid-{tag}"),
+            &teacher,
+            &format!(
+                "init_from = \"{}\"\nsteps = 1\nbatch_size = 4\nlr = 1e-3\nweight_decay = 0.0\n\
+                 log_every = 1\nsave_every = 0",
+                teacher.display()
+            ),
+            distill,
+        );
+        let o = train(&p, &[], &[]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        let r = &records(&run)[0];
+        let (kl, gap) = (
+            r["kl"].as_f64().unwrap(),
+            r["logprob_gap"].as_f64().unwrap(),
+        );
+        assert_eq!(r["bridge"], (tag == "self-bridge") as u8, "{r}");
+        assert!(r["completions/mean_length"].as_f64().unwrap() >= 1.0, "{r}");
+        assert!(kl.abs() < 1e-6 && gap.abs() < 1e-5, "{tag}: {r}");
+    }
+
+    let (p, run) = opd_recipe(
+        "opd-hybrid-teacher-qwen3-student",
+        &teacher,
+        "steps = 16\nbatch_size = 4\nlr = 1e-2\nschedule = \"constant\"\nlog_every = 1\nsave_every = 0",
+        "loss = \"reverse_kl\"",
+    );
+    let o = train(&p, &[], &[]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    let recs = records(&run);
+    assert_eq!(recs.len(), 16);
+    assert_reverse_kl_falls(&recs);
+    Qwen3::from_pretrained(&run, &device()).unwrap();
 }
 
 #[test]

@@ -262,7 +262,7 @@ eval_batches = 2
 save_every = 10
 "#;
 
-fn flash_recipe(
+pub(crate) fn flash_recipe(
     tag: &str,
     edit: impl Fn(String) -> String,
 ) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -12,7 +12,6 @@ use ember_data::Tokenizer;
 use ember_models::decode_graph::{generate_auto, GraphDecode};
 use ember_models::generate::{GenerateOptions, Hooks, Sampling};
 use ember_models::hf::write_atomic;
-use ember_models::qwen3::Qwen3;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
@@ -225,11 +224,11 @@ pub fn task_evaluator<'a, M: GraphDecode>(
 
 /// A frozen teacher's accuracy on the stage's `[eval]` task, before the first step, as
 /// `teacher_accuracy` (what an OPD student is measured against).
-pub fn teacher_evaluator<'a, M>(
+pub fn teacher_evaluator<'a, M, T: GraphDecode>(
     s: &StageRun,
     tok: &'a Tokenizer,
     default_format: PromptFormat,
-    teacher: &'a Qwen3,
+    teacher: &'a T,
 ) -> Result<Option<Box<dyn Evaluator<M> + 'a>>> {
     Ok(task_accuracy(s, tok, default_format)?.map(|mut inner| {
         inner.name = format!("teacher-{}", inner.name);
@@ -237,12 +236,12 @@ pub fn teacher_evaluator<'a, M>(
     }))
 }
 
-struct TeacherAccuracy<'a> {
+struct TeacherAccuracy<'a, T> {
     inner: TaskAccuracy<'a>,
-    teacher: &'a Qwen3,
+    teacher: &'a T,
 }
 
-impl<M> Evaluator<M> for TeacherAccuracy<'_> {
+impl<M, T: GraphDecode> Evaluator<M> for TeacherAccuracy<'_, T> {
     fn due(&self, step: u64, _last: bool) -> bool {
         step == 0
     }

@@ -1,6 +1,6 @@
 //! Hybrid decoders (`arch = "nemotron_flash"`, `"mamba2"` or `"nemotron_h"`) as a stage model:
 //! they train in every decoder stage (pretraining with next-token loss or RLP, CPT, SFT,
-//! RLVR, and OPD as the student) through the same loop, data and evaluators as Qwen3. Packed
+//! RLVR, and OPD as student or teacher) through the same loop, data and evaluators as Qwen3. Packed
 //! rows (`doc_masks`, packed SFT) read each document as if alone: the recurrent layers' states
 //! and convolutions stop at document boundaries, as attention does (`HybridLM::packed_hidden`).
 
@@ -20,17 +20,23 @@ use crate::stages::{load_matching, stage_model_spec, StageModel, StageRun, MLM_N
 pub fn is_hybrid(s: &StageRun) -> Result<bool> {
     match stage_model_spec(s)? {
         Some(spec) => Ok(matches!(spec, ModelSpec::Hybrid(_))),
-        None => {
-            let from = s.resume.as_ref().or(s.stage.train.init_from.as_ref());
-            Ok(match from {
-                Some(dir) if dir.join(hf::CONFIG).is_file() => {
-                    let kind = hf::model_type(&hf::read_config(dir)?, dir)?;
-                    ember_models::hybrid::stack::HybridConfig::is_hybrid_type(&kind)
-                }
-                _ => false,
-            })
-        }
+        None => match s.resume.as_ref().or(s.stage.train.init_from.as_ref()) {
+            Some(dir) => dir_is_hybrid(dir),
+            None => Ok(false),
+        },
     }
+}
+
+/// Whether checkpoint or HF directory `dir` holds a hybrid (false when it has no
+/// config.json: loading it as a Qwen3 then says what is missing).
+pub fn dir_is_hybrid(dir: &Path) -> Result<bool> {
+    if !dir.join(hf::CONFIG).is_file() {
+        return Ok(false);
+    }
+    let kind = hf::model_type(&hf::read_config(dir)?, dir)?;
+    Ok(ember_models::hybrid::stack::HybridConfig::is_hybrid_type(
+        &kind,
+    ))
 }
 
 /// Refuses, in one line naming the key, what a hybrid with `meta` meta tokens (when known)

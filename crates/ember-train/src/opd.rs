@@ -1,8 +1,9 @@
 //! On-policy distillation (`kind = "opd"`): each step the student (the stage's model)
-//! samples completions of a batch of prompts; a frozen teacher that shares its tokenizer
-//! scores every sampled token in a no-grad forward; the student minimises the chosen
-//! divergence on them ([`crate::objectives::distill`]). A bridge of `bridge_steps` first
-//! trains under forward KL on the teacher's own samples.
+//! samples completions of a batch of prompts; a frozen teacher that shares its tokenizer (a
+//! Qwen3 or a hybrid, whichever the student is) scores every sampled token in a no-grad
+//! forward; the student minimises the chosen divergence on them
+//! ([`crate::objectives::distill`]). A bridge of `bridge_steps` first trains under forward
+//! KL on the teacher's own samples.
 
 use std::ops::Range;
 use std::path::Path;
@@ -14,6 +15,7 @@ use ember_data::prompts::PromptRow;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
 use ember_models::generate::{FinishReason, Sampling};
+use ember_models::hybrid::stack::HybridLM;
 use ember_models::qwen3::Qwen3;
 use serde_json::{json, Map, Value};
 
@@ -82,14 +84,14 @@ fn checked_section(s: &StageRun) -> Result<DistillSection> {
 
 /// The teacher must score the student's tokens: the same vocabulary size, and (when its
 /// directory ships one) the same tokenizer.
-fn check_teacher<M: StageModel>(
-    teacher: &Qwen3,
+fn check_teacher<M: StageModel, T: StageModel>(
+    teacher: &T,
     student: &M,
     dir: &Path,
     tok: &Tokenizer,
     origin: &str,
 ) -> Result<()> {
-    let (t, s) = (teacher.config.vocab_size, student.vocab_size());
+    let (t, s) = (teacher.vocab_size(), student.vocab_size());
     if t != s {
         bail!(
             "{origin} teacher {}: vocab_size {t} differs from the student's {s}; the teacher must share the student's tokenizer",
@@ -110,12 +112,29 @@ fn check_teacher<M: StageModel>(
     Ok(())
 }
 
-/// An OPD stage: a Qwen3 teacher and a student of family `M` (Qwen3 or a hybrid).
+/// An OPD stage with a student of family `M`; the teacher's own config.json says whether it
+/// is a Qwen3 or a hybrid.
 pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
-    let path = s.path;
-    check_common(&s.stage, path)?;
+    check_common(&s.stage, s.path)?;
     check_prompt_data(s)?;
     let d = checked_section(s)?;
+    let teacher_is_hybrid = crate::hybrid_lm::dir_is_hybrid(&d.teacher).map_err(|e| {
+        anyhow!(
+            "{} [distill] teacher {}: {e:#}",
+            s.path.display(),
+            d.teacher.display()
+        )
+    })?;
+    if teacher_is_hybrid {
+        run_with::<M, HybridLM>(s, d)
+    } else {
+        run_with::<M, Qwen3>(s, d)
+    }
+}
+
+/// An OPD stage: a student of family `M` and a teacher of family `T`.
+fn run_with<M: StageModel, T: StageModel>(s: &StageRun, d: DistillSection) -> Result<Summary> {
+    let path = s.path;
     let origin = format!("{} [distill]", path.display());
     let rewarder = Rewarder::new(&d.rewards, d.max_new_tokens, &origin)?;
     let mut setup = Setup::<M>::new(s)?;
@@ -130,7 +149,7 @@ pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
         }
         _ => None,
     };
-    let teacher: Qwen3 = frozen_model(&d.teacher, &setup, &format!("{origin} teacher"))?;
+    let teacher: T = frozen_model(&d.teacher, &setup, &format!("{origin} teacher"))?;
     check_teacher(&teacher, &setup.model, &d.teacher, &tok, &origin)?;
     let reference = match (&d.reference, d.lambda != 1.0) {
         (Some(p), _) => Some(frozen_model(p, &setup, &format!("{origin} reference"))?),
@@ -142,7 +161,7 @@ pub fn run<M: StageModel>(s: &StageRun) -> Result<Summary> {
         "{} prompts, teacher {} ({:.2}M parameters), loss {}{}",
         prompts.len(),
         d.teacher.display(),
-        teacher.config.num_params() as f64 / 1e6,
+        teacher.param_count() as f64 / 1e6,
         loss_name(&d),
         if d.bridge_steps > 0 {
             format!(
@@ -235,14 +254,14 @@ fn loss_name(d: &DistillSection) -> String {
     }
 }
 
-struct Opd<'a, M> {
+struct Opd<'a, M, T> {
     cfg: DistillConfig,
     prompts: Vec<(PromptRow, Vec<u32>)>,
     order: PromptOrder,
     tok: &'a Tokenizer,
     rewarder: Rewarder,
     spec: RolloutSpec,
-    teacher: &'a Qwen3,
+    teacher: &'a T,
     reference: Option<M>,
     /// Token routing's open and close markers, and each current row's mask (1: distil).
     route: Option<(Vec<u32>, Vec<u32>)>,
@@ -261,7 +280,7 @@ struct Opd<'a, M> {
     t_train: Instant,
 }
 
-impl<M: StageModel> Objective<M> for Opd<'_, M> {
+impl<M: StageModel, T: StageModel> Objective<M> for Opd<'_, M, T> {
     fn prepare(&mut self, model: &M, step: u64) -> Result<(usize, u64)> {
         self.bridge = step < self.bridge_steps;
         let picks: Vec<usize> = (0..self.prompts_per_step)

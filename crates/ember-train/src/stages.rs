@@ -403,8 +403,9 @@ pub struct Setup<M = Qwen3> {
     pub tokenizer_from: Option<PathBuf>,
 }
 
-/// A decoder family that the decoder stages (next-token pretraining, CPT, SFT, RLVR and
-/// OPD's student) train, sample from and evaluate by generation: Qwen3 and the hybrids.
+/// A decoder family that the decoder stages (next-token pretraining, CPT, SFT, RLVR, and OPD
+/// as student or teacher) train, sample from and evaluate by generation: Qwen3 and the
+/// hybrids.
 pub trait StageModel: NextTokenModel + GraphDecode + Sized {
     /// The model of stage `s` in compute dtype `dtype`: from checkpoint `from` (checked
     /// against the stage's `[model]` when it has one), else random from that `[model]`.
