@@ -438,6 +438,129 @@ fn opd_recipe_mistakes_are_one_line_errors() {
     );
 }
 
+/// With `doc_masks`, RLP's no-thought baseline reads each document of a packed row alone (as
+/// next-token training does) and a thought's context starts at its document, so both scorers
+/// see the same prefix. Checked on a Qwen3 and on a hybrid with meta tokens.
+#[test]
+fn rlp_reads_each_document_of_a_packed_row_alone() {
+    use burn::tensor::Int;
+    use ember_data::loader::Batch;
+    use ember_train::rlp::{baseline, context_start, Baseline};
+    use ember_train::trainer::NextTokenModel;
+
+    // Two rows, each documents ending in EOS (id 0) and packed the way the loader packs them:
+    // positions restart and the segment grows after each EOS.
+    let eos = 0u32;
+    let docs: [&[usize]; 2] = [&[5, 8], &[3, 6, 4]];
+    let seq = 12;
+    let (mut stream, mut inputs, mut targets) = (vec![], vec![], vec![]);
+    let (mut positions, mut segments, mut starts) = (vec![], vec![], vec![]);
+    for (r, lens) in docs.iter().enumerate() {
+        let mut row = vec![];
+        let mut at = vec![];
+        for (d, &n) in lens.iter().enumerate() {
+            at.push(row.len());
+            row.extend((0..n - 1).map(|j| 1 + ((5 * j + 11 * d + 3 * r) % 60) as u32));
+            row.push(eos);
+        }
+        assert_eq!(row.len(), seq + 1);
+        let (mut pos, mut seg) = (0, 0);
+        for &t in &row[..seq] {
+            positions.push(pos);
+            segments.push(seg);
+            (pos, seg) = if t == eos {
+                (0, seg + 1)
+            } else {
+                (pos + 1, seg)
+            };
+        }
+        inputs.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+        stream.push(row);
+        starts.push(at);
+    }
+    let packed = Batch {
+        batch: 2,
+        seq_len: seq,
+        inputs,
+        targets,
+        positions: positions.clone(),
+        segments: Some(segments),
+        weights: None,
+    };
+    let whole = Batch {
+        positions: (0..2).flat_map(|_| 0..seq as u32).collect(),
+        segments: None,
+        ..packed.clone()
+    };
+
+    fn check<M: NextTokenModel>(
+        what: &str,
+        model: &M,
+        b: &Batch,
+        whole: &Batch,
+        rows: &[Vec<u32>],
+        starts: &[Vec<usize>],
+    ) {
+        let dev = device();
+        let got = baseline(model, b, &dev);
+        let read_whole = baseline(model, whole, &dev);
+        for (r, row) in rows.iter().enumerate() {
+            for (d, &start) in starts[r].iter().enumerate() {
+                let end = starts[r].get(d + 1).copied().unwrap_or(row.len());
+                let doc: Vec<i32> = row[start..end].iter().map(|&x| x as i32).collect();
+                let n = doc.len();
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(doc.clone(), [1, n]), &dev);
+                let lp = log_softmax(model.logits(ids), 2);
+                // Each target of the document given its prefix alone (the row's last token
+                // has no target inside the batch).
+                let alone: Vec<f64> = (0..n - 1)
+                    .map(|j| {
+                        let v = doc[j + 1] as usize;
+                        values(lp.clone().slice([0..1, j..j + 1, v..v + 1]))[0]
+                    })
+                    .collect();
+                let of = |b: &Baseline| -> Vec<f64> {
+                    b.logp[r][start..start + n - 1]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect()
+                };
+                let what = format!("{what}, row {r}, document {d}");
+                assert_close(&what, &of(&got), &alone, 1e-5);
+                if d > 0 {
+                    let gap = max_abs_diff(&of(&read_whole), &alone);
+                    assert!(
+                        gap > 1e-3,
+                        "{what}: the whole row reads it as alone too ({gap})"
+                    );
+                }
+                // Thoughts before any token of the document (after its first) see only it.
+                for t in start + 1..end {
+                    assert_eq!(context_start(b, r, t), start, "{what}, t = {t}");
+                    assert_eq!(context_start(whole, r, t), 0, "{what}, t = {t}");
+                }
+            }
+        }
+    }
+    let qwen3 = crate::train::tiny_model(4).valid();
+    check("qwen3", &qwen3, &packed, &whole, &stream, &starts);
+    let hybrid = ember_models::hybrid::stack::HybridLM::random(
+        crate::hybrid::flash_config(3, false),
+        9,
+        &device(),
+    )
+    .unwrap();
+    check(
+        "hybrid with 3 meta tokens",
+        &hybrid,
+        &packed,
+        &whole,
+        &stream,
+        &starts,
+    );
+}
+
 fn rlp_recipe(name: &str, rlp: &str) -> (PathBuf, PathBuf) {
     recipe(name, &format!("\n[rlp]\n{rlp}\n"))
 }
@@ -447,9 +570,9 @@ fn rlp_trains_thoughts_and_resumes_exactly_with_its_ema() {
     check_rlp_trains_and_resumes("rlp", None);
 }
 
-/// RLP on a hybrid (DeltaNet, Mamba2 and attention layers, meta tokens): its thoughts are
-/// sampled through the recurrent decode and scored by the chunked forward, and its EMA
-/// baseline is a hybrid saved in every checkpoint.
+/// RLP on a hybrid (DeltaNet, Mamba2 and attention layers, meta tokens) over packed
+/// documents (`doc_masks`): its thoughts are sampled through the recurrent decode and scored
+/// by the chunked forward, and its EMA baseline is a hybrid saved in every checkpoint.
 #[test]
 fn rlp_trains_a_hybrid_and_resumes_exactly_with_its_ema() {
     let hybrid = "arch = \"nemotron_flash\"\nvocab_size = 259\nhidden_size = 32\n\
@@ -461,9 +584,9 @@ fn rlp_trains_a_hybrid_and_resumes_exactly_with_its_ema() {
     check_rlp_trains_and_resumes("rlp-hybrid", Some(hybrid));
 }
 
-/// RLP on TINY's recipe, with its `[model]` body replaced by `model` when given: every
-/// metric is logged, each checkpoint holds the EMA, and a kill and `--resume` reproduce
-/// the uninterrupted run.
+/// RLP on TINY's recipe, with its `[model]` body replaced by `model` (and `doc_masks = true`)
+/// when given: every metric is logged, each checkpoint holds the EMA, and a kill and
+/// `--resume` reproduce the uninterrupted run.
 fn check_rlp_trains_and_resumes(tag: &str, model: Option<&str>) {
     let rlp = "group_size = 3\npositions_per_row = 2\nthought_tokens = 4\nnext_tokens = 2\n\
                positions = \"entropy\"\nntp_weight = 0.5\nema_decay = 0.9";
@@ -474,6 +597,7 @@ fn check_rlp_trains_and_resumes(tag: &str, model: Option<&str>) {
             let start = text.find("[model]\n").unwrap() + "[model]\n".len();
             let end = text.find("\n[data]").unwrap();
             text.replace_range(start..end, m);
+            text = text.replace("[data]\n", "[data]\ndoc_masks = true\n");
         }
         std::fs::write(&p, format!("objective = \"rlp\"\n{text}")).unwrap();
         (p, run)

@@ -13,7 +13,7 @@ use crate::common::*;
 use crate::qwen3_generate::graph_and_eager;
 use crate::train::{assert_bad_recipes, losses, recipe_from, train};
 
-fn flash_config(meta: usize, weight_norm: bool) -> HybridConfig {
+pub(crate) fn flash_config(meta: usize, weight_norm: bool) -> HybridConfig {
     let v = serde_json::json!({
         "model_type": "nemotron_flash", "vocab_size": 64, "hidden_size": 32,
         "intermediate_size": 64, "pattern": "D F M2 F A F",

@@ -6,14 +6,15 @@
 //! thought and then over thoughts. The EMA is saved in every checkpoint, so a resumed run
 //! continues exactly.
 //!
-//! A position's context is its row up to t (across packed document boundaries: the thought
-//! and both scorers see the same prefix).
+//! A position's context is its row up to t, or with `doc_masks = true` its document up to t
+//! (the EMA then reads each document alone too): the thought and both scorers see the same
+//! prefix.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 use ember_data::loader::Batch;
 use ember_data::rng::mix64;
 use ember_data::Tokenizer;
@@ -26,9 +27,10 @@ use crate::objectives::grpo::{
     completion_logprobs, policy_loss, LossSums, PolicyRow, SurrogateConfig,
 };
 use crate::objectives::rlp::{ema_update, information_gain, rlp_advantages};
-use crate::pretrain::batch_loss;
+use crate::pretrain::{batch_loss, DeviceBatch};
 use crate::recipe::{PositionChoice, RlpSection};
 use crate::stages::{Feed, Objective, Setup, StageModel, StageRun};
+use crate::trainer::NextTokenModel;
 
 const EMA_DIR: &str = "ema";
 
@@ -164,31 +166,6 @@ impl<'f, M: StageModel> Rlp<'f, M> {
         self.ema.as_ref().expect("the EMA is present between steps")
     }
 
-    /// The EMA's view of batch `b`.
-    fn baseline(&self, b: &Batch) -> Result<Baseline> {
-        let (n, s) = (b.batch, b.seq_len);
-        let ids = |v: &[u32]| {
-            let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
-            Tensor::<2, Int>::from_data(TensorData::new(v, [n, s]), &self.base)
-        };
-        let logits = to_dtype(self.ema().logits(ids(&b.inputs)), DType::F32);
-        let v = logits.dims()[2];
-        let lp = log_softmax(logits.reshape([n * s, v]), 1);
-        let picked = lp.clone().gather(1, ids(&b.targets).reshape([n * s, 1]));
-        let entropy = (lp.clone().exp() * lp).sum_dim(1).neg();
-        let rows = |t: Tensor<2>| -> Vec<Vec<f32>> {
-            let v: Vec<f32> = t.into_data().iter::<f32>().collect();
-            v.chunks(s).map(<[f32]>::to_vec).collect()
-        };
-        let picked = rows(picked);
-        let ce = -picked.iter().flatten().map(|&x| x as f64).sum::<f64>() / (n * s) as f64;
-        Ok(Baseline {
-            logp: picked,
-            entropy: rows(entropy),
-            ce,
-        })
-    }
-
     /// The positions t of `row` (1 ≤ t ≤ seq_len − k + 1) to think before.
     fn choose(
         &self,
@@ -242,7 +219,7 @@ impl<'f, M: StageModel> Rlp<'f, M> {
             logp: lp,
             entropy,
             ce,
-        } = self.baseline(b)?;
+        } = baseline(self.ema(), b, &self.base);
         m.forward_tokens += b.batch * b.seq_len;
         if self.cfg.ntp_weight > 0.0 {
             m.train_tokens += b.batch * b.seq_len;
@@ -262,7 +239,7 @@ impl<'f, M: StageModel> Rlp<'f, M> {
                 // The scored tokens stop at the end of the document.
                 let n = row[t..t + k].iter().take_while(|&&x| x != self.pad).count();
                 positions.push(Position {
-                    context: row[..t].to_vec(),
+                    context: row[context_start(b, r, t)..t].to_vec(),
                     next: row[t..t + n].to_vec(),
                     baseline: lp[r][t - 1..t - 1 + n].iter().map(|&x| x as f64).sum(),
                 });
@@ -359,10 +336,46 @@ impl<'f, M: StageModel> Rlp<'f, M> {
 
 /// The EMA's log-prob of every target of a batch and its predictive entropy there, both
 /// `[rows][seq_len]`, and its mean next-token loss.
-struct Baseline {
-    logp: Vec<Vec<f32>>,
-    entropy: Vec<Vec<f32>>,
-    ce: f64,
+pub struct Baseline {
+    pub logp: Vec<Vec<f32>>,
+    pub entropy: Vec<Vec<f32>>,
+    pub ce: f64,
+}
+
+/// The no-thought model `ema`'s view of batch `b` on `device`: each document alone when the
+/// batch has segments (`doc_masks`), as next-token training reads it.
+pub fn baseline<M: NextTokenModel>(ema: &M, b: &Batch, device: &Device) -> Baseline {
+    let (n, s) = (b.batch, b.seq_len);
+    let d = DeviceBatch::new(b, device);
+    let logits = to_dtype(
+        ema.packed_logits(d.inputs, d.positions, d.segments),
+        DType::F32,
+    );
+    let v = logits.dims()[2];
+    let lp = log_softmax(logits.reshape([n * s, v]), 1);
+    let picked = lp.clone().gather(1, d.targets.reshape([n * s, 1]));
+    let entropy = (lp.clone().exp() * lp).sum_dim(1).neg();
+    let rows = |t: Tensor<2>| -> Vec<Vec<f32>> {
+        let v: Vec<f32> = t.into_data().iter::<f32>().collect();
+        v.chunks(s).map(<[f32]>::to_vec).collect()
+    };
+    let picked = rows(picked);
+    let ce = -picked.iter().flatten().map(|&x| x as f64).sum::<f64>() / (n * s) as f64;
+    Baseline {
+        logp: picked,
+        entropy: rows(entropy),
+        ce,
+    }
+}
+
+/// Where the context of a thought before token `t` (1-based: after inputs `..t`) of row `r`
+/// starts: at the row's start, or with segments at the start of the document that token
+/// `t - 1` belongs to (positions restart there).
+pub fn context_start(b: &Batch, r: usize, t: usize) -> usize {
+    match b.segments {
+        Some(_) => t - 1 - b.positions[r * b.seq_len + t - 1] as usize,
+        None => 0,
+    }
 }
 
 /// What a step's thoughts measured.
