@@ -16,11 +16,12 @@ use crate::train::{assert_bad_recipes, losses, recipe_from, train};
 pub(crate) fn flash_config(meta: usize, weight_norm: bool) -> HybridConfig {
     let v = serde_json::json!({
         "model_type": "nemotron_flash", "vocab_size": 64, "hidden_size": 32,
-        "intermediate_size": 64, "pattern": "D F M2 F A F",
+        "intermediate_size": 64, "pattern": "D F GDN F M2 F A F",
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "mamba_num_heads": 4, "mamba_head_dim": 16, "ssm_state_size": 8, "mamba_chunk_size": 4,
         "linear_num_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-        "linear_chunk_size": 4, "num_memory_tokens": meta, "weight_normalization": weight_norm,
+        "linear_chunk_size": 4, "linear_num_key_heads": 1, "linear_num_value_heads": 2,
+        "num_memory_tokens": meta, "weight_normalization": weight_norm,
         "initializer_range": 0.2,
     });
     HybridConfig::from_value(&v, "test").unwrap()
@@ -224,7 +225,8 @@ arch = "nemotron_flash"
 vocab_size = 259
 hidden_size = 32
 intermediate_size = 64
-pattern = "D F M2 F A F"
+pattern = "D F GDN F M2 F A F"
+linear_num_key_heads = 1
 num_attention_heads = 4
 num_key_value_heads = 2
 head_dim = 8
@@ -312,8 +314,13 @@ fn flash_recipe_mistakes_are_one_line_errors() {
             ),
             (
                 "flash-layer",
-                |s| s.replace("D F M2 F A F", "D F M3 F"),
+                |s| s.replace("D F GDN F M2 F A F", "D F M3 F"),
                 &["M3"],
+            ),
+            (
+                "flash-gdn-heads",
+                |s| s.replace("linear_num_key_heads = 1", "linear_num_key_heads = 3"),
+                &["linear_num_value_heads", "linear_num_key_heads"],
             ),
             (
                 "flash-mlm",
@@ -587,7 +594,8 @@ fn a_hybrid_reads_a_right_padded_row_as_its_conversation_alone() {
 
 /// A packed row reads every document as if it were alone: attention, RoPE positions, the
 /// recurrent layers' states and convolutions, and (with meta tokens) its own meta tokens.
-/// Documents end inside chunks and across them (the scans' chunks are 4 tokens), and the two
+/// Every mixer kind is there (DeltaNet, Gated DeltaNet, Mamba2, attention, FFN). Documents
+/// end inside chunks and across them (the scans' chunks are 4 tokens), and the two
 /// rows hold different numbers of documents (so with meta tokens their layouts differ).
 #[test]
 fn a_hybrid_reads_each_document_of_a_packed_row_as_if_alone() {
@@ -623,7 +631,11 @@ fn a_hybrid_reads_each_document_of_a_packed_row_as_if_alone() {
                 let alone = model.packed_logits(ids(&[doc]), ids(&[(0..n as i64).collect()]), None);
                 let got = packed.clone().narrow(0, r, 1).narrow(1, at, n);
                 let what = format!("meta {meta}, row {r}, document {d}");
-                assert_close(&what, &values(got), &values(alone.clone()), 1e-5);
+                // Float noise: the same document gets different chunk and attention-block
+                // alignments alone and in the row. The first document of a row, which
+                // neither reads nor is read differently, already differs by up to 8e-6
+                // through the 8 layers; a missed boundary differs by 0.18 or more.
+                assert_close(&what, &values(got), &values(alone.clone()), 4e-5);
                 // Without the documents every later one would read its predecessors.
                 if d > 0 {
                     let read = values(whole.clone().narrow(0, r, 1).narrow(1, at, n));

@@ -150,8 +150,14 @@ impl GatedDeltaNet {
     }
 
     /// `[batch, seq, hidden]` → the same; a state is continued and advanced (one token:
-    /// the recurrent form; more: the chunked form).
-    pub fn forward(&self, x: Tensor<3>, state: Option<&mut DeltaState>) -> Tensor<3> {
+    /// the recurrent form; more: the chunked form). With `docs`, each document of a packed
+    /// row starts from a zero state and an empty conv history.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        state: Option<&mut DeltaState>,
+        docs: Option<&Documents>,
+    ) -> Tensor<3> {
         let d = self.dims;
         let [b, l, _] = x.dims();
         let dtype = x.dtype();
@@ -184,7 +190,7 @@ impl GatedDeltaNet {
             Tensor::cat(vec![q, k, v], 2),
             self.conv_weight.val(),
             None,
-            None,
+            docs,
         );
         let (kd, vd) = (d.key_dim(), d.value_dim());
         let heads = |m: Tensor<3>, g: usize, dim: usize| m.reshape([b, l, g, dim]);
@@ -217,7 +223,7 @@ impl GatedDeltaNet {
         let o = if l == 1 {
             delta_rule::recurrent(inputs, &mut st.state)
         } else {
-            delta_rule::chunked(inputs, d.chunk, &mut st.state, None)
+            delta_rule::chunked(inputs, d.chunk, &mut st.state, docs)
         };
         let o = o.swap_dims(1, 2); // [b, l, v_heads, dv]
         let inv = (o.clone().square().mean_dim(3) + d.eps).sqrt().recip();

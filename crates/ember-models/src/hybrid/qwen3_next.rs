@@ -405,8 +405,8 @@ impl Qwen3Next {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let y = layer.input_layernorm.forward(x.clone());
             let y = match (&layer.mixer, state) {
-                (TokenMixer::Delta(m), Some(NextState::Delta(st))) => m.forward(y, Some(st)),
-                (TokenMixer::Delta(m), _) => m.forward(y, None),
+                (TokenMixer::Delta(m), Some(NextState::Delta(st))) => m.forward(y, Some(st), None),
+                (TokenMixer::Delta(m), _) => m.forward(y, None, None),
                 (TokenMixer::Attention(a), Some(NextState::Kv(kv))) => {
                     a.forward(y, &rope_t, Some((kv, start)))
                 }

@@ -3,8 +3,11 @@
 //! and the LM head. It loads and saves transformers' `Mamba2ForCausalLM` (every layer
 //! Mamba2) and `NemotronHForCausalLM` (`layers_block_type` or `hybrid_override_pattern`),
 //! whose tensors share the `backbone.*` naming, and ember's `nemotron_flash` configs
-//! (DeltaNet, Mamba2, attention with RoPE and SwiGLU FFN layers, optional meta tokens and
-//! weight normalisation), written in the same naming.
+//! (DeltaNet, Gated DeltaNet, Mamba2, attention with RoPE and SwiGLU FFN layers, optional
+//! meta tokens and weight normalisation), written in the same naming. A Gated DeltaNet layer
+//! keeps transformers' `Qwen3NextGatedDeltaNet` tensors (`in_proj_qkvz`, `in_proj_ba`,
+//! `conv1d`, `dt_bias`, `A_log`, `norm`, `out_proj`) under its `mixer.` prefix: Nemotron-Flash
+//! searched over it, but its released configs name only `deltanet|m2|a|f`.
 
 use std::path::Path;
 
@@ -14,7 +17,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use serde_json::Value;
 
-use super::delta_net::{DeltaDims, DeltaNet, DeltaState};
+use super::delta_net::{DeltaDims, DeltaNet, DeltaState, GatedDeltaNet};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
 use super::{Documents, RecurrentState};
 use crate::hf::{self, SaveOptions};
@@ -33,15 +36,17 @@ pub enum LayerKind {
     /// NemotronH's relu² MLP.
     Mlp,
     DeltaNet,
+    GatedDeltaNet,
     /// A SwiGLU feed-forward layer (Nemotron-Flash's F).
     Ffn,
 }
 
 impl LayerKind {
-    /// Nemotron-Flash's names: `deltanet` (D), `m2`, `a`, `f`.
+    /// Nemotron-Flash's names: `deltanet` (D), `m2`, `a`, `f`; and `gated_deltanet` (GDN).
     pub fn parse_flash(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "deltanet" | "d" => Some(Self::DeltaNet),
+            "gated_deltanet" | "gdn" => Some(Self::GatedDeltaNet),
             "m2" | "mamba2" => Some(Self::Mamba2),
             "a" | "attention" => Some(Self::Attention),
             "f" | "ffn" => Some(Self::Ffn),
@@ -61,6 +66,9 @@ pub struct HybridConfig {
     pub intermediate_size: usize,
     pub mlp_bias: bool,
     pub delta: DeltaDims,
+    /// Gated DeltaNet layers: `delta`, with `linear_num_key_heads` key heads shared by
+    /// groups of the `linear_num_value_heads` value heads.
+    pub gated_delta: DeltaDims,
     /// RoPE on attention layers (Nemotron-Flash); NemotronH's attention has none.
     pub rope_theta: Option<f64>,
     /// Learnable tokens prepended to every sequence (Nemotron-Flash's meta tokens).
@@ -105,6 +113,8 @@ impl HybridConfig {
         "chunk_size",
         "mamba_chunk_size",
         "linear_num_heads",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
         "linear_key_head_dim",
         "linear_value_head_dim",
         "linear_conv_kernel_dim",
@@ -223,7 +233,7 @@ impl HybridConfig {
                     .iter()
                     .map(|n| {
                         LayerKind::parse_flash(n).ok_or_else(|| {
-                            anyhow!("{origin}: layer type `{n}` is not one of deltanet (D), m2, a, f")
+                            anyhow!("{origin}: layer type `{n}` is not one of deltanet (D), gated_deltanet (GDN), m2, a, f")
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -276,6 +286,16 @@ impl HybridConfig {
             chunk: uint("linear_chunk_size", Some(64))?,
             eps: num("rms_norm_eps", 1e-6),
         };
+        let gated_delta = DeltaDims {
+            k_heads: uint("linear_num_key_heads", Some(linear_heads))?.max(1),
+            v_heads: uint("linear_num_value_heads", Some(linear_heads))?.max(1),
+            ..delta
+        };
+        if !gated_delta.v_heads.is_multiple_of(gated_delta.k_heads) {
+            bail!(
+                "{origin}: `linear_num_value_heads` must be a multiple of `linear_num_key_heads`"
+            );
+        }
         let eps = if flash {
             num("rms_norm_eps", 1e-6)
         } else {
@@ -291,6 +311,7 @@ impl HybridConfig {
             intermediate_size: uint("intermediate_size", Some(4 * hidden))?,
             mlp_bias: flag("mlp_bias", false),
             delta,
+            gated_delta,
             rope_theta: flash.then(|| num("rope_theta", 10_000.0)),
             memory_tokens: uint("num_memory_tokens", Some(0))?,
             weight_normalization: flag("weight_normalization", false),
@@ -298,6 +319,20 @@ impl HybridConfig {
             initializer_range: num("initializer_range", 0.02),
             source: v.clone(),
         })
+    }
+}
+
+/// `y` `[batch, len, hidden]` with the rows' left padding (`keep` 0) zeroed. The padding
+/// comes first, so a delta-rule layer's state and conv history stay zero through it (a zero
+/// input adds nothing, and decaying a zero state leaves it zero).
+fn zero_padding(y: Tensor<3>, keep: &Option<Tensor<2>>) -> Tensor<3> {
+    match keep {
+        Some(k) => {
+            let [b, len, _] = y.dims();
+            let dtype = y.dtype();
+            y * k.clone().reshape([b, len, 1]).cast(dtype)
+        }
+        None => y,
     }
 }
 
@@ -324,6 +359,7 @@ pub enum Mixer {
     Attention(Attention),
     Mlp(Relu2Mlp),
     DeltaNet(DeltaNet),
+    GatedDeltaNet(GatedDeltaNet),
     Ffn(SwiGlu),
 }
 
@@ -515,6 +551,13 @@ impl HybridLM {
                         std,
                         device,
                     )?),
+                    LayerKind::GatedDeltaNet => Mixer::GatedDeltaNet(GatedDeltaNet::load(
+                        src,
+                        &format!("{p}.mixer"),
+                        c.gated_delta,
+                        std,
+                        device,
+                    )?),
                     LayerKind::Ffn => Mixer::Ffn(SwiGlu::load(
                         src,
                         &format!("{p}.mixer"),
@@ -632,6 +675,7 @@ impl HybridLM {
                     m.down_proj.save(&format!("{p}.mixer.down_proj"), &mut out);
                 }
                 Mixer::DeltaNet(d) => d.save(&format!("{p}.mixer"), &mut out),
+                Mixer::GatedDeltaNet(d) => d.save(&format!("{p}.mixer"), &mut out),
                 Mixer::Ffn(f) => f.save(&format!("{p}.mixer"), &mut out),
             }
         }
@@ -656,6 +700,9 @@ impl HybridLM {
             .map(|k| match k {
                 LayerKind::Mamba2 => LayerState::Ssm(c.mamba.zero_state(batch, device)),
                 LayerKind::DeltaNet => LayerState::Delta(c.delta.zero_state(batch, device)),
+                LayerKind::GatedDeltaNet => {
+                    LayerState::Delta(c.gated_delta.zero_state(batch, device))
+                }
                 LayerKind::Attention => LayerState::Kv(KvCache::new(
                     batch,
                     c.attn.kv_heads,
@@ -825,7 +872,6 @@ impl HybridLM {
         pass: &Pass,
         mut cache: Option<&mut HybridCache>,
     ) -> Vec<Tensor<3>> {
-        let [b, len, _] = x.dims();
         let docs = pass.segments.clone().map(Documents::new);
         let keep = &pass.keep;
         let mut out = vec![x.clone()];
@@ -838,17 +884,13 @@ impl HybridLM {
                 }
                 (Mixer::Mamba2(m), _) => m.forward_masked(y, None, None, docs.as_ref()),
                 (Mixer::DeltaNet(m), Some(LayerState::Delta(st))) => {
-                    // A zero input leaves the delta-rule state as it was.
-                    let y = match keep {
-                        Some(k) => {
-                            let dtype = y.dtype();
-                            y * k.clone().reshape([b, len, 1]).cast(dtype)
-                        }
-                        None => y,
-                    };
-                    m.forward(y, Some(st), docs.as_ref())
+                    m.forward(zero_padding(y, keep), Some(st), docs.as_ref())
                 }
                 (Mixer::DeltaNet(m), _) => m.forward(y, None, docs.as_ref()),
+                (Mixer::GatedDeltaNet(m), Some(LayerState::Delta(st))) => {
+                    m.forward(zero_padding(y, keep), Some(st), docs.as_ref())
+                }
+                (Mixer::GatedDeltaNet(m), _) => m.forward(y, None, docs.as_ref()),
                 (Mixer::Attention(a), state) => {
                     let cache = match state {
                         Some(LayerState::Kv(kv)) => Some((kv, CacheSlot::At(pass.start))),
@@ -943,6 +985,9 @@ impl crate::decode_graph::GraphDecode for HybridLM {
                     st.advance_in_place(|st| m.forward_masked(y, Some(st), None, None))
                 }
                 (Mixer::DeltaNet(m), LayerState::Delta(st)) => {
+                    st.advance_in_place(|st| m.forward(y, Some(st), None))
+                }
+                (Mixer::GatedDeltaNet(m), LayerState::Delta(st)) => {
                     st.advance_in_place(|st| m.forward(y, Some(st), None))
                 }
                 (Mixer::Attention(a), LayerState::Kv(kv)) => {
