@@ -13,6 +13,7 @@ mod hybrid;
 mod hybrid_parity;
 mod mlm;
 mod modernbert_parity;
+mod nvidia_flash;
 mod qwen3_generate;
 mod qwen3_parity;
 mod rl;

@@ -5,6 +5,7 @@ pub mod delta_net;
 pub mod delta_rule;
 pub mod documents;
 pub mod mamba2;
+pub mod nvidia_flash;
 mod packed;
 pub mod qwen3_next;
 pub mod stack;

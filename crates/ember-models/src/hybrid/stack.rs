@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::delta_net::{DeltaDims, DeltaNet, DeltaState, GatedDeltaNet};
 use super::mamba2::{Mamba2Dims, Mamba2Mixer, Mamba2State};
+use super::nvidia_flash::{self, Slot};
 use super::{Documents, RecurrentState};
 use crate::hf::{self, SaveOptions};
 use crate::layers::attention::{Attention, AttnContext, AttnDims, CacheSlot, KvCache};
@@ -79,6 +80,56 @@ pub struct HybridConfig {
     pub initializer_range: f64,
     /// The config.json it came from, written back on save.
     pub source: Value,
+    /// The checkpoint's tensor names.
+    pub layout: Layout,
+    /// Divide the logits by the norm of each LM-head row (NVIDIA's Nemotron-Flash).
+    pub logit_norm: bool,
+    /// Per-head RMSNorm of attention's queries and keys before RoPE, with this eps.
+    pub qk_norm: Option<f64>,
+}
+
+/// How a checkpoint names the stack's tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layout {
+    /// `backbone.embeddings`, `backbone.layers.N.{norm,mixer}`, `backbone.norm_f`: transformers'
+    /// Mamba2 and NemotronH, and ember's own `nemotron_flash`.
+    Backbone,
+    /// NVIDIA's released Nemotron-Flash (`model.*`), one slot per block.
+    Nvidia(Vec<Slot>),
+}
+
+impl HybridConfig {
+    fn embeddings_key(&self) -> &'static str {
+        match self.layout {
+            Layout::Backbone => "backbone.embeddings.weight",
+            Layout::Nvidia(_) => "model.embed_tokens.weight",
+        }
+    }
+
+    fn memory_key(&self) -> &'static str {
+        match self.layout {
+            Layout::Backbone => "backbone.memory_tokens",
+            Layout::Nvidia(_) => "model.memory_tokens",
+        }
+    }
+
+    fn final_norm_key(&self) -> &'static str {
+        match self.layout {
+            Layout::Backbone => "backbone.norm_f.weight",
+            Layout::Nvidia(_) => "model.final_layernorm.weight",
+        }
+    }
+
+    /// The names of block `i`'s norm weight and its mixer's prefix.
+    fn block_keys(&self, i: usize) -> (String, String) {
+        match &self.layout {
+            Layout::Backbone => {
+                let p = format!("backbone.layers.{i}");
+                (format!("{p}.norm.weight"), format!("{p}.mixer"))
+            }
+            Layout::Nvidia(slots) => nvidia_flash::block_keys(slots[i], self.layers[i]),
+        }
+    }
 }
 
 impl HybridConfig {
@@ -126,11 +177,29 @@ impl HybridConfig {
         "max_position_embeddings",
         "mlp_hidden_act",
         "expand",
+        // NVIDIA's released layout (`nvidia_flash`).
+        "kq_norm",
+        "rope",
+        "rope_type",
+        "orig_max_position_embeddings",
+        "attn_hidden_size",
+        "kq_head_dim",
+        "v_head_dim",
+        "mamba_d_state",
+        "mamba_d_conv",
+        "mamba_expand",
+        "mamba2_headdim",
+        "ffn_expand_ratio",
+        "sliding_window",
     ];
 
-    /// From a `mamba2`, `nemotron_h` or `nemotron_flash` config.json.
+    /// From a `mamba2`, `nemotron_h` or `nemotron_flash` config.json (ember's layout or
+    /// NVIDIA's, [`nvidia_flash`]).
     pub fn from_value(v: &Value, origin: &str) -> Result<Self> {
         let kind = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if kind == "nemotron_flash" && nvidia_flash::is_nvidia(v) {
+            return nvidia_flash::config(v, origin);
+        }
         let f = hf::Fields::new(v, origin);
         let uint = |k: &str, default: Option<usize>| f.usize(k, default);
         let num = |k: &str, default: f64| f.f64(k, default);
@@ -318,6 +387,9 @@ impl HybridConfig {
             tie_word_embeddings: flag("tie_word_embeddings", flash),
             initializer_range: num("initializer_range", 0.02),
             source: v.clone(),
+            layout: Layout::Backbone,
+            logit_norm: false,
+            qk_norm: None,
         })
     }
 }
@@ -518,7 +590,7 @@ impl HybridLM {
         let (h, std) = (c.hidden_size, c.initializer_range);
         let embeddings = param(
             src,
-            "backbone.embeddings.weight",
+            c.embeddings_key(),
             [c.vocab_size, h],
             Init::Normal(std),
             device,
@@ -528,48 +600,31 @@ impl HybridLM {
             .iter()
             .enumerate()
             .map(|(i, kind)| {
-                let p = format!("backbone.layers.{i}");
+                let (norm, p) = c.block_keys(i);
                 let mixer = match kind {
-                    LayerKind::Mamba2 => Mixer::Mamba2(Mamba2Mixer::load(
-                        src,
-                        &format!("{p}.mixer"),
-                        c.mamba,
-                        std,
-                        device,
-                    )?),
+                    LayerKind::Mamba2 => {
+                        Mixer::Mamba2(Mamba2Mixer::load(src, &p, c.mamba, std, device)?)
+                    }
                     LayerKind::Attention => Mixer::Attention(Attention::load_plain(
-                        src,
-                        &format!("{p}.mixer"),
-                        c.attn,
-                        std,
-                        device,
+                        src, &p, c.attn, c.qk_norm, std, device,
                     )?),
-                    LayerKind::DeltaNet => Mixer::DeltaNet(DeltaNet::load(
-                        src,
-                        &format!("{p}.mixer"),
-                        c.delta,
-                        std,
-                        device,
-                    )?),
+                    LayerKind::DeltaNet => {
+                        Mixer::DeltaNet(DeltaNet::load(src, &p, c.delta, std, device)?)
+                    }
                     LayerKind::GatedDeltaNet => Mixer::GatedDeltaNet(GatedDeltaNet::load(
                         src,
-                        &format!("{p}.mixer"),
+                        &p,
                         c.gated_delta,
                         std,
                         device,
                     )?),
-                    LayerKind::Ffn => Mixer::Ffn(SwiGlu::load(
-                        src,
-                        &format!("{p}.mixer"),
-                        h,
-                        c.intermediate_size,
-                        std,
-                        device,
-                    )?),
+                    LayerKind::Ffn => {
+                        Mixer::Ffn(SwiGlu::load(src, &p, h, c.intermediate_size, std, device)?)
+                    }
                     LayerKind::Mlp => Mixer::Mlp(Relu2Mlp {
                         up_proj: Linear::load(
                             src,
-                            &format!("{p}.mixer.up_proj"),
+                            &format!("{p}.up_proj"),
                             h,
                             c.intermediate_size,
                             c.mlp_bias,
@@ -578,7 +633,7 @@ impl HybridLM {
                         )?,
                         down_proj: Linear::load(
                             src,
-                            &format!("{p}.mixer.down_proj"),
+                            &format!("{p}.down_proj"),
                             c.intermediate_size,
                             h,
                             c.mlp_bias,
@@ -588,7 +643,7 @@ impl HybridLM {
                     }),
                 };
                 Ok(Block {
-                    norm: RmsNorm::load(src, &format!("{p}.norm.weight"), h, c.eps, device)?,
+                    norm: RmsNorm::load(src, &norm, h, c.eps, device)?,
                     mixer,
                 })
             })
@@ -597,14 +652,14 @@ impl HybridLM {
             .then(|| {
                 param(
                     src,
-                    "backbone.memory_tokens",
+                    c.memory_key(),
                     [c.memory_tokens, h],
                     Init::Normal(std),
                     device,
                 )
             })
             .transpose()?;
-        let norm_f = RmsNorm::load(src, "backbone.norm_f.weight", h, c.eps, device)?;
+        let norm_f = RmsNorm::load(src, c.final_norm_key(), h, c.eps, device)?;
         let lm_head = (!c.tie_word_embeddings)
             .then(|| Linear::load(src, "lm_head", h, c.vocab_size, false, std, device))
             .transpose()?;
@@ -660,26 +715,27 @@ impl HybridLM {
 
     pub fn weights(&self) -> WeightSink {
         let mut out = Vec::new();
-        export(&mut out, "backbone.embeddings.weight", &self.embeddings);
+        let c = &self.config;
+        export(&mut out, c.embeddings_key(), &self.embeddings);
         if let Some(m) = &self.memory {
-            export(&mut out, "backbone.memory_tokens", m);
+            export(&mut out, c.memory_key(), m);
         }
         for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("backbone.layers.{i}");
-            b.norm.save(&format!("{p}.norm.weight"), &mut out);
+            let (norm, p) = c.block_keys(i);
+            b.norm.save(&norm, &mut out);
             match &b.mixer {
-                Mixer::Mamba2(m) => m.save(&format!("{p}.mixer"), &mut out),
-                Mixer::Attention(a) => a.save(&format!("{p}.mixer"), &mut out),
+                Mixer::Mamba2(m) => m.save(&p, &mut out),
+                Mixer::Attention(a) => a.save(&p, &mut out),
                 Mixer::Mlp(m) => {
-                    m.up_proj.save(&format!("{p}.mixer.up_proj"), &mut out);
-                    m.down_proj.save(&format!("{p}.mixer.down_proj"), &mut out);
+                    m.up_proj.save(&format!("{p}.up_proj"), &mut out);
+                    m.down_proj.save(&format!("{p}.down_proj"), &mut out);
                 }
-                Mixer::DeltaNet(d) => d.save(&format!("{p}.mixer"), &mut out),
-                Mixer::GatedDeltaNet(d) => d.save(&format!("{p}.mixer"), &mut out),
-                Mixer::Ffn(f) => f.save(&format!("{p}.mixer"), &mut out),
+                Mixer::DeltaNet(d) => d.save(&p, &mut out),
+                Mixer::GatedDeltaNet(d) => d.save(&p, &mut out),
+                Mixer::Ffn(f) => f.save(&p, &mut out),
             }
         }
-        self.norm_f.save("backbone.norm_f.weight", &mut out);
+        self.norm_f.save(c.final_norm_key(), &mut out);
         if let Some(h) = &self.lm_head {
             h.save("lm_head", &mut out);
         }
@@ -950,10 +1006,17 @@ impl HybridLM {
     }
 
     /// The head's matrix, `[vocab, hidden]`: the embedding when tied.
+    /// With `logit_norm`, every row divided by its norm, so that the logits are too.
     pub fn head_weight(&self) -> Tensor<2> {
-        match &self.lm_head {
+        let w = match &self.lm_head {
             Some(h) => h.weight.val(),
             None => self.embeddings.val(),
+        };
+        if self.config.logit_norm {
+            let norms = w.clone().square().sum_dim(1).sqrt();
+            w / norms
+        } else {
+            w
         }
     }
 }

@@ -214,11 +214,13 @@ impl Attention {
         })
     }
 
-    /// Attention without QK-norm and without biases (NemotronH, Nemotron-Flash).
+    /// Attention without biases (NemotronH, Nemotron-Flash), with a per-head QK-norm of eps
+    /// `qk_norm` when given.
     pub fn load_plain(
         src: &mut dyn WeightSource,
         prefix: &str,
         d: AttnDims,
+        qk_norm: Option<f64>,
         std: f64,
         device: &Device,
     ) -> Result<Self> {
@@ -231,8 +233,28 @@ impl Attention {
             k_proj: lin(src, "k_proj", d.hidden, kv)?,
             v_proj: lin(src, "v_proj", d.hidden, kv)?,
             o_proj: lin(src, "o_proj", q, d.hidden)?,
-            q_norm: None,
-            k_norm: None,
+            q_norm: qk_norm
+                .map(|eps| {
+                    RmsNorm::load(
+                        src,
+                        &format!("{prefix}.q_norm.weight"),
+                        d.head_dim,
+                        eps,
+                        device,
+                    )
+                })
+                .transpose()?,
+            k_norm: qk_norm
+                .map(|eps| {
+                    RmsNorm::load(
+                        src,
+                        &format!("{prefix}.k_norm.weight"),
+                        d.head_dim,
+                        eps,
+                        device,
+                    )
+                })
+                .transpose()?,
             heads: d.heads,
             kv_heads: d.kv_heads,
             head_dim: d.head_dim,
