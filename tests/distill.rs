@@ -219,6 +219,18 @@ fn assert_reverse_kl_falls(recs: &[serde_json::Value]) {
     );
 }
 
+/// Trains the OPD recipe `p` (16 steps of `loss = "reverse_kl"`) and checks that the KL falls
+/// ([`assert_reverse_kl_falls`]); returns the stage's stderr and records.
+fn distil_sixteen_steps(p: &Path, run: &Path) -> (String, Vec<serde_json::Value>) {
+    let o = train(p, &[], &[]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    let recs = records(run);
+    assert_eq!(recs.len(), 16);
+    assert_reverse_kl_falls(&recs);
+    (e, recs)
+}
+
 #[test]
 fn opd_pulls_the_student_towards_the_teacher_with_every_loss() {
     let teacher = teacher("opd-teacher");
@@ -228,12 +240,8 @@ fn opd_pulls_the_student_towards_the_teacher_with_every_loss() {
         "steps = 16\nbatch_size = 4\nlr = 1e-2\nschedule = \"constant\"\nlog_every = 1\nsave_every = 0",
         "loss = \"reverse_kl\"",
     );
-    let o = train(&p, &[], &[]);
-    let e = stderr(&o);
-    assert!(o.status.success(), "{e}");
+    let (e, recs) = distil_sixteen_steps(&p, &run);
     assert!(e.contains("40 prompts, teacher"), "{e}");
-    let recs = records(&run);
-    assert_eq!(recs.len(), 16);
     for r in &recs {
         for key in [
             "kl",
@@ -248,7 +256,6 @@ fn opd_pulls_the_student_towards_the_teacher_with_every_loss() {
         }
         assert_eq!(r["bridge"], 0);
     }
-    assert_reverse_kl_falls(&recs);
     assert!(run.join("model.safetensors").is_file());
 
     // The other losses, the bridge and extrapolation past the teacher run and log.
@@ -329,11 +336,7 @@ fn opd_distils_a_qwen3_teacher_into_a_hybrid_student() {
          log_every = 1\nsave_every = 0",
         "loss = \"reverse_kl\"",
     );
-    let o = train(&p, &[], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let recs = records(&run);
-    assert_eq!(recs.len(), 16);
-    assert_reverse_kl_falls(&recs);
+    distil_sixteen_steps(&p, &run);
     let student =
         ember_models::hybrid::stack::HybridLM::from_pretrained(&run, &crate::common::device())
             .unwrap();
@@ -386,12 +389,7 @@ fn opd_takes_a_hybrid_teacher_for_a_student_of_either_family() {
         "steps = 16\nbatch_size = 4\nlr = 1e-2\nschedule = \"constant\"\nlog_every = 1\nsave_every = 0",
         "loss = \"reverse_kl\"",
     );
-    let o = train(&p, &[], &[]);
-    let e = stderr(&o);
-    assert!(o.status.success(), "{e}");
-    let recs = records(&run);
-    assert_eq!(recs.len(), 16);
-    assert_reverse_kl_falls(&recs);
+    distil_sixteen_steps(&p, &run);
     Qwen3::from_pretrained(&run, &device()).unwrap();
 }
 
