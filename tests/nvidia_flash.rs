@@ -1,7 +1,9 @@
-//! NVIDIA's released Nemotron-Flash layout (`NemotronFlashForCausalLM`): a config in NVIDIA's
-//! keys builds the hybrid stack, saves and loads NVIDIA's tensor names and shapes (written
-//! out here from the remote code's modules), divides the logits by the head rows' norms,
-//! decodes as it recomputes, and trains from a recipe. Bad configs are one-line errors.
+//! NVIDIA's released Nemotron-Flash layout (`NemotronFlashForCausalLM`): a checkpoint written
+//! by NVIDIA's remote code (run on CPU by `tests/fixtures/gen_nvidia_flash.py`) loads and
+//! gives its hidden states and logits; a config in NVIDIA's keys builds the hybrid stack,
+//! saves and loads NVIDIA's tensor names and shapes, divides the logits by the head rows'
+//! norms, decodes as it recomputes, and trains from a recipe. Bad configs are one-line
+//! errors.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
@@ -23,7 +25,7 @@ fn nvidia() -> Value {
         "num_attention_heads": 4, "num_key_value_heads": 2,
         "attn_hidden_size": -1, "kq_head_dim": -1, "v_head_dim": -1,
         "kq_norm": "rms", "rope": true, "rope_theta": 10000.0,
-        "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba2_headdim": 32,
+        "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba2_headdim": 16,
         "num_memory_tokens": 2, "tie_word_embeddings": true, "rms_norm_eps": 1e-6,
         "mamba_chunk_size": 4, "linear_chunk_size": 4, "initializer_range": 0.2,
     })
@@ -60,6 +62,38 @@ fn tensors(dir: &std::path::Path) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The remote code's own checkpoint (DeltaNet, Mamba2, attention with QK-norm and RoPE,
+/// SwiGLU FFNs, 2 memory tokens, tied head) and its outputs over 2 × 40 tokens: every layer's
+/// input and the final norm's output at the tokens' positions (the reference also lists the
+/// 2 memory positions first), and the logits.
+#[test]
+fn an_nvidia_checkpoint_matches_the_remote_code() {
+    let fx = load_fixtures("nvidia_flash");
+    let dev = device();
+    let model = HybridLM::from_pretrained(&fixture_dir("nvidia_flash"), &dev).unwrap();
+    let ids = fx["input_ids"].ids(&dev);
+    let [b, s] = ids.dims();
+    let hidden = model.hidden_states(ids.clone(), None);
+    assert_eq!(hidden.len(), 7);
+    for (i, h) in hidden.into_iter().enumerate() {
+        let theirs = &fx[&format!("hidden_states.{i}")];
+        let (m, width) = (theirs.shape[1] - s, theirs.shape[2]);
+        let tokens: Vec<f64> = theirs
+            .values
+            .chunks(theirs.shape[1] * width)
+            .flat_map(|row| row[m * width..].to_vec())
+            .collect();
+        assert_eq!(tokens.len(), b * s * width);
+        assert_close(&format!("hidden_states.{i}"), &values(h), &tokens, 1e-4);
+    }
+    let logits = values(model.forward(ids, None));
+    eprintln!(
+        "nvidia_flash: max |logits - remote code| = {:.2e}",
+        max_abs_diff(&logits, &fx["logits"].values)
+    );
+    assert_close("logits", &logits, &fx["logits"].values, 1e-4);
+}
+
 #[test]
 fn an_nvidia_config_saves_and_loads_nvidias_tensor_names_and_shapes() {
     let model = build(&nvidia());
@@ -68,7 +102,7 @@ fn an_nvidia_config_saves_and_loads_nvidias_tensor_names_and_shapes() {
         .save_pretrained(&dir, &ember_models::hf::SaveOptions::default())
         .unwrap();
     // NVIDIA's modules: DeltaNet (`gla`, 4 heads of 16, convs of 4 taps without bias),
-    // Mamba2 (inner 128 in 4 heads of 32, one group of state 8: in_proj to z, x, B, C, dt),
+    // Mamba2 (inner 128 in 8 heads of 16, one group of state 8: in_proj to z, x, B, C, dt),
     // attention with QK-norm (4 heads of 16, 2 KV heads), SwiGLU FFNs of 2 · 64 = 128.
     let l = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
     let mut want: Vec<(String, Vec<usize>)> = vec![
@@ -86,12 +120,12 @@ fn an_nvidia_config_saves_and_loads_nvidias_tensor_names_and_shapes() {
         (l(0, "gla.o_norm.weight"), vec![16]),
         (l(0, "gla.o_proj.weight"), vec![64, 64]),
         (l(2, "input_layernorm.weight"), vec![64]),
-        (l(2, "mamba.in_proj.weight"), vec![2 * 128 + 2 * 8 + 4, 64]),
+        (l(2, "mamba.in_proj.weight"), vec![2 * 128 + 2 * 8 + 8, 64]),
         (l(2, "mamba.conv1d.weight"), vec![128 + 2 * 8, 1, 4]),
         (l(2, "mamba.conv1d.bias"), vec![128 + 2 * 8]),
-        (l(2, "mamba.dt_bias"), vec![4]),
-        (l(2, "mamba.A_log"), vec![4]),
-        (l(2, "mamba.D"), vec![4]),
+        (l(2, "mamba.dt_bias"), vec![8]),
+        (l(2, "mamba.A_log"), vec![8]),
+        (l(2, "mamba.D"), vec![8]),
         (l(2, "mamba.norm.weight"), vec![128]),
         (l(2, "mamba.out_proj.weight"), vec![64, 128]),
         (l(4, "input_layernorm.weight"), vec![64]),
@@ -225,7 +259,7 @@ fn an_nvidia_model_decodes_as_it_recomputes() {
 
 #[test]
 fn nvidia_config_mistakes_are_one_line_errors() {
-    let cases: [(&str, Value, &[&str]); 7] = [
+    let cases: [(&str, Value, &[&str]); 8] = [
         (
             "pattern",
             json!("D F"),
@@ -244,6 +278,11 @@ fn nvidia_config_mistakes_are_one_line_errors() {
         ),
         ("sliding_window", json!(16), &["`sliding_window`"]),
         ("attn_hidden_size", json!(32), &["`attn_hidden_size`"]),
+        (
+            "mamba2_headdim",
+            json!(32),
+            &["`mamba2_headdim`", "multiple of 8 heads"],
+        ),
         (
             "layer_types",
             json!(["deltanet", "x", "m2", "f", "a", "f"]),
@@ -287,7 +326,7 @@ num_key_value_heads = 2
 kq_norm = "none"
 rope = true
 mamba_d_state = 8
-mamba2_headdim = 32
+mamba2_headdim = 16
 mamba_chunk_size = 8
 linear_chunk_size = 8
 num_memory_tokens = 2

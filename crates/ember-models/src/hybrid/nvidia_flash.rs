@@ -199,8 +199,12 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
     let expand = uint("mamba_expand", Some(2))?;
     let mamba_head_dim = uint("mamba2_headdim", Some(64))?;
     let inner = expand * hidden;
-    if mamba_head_dim == 0 || !inner.is_multiple_of(mamba_head_dim) {
-        bail!("{origin}: `mamba_expand` · hidden_size ({inner}) must be a multiple of `mamba2_headdim`");
+    // The remote code asserts a multiple of 8 Mamba2 heads; a model it cannot build is refused.
+    if mamba_head_dim == 0 || !inner.is_multiple_of(8 * mamba_head_dim) {
+        bail!(
+            "{origin}: `mamba_expand` · hidden_size ({inner}) must make a multiple of 8 heads of \
+             `mamba2_headdim` ({mamba_head_dim}), as NVIDIA's code requires"
+        );
     }
     let mamba = Mamba2Dims {
         hidden,
