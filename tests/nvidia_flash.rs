@@ -257,6 +257,45 @@ fn an_nvidia_model_decodes_as_it_recomputes() {
     graph_and_eager(&model, &prompts, &opts, "nvidia layout");
 }
 
+/// A config that leaves keys out saves every value it was read with, since NVIDIA's config
+/// class has other defaults for several of them.
+#[test]
+fn an_nvidia_config_saves_every_value_it_was_read_with() {
+    let v = json!({
+        "model_type": "nemotron_flash", "vocab_size": 64, "hidden_size": 64,
+        "layer_types": ["m2", "f", "a", "f"], "intermediate_size": 0, "ffn_expand_ratio": 2,
+        "num_attention_heads": 4, "mamba2_headdim": 16,
+    });
+    let dir = temp_dir("nvidia-flash-defaults");
+    build(&v)
+        .save_pretrained(&dir, &ember_models::hf::SaveOptions::default())
+        .unwrap();
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for (k, want) in [
+        ("architectures", json!(["NemotronFlashForCausalLM"])),
+        ("num_hidden_layers", json!(4)),
+        ("intermediate_size", json!(0)),
+        ("num_key_value_heads", json!(4)),
+        ("kq_norm", json!("none")),
+        ("rope", json!(false)),
+        ("mamba_d_state", json!(16)),
+        ("mamba_d_conv", json!(4)),
+        ("mamba_expand", json!(2)),
+        ("mamba2_headdim", json!(16)),
+        ("rms_norm_eps", json!(1e-6)),
+        ("tie_word_embeddings", json!(false)),
+        ("num_memory_tokens", json!(0)),
+        ("mlp_hidden_act", json!("silu")),
+    ] {
+        assert_eq!(saved[k], want, "{k} in {saved}");
+    }
+    assert!(
+        saved["auto_map"]["AutoModelForCausalLM"].is_string(),
+        "{saved}"
+    );
+}
+
 #[test]
 fn nvidia_config_mistakes_are_one_line_errors() {
     let cases: [(&str, Value, &[&str]); 8] = [

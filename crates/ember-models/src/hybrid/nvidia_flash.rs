@@ -232,11 +232,45 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
         chunk: uint("linear_chunk_size", Some(64))?,
         eps: 1e-5,
     };
+    // The saved config states every value read here: NVIDIA's config class has other defaults
+    // for several (intermediate_size 14336, num_key_value_heads 8, kq_norm unset is an error).
     let mut source = v.clone();
     if let Some(o) = source.as_object_mut() {
-        o.entry("architectures")
-            .or_insert_with(|| json!(["NemotronFlashForCausalLM"]));
-        o.entry("num_hidden_layers").or_insert_with(|| json!(n));
+        let kv = attn.kv_heads;
+        for (k, value) in [
+            ("architectures", json!(["NemotronFlashForCausalLM"])),
+            (
+                "auto_map",
+                json!({
+                    "AutoConfig": "configuration_nemotron_flash.NemotronFlashConfig",
+                    "AutoModelForCausalLM": "modeling_nemotron_flash.NemotronFlashForCausalLM",
+                }),
+            ),
+            ("num_hidden_layers", json!(n)),
+            ("intermediate_size", json!(inner_ffn)),
+            ("num_key_value_heads", json!(kv)),
+            ("kq_norm", json!(if qk_norm { "rms" } else { "none" })),
+            ("rope", json!(rope_theta.is_some())),
+            ("mamba_d_state", json!(mamba.state)),
+            ("mamba_d_conv", json!(mamba.conv_kernel)),
+            ("mamba_expand", json!(expand)),
+            ("mamba2_headdim", json!(mamba_head_dim)),
+            ("rms_norm_eps", json!(f.f64("rms_norm_eps", 1e-6))),
+            (
+                "tie_word_embeddings",
+                json!(f.bool("tie_word_embeddings", false)),
+            ),
+            (
+                "num_memory_tokens",
+                json!(uint("num_memory_tokens", Some(0))?),
+            ),
+            (
+                "mlp_hidden_act",
+                json!(text("mlp_hidden_act").unwrap_or("silu")),
+            ),
+        ] {
+            o.entry(k).or_insert(value);
+        }
     }
     Ok(HybridConfig {
         vocab_size: uint("vocab_size", None)?,
