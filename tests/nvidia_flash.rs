@@ -7,7 +7,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use ember_models::generate::{generate, GenerateOptions, Hooks, Sampling};
-use ember_models::hybrid::stack::{HybridConfig, HybridLM};
+use ember_models::hybrid::stack::{HybridConfig, HybridLM, Layout};
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -62,36 +62,57 @@ fn tensors(dir: &std::path::Path) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// The remote code's own checkpoint (DeltaNet, Mamba2, attention with QK-norm and RoPE,
-/// SwiGLU FFNs, 2 memory tokens, tied head) and its outputs over 2 × 40 tokens: every layer's
+/// The remote code's own checkpoints and their outputs over 2 × 40 tokens: every layer's
 /// input and the final norm's output at the tokens' positions (the reference also lists the
-/// 2 memory positions first), and the logits.
+/// memory positions first), and the logits. `nvidia_flash`: DeltaNet, Mamba2, attention with
+/// QK-norm and RoPE, SwiGLU `f` layers, 2 memory tokens, tied head. `nvidia_flash_ffn`: an
+/// FFN inside every mixer layer, NTK-scaled RoPE, GQA 4:1, 3 memory tokens, untied head.
 #[test]
-fn an_nvidia_checkpoint_matches_the_remote_code() {
-    let fx = load_fixtures("nvidia_flash");
-    let dev = device();
-    let model = HybridLM::from_pretrained(&fixture_dir("nvidia_flash"), &dev).unwrap();
-    let ids = fx["input_ids"].ids(&dev);
-    let [b, s] = ids.dims();
-    let hidden = model.hidden_states(ids.clone(), None);
-    assert_eq!(hidden.len(), 7);
-    for (i, h) in hidden.into_iter().enumerate() {
-        let theirs = &fx[&format!("hidden_states.{i}")];
-        let (m, width) = (theirs.shape[1] - s, theirs.shape[2]);
-        let tokens: Vec<f64> = theirs
-            .values
-            .chunks(theirs.shape[1] * width)
-            .flat_map(|row| row[m * width..].to_vec())
-            .collect();
-        assert_eq!(tokens.len(), b * s * width);
-        assert_close(&format!("hidden_states.{i}"), &values(h), &tokens, 1e-4);
+fn nvidia_checkpoints_match_the_remote_code() {
+    for name in ["nvidia_flash", "nvidia_flash_ffn"] {
+        let fx = load_fixtures(name);
+        let dev = device();
+        let model = HybridLM::from_pretrained(&fixture_dir(name), &dev).unwrap();
+        let ids = fx["input_ids"].ids(&dev);
+        let [b, s] = ids.dims();
+        let layers = fx
+            .keys()
+            .filter(|k| k.starts_with("hidden_states."))
+            .count();
+        // NVIDIA lists each decoder layer's input; a layer with its own FFN is two blocks.
+        let blocks: Vec<usize> = match &model.config.layout {
+            Layout::Nvidia(slots) => (0..slots.len())
+                .filter(|&i| i == 0 || slots[i].layer != slots[i - 1].layer)
+                .chain([slots.len()])
+                .collect(),
+            Layout::Backbone => unreachable!("{name} is in NVIDIA's layout"),
+        };
+        assert_eq!(blocks.len(), layers, "{name}");
+        let hidden = model.hidden_states(ids.clone(), None);
+        for (i, &block) in blocks.iter().enumerate() {
+            let theirs = &fx[&format!("hidden_states.{i}")];
+            let (m, width) = (theirs.shape[1] - s, theirs.shape[2]);
+            let tokens: Vec<f64> = theirs
+                .values
+                .chunks(theirs.shape[1] * width)
+                .flat_map(|row| row[m * width..].to_vec())
+                .collect();
+            assert_eq!(tokens.len(), b * s * width);
+            let what = format!("{name} hidden_states.{i}");
+            assert_close(&what, &values(hidden[block].clone()), &tokens, 1e-4);
+        }
+        let logits = values(model.forward(ids, None));
+        eprintln!(
+            "{name}: max |logits - remote code| = {:.2e}",
+            max_abs_diff(&logits, &fx["logits"].values)
+        );
+        assert_close(
+            &format!("{name} logits"),
+            &logits,
+            &fx["logits"].values,
+            1e-4,
+        );
     }
-    let logits = values(model.forward(ids, None));
-    eprintln!(
-        "nvidia_flash: max |logits - remote code| = {:.2e}",
-        max_abs_diff(&logits, &fx["logits"].values)
-    );
-    assert_close("logits", &logits, &fx["logits"].values, 1e-4);
 }
 
 #[test]
