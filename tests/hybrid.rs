@@ -667,3 +667,25 @@ pub(crate) fn check_captured_hybrid(dev: &burn::tensor::Device) -> bool {
 fn a_captured_step_trains_a_hybrid_as_the_eager_one() {
     check_captured_hybrid(&device());
 }
+
+/// From 256 rows DeltaNet runs q, k and v as one GEMM over their stacked weights; rows are
+/// independent, so two rows together (320 rows: stacked) equal each alone (160: separate).
+#[test]
+fn deltanet_stacks_its_projections_without_changing_its_output() {
+    use ember_models::hybrid::stack::Mixer;
+    let dev = device();
+    let model = HybridLM::random(flash_config(0, false), 4, &dev).unwrap();
+    let Mixer::DeltaNet(net) = &model.layers[0].mixer else {
+        panic!("layer 0 of flash_config is a DeltaNet")
+    };
+    let x = Tensor::<3>::random(
+        [2, 160, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let both = values(net.forward(x.clone(), None, None));
+    let alone: Vec<f64> = (0..2)
+        .flat_map(|r| values(net.forward(x.clone().narrow(0, r, 1), None, None)))
+        .collect();
+    assert_close("stacked vs separate projections", &both, &alone, 1e-5);
+}

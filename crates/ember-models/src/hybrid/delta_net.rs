@@ -15,7 +15,7 @@ use super::{
     causal_conv_silu, conv_param, export_conv, l2_normalize, repeat_heads, Documents,
     RecurrentState,
 };
-use crate::layers::linear::Linear;
+use crate::layers::linear::{linear_fused, Linear};
 use crate::layers::to_dtype;
 use crate::weights::{export, param, Init, WeightSink, WeightSource};
 
@@ -339,14 +339,14 @@ impl DeltaNet {
             let y = causal_conv_silu(&mut h, input, w, None, docs);
             (y, h)
         };
-        let (q, hq) = hist(0, kd, self.q_proj.forward(x.clone()), self.q_conv.val());
-        let (k, hk) = hist(kd, kd, self.k_proj.forward(x.clone()), self.k_conv.val());
-        let (v, hv) = hist(
-            2 * kd,
-            vd,
-            self.v_proj.forward(x.clone()),
-            self.v_conv.val(),
-        );
+        // One GEMM for the three projections where rows are many (see `linear_fused`).
+        let [q, k, v]: [Tensor<3>; 3] =
+            linear_fused(x.clone(), &[&self.q_proj, &self.k_proj, &self.v_proj])
+                .try_into()
+                .expect("three projections give three outputs");
+        let (q, hq) = hist(0, kd, q, self.q_conv.val());
+        let (k, hk) = hist(kd, kd, k, self.k_conv.val());
+        let (v, hv) = hist(2 * kd, vd, v, self.v_conv.val());
         st.conv = Tensor::cat(vec![hq, hk, hv], 2);
         let beta = sigmoid(to_dtype(self.b_proj.forward(x), DType::F32));
         let heads = |m: Tensor<3>, dim: usize| m.reshape([b, l, d.v_heads, dim]).swap_dims(1, 2);
