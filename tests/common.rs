@@ -86,6 +86,15 @@ pub fn assert_close(what: &str, ours: &[f64], reference: &[f64], tol: f64) {
     );
 }
 
+/// [`assert_close`], printing the difference first: the figure the book quotes.
+pub fn assert_close_reported(what: &str, ours: &[f64], reference: &[f64], tol: f64) {
+    eprintln!(
+        "{what}: max |ours - reference| = {:.2e}",
+        max_abs_diff(ours, reference)
+    );
+    assert_close(what, ours, reference, tol);
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ember-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

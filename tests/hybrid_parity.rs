@@ -83,11 +83,7 @@ fn check<M: Reference>(name: &str, tol_steps: f64) {
         );
     }
     let logits = values(model.logits(ids.clone(), None));
-    eprintln!(
-        "{name}: max |logits - transformers| = {:.2e}",
-        max_abs_diff(&logits, &fx["logits"].values)
-    );
-    assert_close(
+    assert_close_reported(
         &format!("{name} logits"),
         &logits,
         &fx["logits"].values,
@@ -114,11 +110,7 @@ fn check<M: Reference>(name: &str, tol_steps: f64) {
         steps.push(model.logits(t, Some(&mut cache)));
     }
     let steps = values(Tensor::cat(steps, 1));
-    eprintln!(
-        "{name}: max |decode steps - transformers' cached steps| = {:.2e}",
-        max_abs_diff(&steps, &fx["decode.step_logits"].values)
-    );
-    assert_close(
+    assert_close_reported(
         &format!("{name} decode steps"),
         &steps,
         &fx["decode.step_logits"].values,

@@ -1,7 +1,7 @@
 //! On-policy distillation (`kind = "opd"`): each step the student (the stage's model)
-//! samples completions of a batch of prompts; a frozen teacher that shares its tokenizer (a
-//! Qwen3 or a hybrid, whichever the student is) scores every sampled token in a no-grad
-//! forward; the student minimises the chosen divergence on them
+//! samples completions of a batch of prompts; a frozen teacher that shares its tokenizer
+//! (a Qwen3 or a hybrid, whatever the student's family) scores every sampled token in a
+//! no-grad forward; the student minimises the chosen divergence on them
 //! ([`crate::objectives::distill`]). A bridge of `bridge_steps` first trains under forward
 //! KL on the teacher's own samples.
 
