@@ -232,6 +232,9 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
         chunk: uint("linear_chunk_size", Some(64))?,
         eps: 1e-5,
     };
+    let eps = f.f64("rms_norm_eps", 1e-6);
+    let tied = f.bool("tie_word_embeddings", false);
+    let memory_tokens = uint("num_memory_tokens", Some(0))?;
     // The saved config states every value read here: NVIDIA's config class has other defaults
     // for several (intermediate_size 14336, num_key_value_heads 8, kq_norm unset is an error).
     let mut source = v.clone();
@@ -255,15 +258,9 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
             ("mamba_d_conv", json!(mamba.conv_kernel)),
             ("mamba_expand", json!(expand)),
             ("mamba2_headdim", json!(mamba_head_dim)),
-            ("rms_norm_eps", json!(f.f64("rms_norm_eps", 1e-6))),
-            (
-                "tie_word_embeddings",
-                json!(f.bool("tie_word_embeddings", false)),
-            ),
-            (
-                "num_memory_tokens",
-                json!(uint("num_memory_tokens", Some(0))?),
-            ),
+            ("rms_norm_eps", json!(eps)),
+            ("tie_word_embeddings", json!(tied)),
+            ("num_memory_tokens", json!(memory_tokens)),
             (
                 "mlp_hidden_act",
                 json!(text("mlp_hidden_act").unwrap_or("silu")),
@@ -276,7 +273,7 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
         vocab_size: uint("vocab_size", None)?,
         hidden_size: hidden,
         layers,
-        eps: f.f64("rms_norm_eps", 1e-6),
+        eps,
         mamba,
         attn,
         intermediate_size: ffn_width,
@@ -284,9 +281,9 @@ pub fn config(v: &Value, origin: &str) -> Result<HybridConfig> {
         delta,
         gated_delta: delta,
         rope_theta,
-        memory_tokens: uint("num_memory_tokens", Some(0))?,
+        memory_tokens,
         weight_normalization: f.bool("weight_normalization", false),
-        tie_word_embeddings: f.bool("tie_word_embeddings", false),
+        tie_word_embeddings: tied,
         initializer_range: f.f64("initializer_range", 0.02),
         source,
         layout: Layout::Nvidia(slots),

@@ -228,33 +228,21 @@ impl Attention {
         let lin = |src: &mut dyn WeightSource, name: &str, i: usize, o: usize| {
             Linear::load(src, &format!("{prefix}.{name}"), i, o, false, std, device)
         };
+        let head_norm = |src: &mut dyn WeightSource, name: &str| {
+            qk_norm
+                .map(|eps| {
+                    let key = format!("{prefix}.{name}.weight");
+                    RmsNorm::load(src, &key, d.head_dim, eps, device)
+                })
+                .transpose()
+        };
         Ok(Self {
             q_proj: lin(src, "q_proj", d.hidden, q)?,
             k_proj: lin(src, "k_proj", d.hidden, kv)?,
             v_proj: lin(src, "v_proj", d.hidden, kv)?,
             o_proj: lin(src, "o_proj", q, d.hidden)?,
-            q_norm: qk_norm
-                .map(|eps| {
-                    RmsNorm::load(
-                        src,
-                        &format!("{prefix}.q_norm.weight"),
-                        d.head_dim,
-                        eps,
-                        device,
-                    )
-                })
-                .transpose()?,
-            k_norm: qk_norm
-                .map(|eps| {
-                    RmsNorm::load(
-                        src,
-                        &format!("{prefix}.k_norm.weight"),
-                        d.head_dim,
-                        eps,
-                        device,
-                    )
-                })
-                .transpose()?,
+            q_norm: head_norm(src, "q_norm")?,
+            k_norm: head_norm(src, "k_norm")?,
             heads: d.heads,
             kv_heads: d.kv_heads,
             head_dim: d.head_dim,
